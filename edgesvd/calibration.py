@@ -1,0 +1,175 @@
+"""Calibration text: read files/folders or the built-in corpus, and sample token sequences."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import CalibrationError
+
+BUILTIN = "builtin"
+_TEXT_SUFFIXES = {".txt", ".text", ".md", ".tokens", ".utf8", ".raw", ""}
+_JSONL_SUFFIXES = {".jsonl", ".json"}
+
+# The built-in corpus is English prose taken from the documentation strings of Python's own
+# standard library: it needs neither the network nor files outside the package, it is present
+# wherever Python is, and it is real human-written text (unlike random tokens).
+_BUILTIN_MODULES = (
+    "abc argparse ast asyncio base64 bisect calendar collections concurrent.futures configparser "
+    "contextlib copy csv dataclasses datetime decimal difflib email enum fractions functools gettext "
+    "glob gzip hashlib heapq hmac html http.client http.server imaplib inspect io ipaddress itertools "
+    "json logging mailbox mimetypes multiprocessing numbers operator optparse os pathlib pickle pkgutil "
+    "platform plistlib poplib pprint queue random re sched secrets selectors shelve shlex shutil signal "
+    "smtplib socket socketserver sqlite3 ssl statistics string struct subprocess tarfile tempfile "
+    "textwrap threading timeit tokenize traceback types typing unittest urllib.parse urllib.request "
+    "uuid warnings weakref xml.dom.minidom xml.etree.ElementTree zipfile zoneinfo"
+).split()
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How many sequences of how many tokens to sample, from where, with which seed."""
+
+    source: str | Sequence[str] = BUILTIN
+    num_sequences: int = 128
+    seq_len: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.num_sequences < 1:
+            raise CalibrationError(f"number of calibration sequences must be >= 1, got {self.num_sequences}")
+        if self.seq_len < 4:
+            raise CalibrationError(f"calibration sequence length must be >= 4, got {self.seq_len}")
+
+
+@dataclass
+class CalibrationBatch:
+    """Token ids and attention mask, shape (N, L); padding positions have mask 0."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    summary: dict
+
+    def batches(self, batch_size: int):
+        """Yield (input_ids, attention_mask) slices of at most `batch_size` sequences."""
+        for i in range(0, self.input_ids.shape[0], batch_size):
+            yield self.input_ids[i : i + batch_size], self.attention_mask[i : i + batch_size]
+
+
+def builtin_documents() -> list[str]:
+    """Paragraphs of English prose from the standard library's docstrings (deterministic order)."""
+    docs: list[str] = []
+    seen: set[str] = set()
+    for mod_name in _BUILTIN_MODULES:
+        try:
+            mod = importlib.import_module(mod_name)
+        except Exception:  # a module missing from a slim Python build is simply skipped
+            continue
+        objects = [mod] + [obj for _, obj in sorted(vars(mod).items()) if inspect.isclass(obj) or inspect.isfunction(obj)]
+        for obj in objects:
+            doc = inspect.getdoc(obj) or ""
+            for para in doc.split("\n\n"):
+                para = " ".join(para.split())
+                # Keep prose, skip signatures, code examples and one-word stubs.
+                if len(para) >= 80 and ">>>" not in para and para not in seen:
+                    seen.add(para)
+                    docs.append(para)
+    return docs
+
+
+def _read_file(path: Path) -> list[str]:
+    try:
+        raw = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise CalibrationError(f"cannot read calibration file {path}: {exc.strerror}") from exc
+    if path.suffix.lower() in _JSONL_SUFFIXES:
+        docs = []
+        for lineno, line in enumerate(raw.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise CalibrationError(f"{path}:{lineno}: not valid JSON ({exc.msg})") from exc
+            text = record.get("text") if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise CalibrationError(f"{path}:{lineno}: JSONL record has no string 'text' field")
+            docs.append(text)
+        return docs
+    # Plain text: blank-line separated paragraphs are documents.
+    return [p.strip() for p in raw.split("\n\n") if p.strip()]
+
+
+def read_documents(source: str | Sequence[str]) -> list[str]:
+    """Documents from the built-in corpus, or from text/JSONL files and folders of them."""
+    sources = [source] if isinstance(source, str) else list(source)
+    if not sources:
+        raise CalibrationError("no calibration source given")
+    docs: list[str] = []
+    for src in sources:
+        if src == BUILTIN:
+            docs.extend(builtin_documents())
+            continue
+        path = Path(src).expanduser()
+        if not path.exists():
+            raise CalibrationError(f"calibration source does not exist: {path}")
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        files = [p for p in files if p.suffix.lower() in _TEXT_SUFFIXES | _JSONL_SUFFIXES]
+        if not files:
+            raise CalibrationError(f"no .txt or .jsonl files in calibration folder {path}")
+        for f in files:
+            docs.extend(_read_file(f))
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise CalibrationError(f"calibration source {', '.join(map(str, sources))} contains no text")
+    return docs
+
+
+def sample_calibration(tokenizer, config: CalibrationConfig, family: str) -> CalibrationBatch:
+    """Sample `num_sequences` sequences of at most `seq_len` tokens.
+
+    Decoders get windows cut from the concatenated token stream (what they see in training);
+    encoders get whole documents, truncated and padded (what a sentence encoder sees).
+    """
+    docs = read_documents(config.source)
+    rng = random.Random(config.seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    if family == "decoder":
+        stream: list[int] = []
+        order = list(range(len(docs)))
+        rng.shuffle(order)
+        sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        needed = config.num_sequences * config.seq_len * 2
+        for i in order:
+            stream.extend(bos + tokenizer(docs[i], add_special_tokens=False)["input_ids"] + sep)
+            if len(stream) >= needed:
+                break
+        if len(stream) < 2:
+            raise CalibrationError("calibration text tokenizes to fewer than 2 tokens")
+        L = min(config.seq_len, len(stream))
+        starts = [rng.randrange(0, len(stream) - L + 1) for _ in range(config.num_sequences)]
+        ids = torch.tensor([stream[s : s + L] for s in starts], dtype=torch.long)
+        mask = torch.ones_like(ids)
+    else:
+        picks = [docs[rng.randrange(len(docs))] for _ in range(config.num_sequences)]
+        enc = tokenizer(picks, truncation=True, max_length=config.seq_len, padding="longest", return_tensors="pt")
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        if pad_id is not None:
+            ids = ids.masked_fill(mask == 0, pad_id)
+    summary = {
+        "source": config.source if isinstance(config.source, str) else list(config.source),
+        "documents": len(docs),
+        "num_sequences": int(ids.shape[0]),
+        "seq_len": config.seq_len,
+        "tokens": int(mask.sum()),
+        "seed": config.seed,
+    }
+    return CalibrationBatch(ids, mask, summary)

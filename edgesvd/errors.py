@@ -1,0 +1,47 @@
+"""Typed errors raised where a problem is detected; the CLI turns each into a one-line message."""
+
+from __future__ import annotations
+
+
+class EdgesvdError(Exception):
+    """Base class. `exit_code` is what the CLI exits with (2: bad input or usage)."""
+
+    exit_code = 2
+
+
+class ModelLoadError(EdgesvdError):
+    """The model path/id is missing, incomplete, unsafe (pickle-only) or of an unsupported family."""
+
+
+class CalibrationError(EdgesvdError):
+    """The calibration source is missing, unreadable, or yields no text."""
+
+
+class ConfigError(EdgesvdError):
+    """An option or configuration value is out of range or inconsistent."""
+
+
+class NoTargetError(EdgesvdError):
+    """No Linear layer matched the targeting rules."""
+
+
+class CheckpointError(EdgesvdError):
+    """A compressed checkpoint is missing files, corrupt, or inconsistent with its config."""
+
+
+class OutputExistsError(EdgesvdError):
+    """The output folder exists and overwriting was not allowed."""
+
+
+class BudgetError(EdgesvdError):
+    """A budget cannot be met (infeasible), or was missed after measurement."""
+
+
+class DeviceError(EdgesvdError):
+    """A requested device or execution provider is not available."""
+
+
+class ParityError(EdgesvdError):
+    """The exported model disagrees with the PyTorch model beyond the tolerances."""
+
+    exit_code = 1

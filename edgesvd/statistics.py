@@ -1,0 +1,99 @@
+"""Stream XᵀX (the input Gram matrix) of every targeted Linear over calibration data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .calibration import CalibrationBatch
+from .progress import progress_bar
+
+
+@dataclass
+class ActivationStats:
+    """Gram matrices XᵀX in float64, one per distinct layer input.
+
+    Layers that read the same tensor (q/k/v, gate/up) share one matrix: `group_of[layer]`
+    names the layer whose entry in `gram` they use. `tokens[group]` counts the rows summed.
+    """
+
+    gram: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
+    group_of: dict[str, str] = field(default_factory=dict)
+
+    def gram_for(self, layer: str) -> torch.Tensor:
+        """XᵀX of the input of `layer` (float64)."""
+        return self.gram[self.group_of[layer]]
+
+    def tokens_for(self, layer: str) -> int:
+        return self.tokens[self.group_of[layer]]
+
+    def nbytes(self) -> int:
+        """Memory held by the Gram matrices."""
+        return sum(g.numel() * g.element_size() for g in self.gram.values())
+
+
+def model_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, device: torch.device) -> dict:
+    """Keyword arguments for a forward pass of any supported family."""
+    return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+
+
+@torch.no_grad()
+def collect_statistics(model: nn.Module, targets: list[str], calib: CalibrationBatch,
+                       batch_size: int = 16, show_progress: bool = True) -> ActivationStats:
+    """Run the calibration set through `model` and accumulate XᵀX for each target's input.
+
+    Padding positions are excluded. Each batch's product is formed in float32 on the model's
+    device and added to a float64 accumulator, which keeps the later Cholesky/SVD stable
+    without paying for float64 matmuls.
+    """
+    device = next(model.parameters()).device
+    stats = ActivationStats()
+    batch_state: dict = {"mask": None, "seen": []}
+    first_batch = True
+
+    def hook(name):
+        def fn(module, args):
+            x = args[0]
+            if first_batch:
+                for tensor, group in batch_state["seen"]:
+                    if tensor is x:
+                        stats.group_of[name] = group
+                        return
+                batch_state["seen"].append((x, name))
+                stats.group_of[name] = name
+            elif stats.group_of[name] != name:
+                return
+            rows = x.reshape(-1, x.shape[-1])
+            mask = batch_state["mask"]
+            if mask is not None and rows.shape[0] == mask.numel():
+                rows = rows[mask]
+            rows = rows.float()
+            g = (rows.T @ rows).double()
+            if name in stats.gram:
+                stats.gram[name] += g
+                stats.tokens[name] += rows.shape[0]
+            else:
+                stats.gram[name] = g
+                stats.tokens[name] = rows.shape[0]
+        return fn
+
+    handles = [model.get_submodule(t).register_forward_pre_hook(hook(t)) for t in targets]
+    try:
+        n_batches = (calib.input_ids.shape[0] + batch_size - 1) // batch_size
+        with progress_bar("statistics", total=n_batches, enabled=show_progress) as bar:
+            for ids, mask in calib.batches(batch_size):
+                batch_state["mask"] = mask.reshape(-1).bool().to(device)
+                batch_state["seen"] = []
+                model(**model_inputs(ids, mask, device))
+                first_batch = False
+                bar.advance()
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [t for t in targets if t not in stats.group_of]
+    if missing:
+        raise RuntimeError(f"layers never called during calibration: {missing[:3]}")
+    return stats
