@@ -6,6 +6,7 @@ import importlib
 import inspect
 import json
 import random
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +75,9 @@ def builtin_documents() -> list[str]:
             continue
         objects = [mod] + [obj for _, obj in sorted(vars(mod).items()) if inspect.isclass(obj) or inspect.isfunction(obj)]
         for obj in objects:
-            doc = inspect.getdoc(obj) or ""
+            with warnings.catch_warnings():  # deprecated aliases (typing.io) warn on attribute access
+                warnings.simplefilter("ignore")
+                doc = inspect.getdoc(obj) or ""
             for para in doc.split("\n\n"):
                 para = " ".join(para.split())
                 # Keep prose, skip signatures, code examples and one-word stubs.
