@@ -21,6 +21,8 @@ from .statistics import ActivationStats, collect_statistics
 from .targets import linearize_conv1d, select_targets, set_submodule
 
 ALL_METHODS = METHODS  # `learned` joins when its module is present
+# The best method available; `edgesvd run` and `compress` use it when none is named.
+DEFAULT_METHOD = "whiten"
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,7 @@ class CompressConfig:
     """What to compress and how. Validated on construction so errors come before any work."""
 
     model: str = DEFAULT_MODEL
-    method: str = "whiten"
+    method: str = DEFAULT_METHOD
     keep: float = 0.5
     rank_multiple: int = 8
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
