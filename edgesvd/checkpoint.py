@@ -232,6 +232,12 @@ def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu",
         raise CheckpointError(f"{weights} does not match its config: {first}") from exc
     if result.unexpected_keys:
         raise CheckpointError(f"{weights} holds tensors the architecture lacks: {result.unexpected_keys[:3]}")
+    # save_model keeps one name of a tied pair (often lm_head.weight); tie_weights copies the input
+    # embedding onto the output one, so give the input embedding the saved tensor first.
+    inp, outp = model.get_input_embeddings(), model.get_output_embeddings()
+    if outp is not None and inp is not None and inp.weight.device.type == "meta" \
+            and outp.weight.device.type != "meta" and getattr(config, "tie_word_embeddings", False):
+        inp.weight = outp.weight
     model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if still_meta:
