@@ -1,0 +1,1 @@
+"""Everything ONNX and onnxruntime: export, factorization check, parity, profiling, bundles, `edgesvd run`."""

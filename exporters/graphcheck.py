@@ -1,0 +1,161 @@
+"""Check on the ONNX graph that every compressed layer is still two MatMuls of the checkpoint's rank."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from edgesvd.checkpoint import CompressionRecord
+
+from .errors import FactorizationError
+
+# Ops that multiply an activation by a weight: plain, int8-dynamic-quantized and fused forms.
+MATMUL_OPS = {"MatMul", "Gemm", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
+              "MatMulNBits", "FusedMatMul"}
+# Ops that may sit between a weight initializer and its MatMul without changing what it is.
+_PASS_THROUGH = {"Cast", "DequantizeLinear", "Transpose", "Identity"}
+
+
+@dataclass
+class LayerCheck:
+    """What the graph holds for one compressed layer."""
+
+    name: str
+    rank: int
+    a_shape: tuple[int, ...] | None  # initializer of the first MatMul, expected (in, rank)
+    b_shape: tuple[int, ...] | None  # initializer of the second MatMul, expected (rank, out)
+    ok: bool
+    reason: str = ""
+
+
+@dataclass
+class GraphCheck:
+    """Per-layer findings plus totals; `ok` only if every compressed layer is factorized."""
+
+    layers: list[LayerCheck] = field(default_factory=list)
+    initializer_bytes: int = 0  # all initializers of the graph (weights as stored: fp32/fp16/int8)
+    factor_bytes: int = 0  # initializers of the factor MatMuls
+
+    @property
+    def expected(self) -> int:
+        return len(self.layers)
+
+    @property
+    def factorized(self) -> int:
+        return sum(l.ok for l in self.layers)
+
+    @property
+    def ok(self) -> bool:
+        return self.factorized == self.expected
+
+    def failures(self) -> list[LayerCheck]:
+        return [l for l in self.layers if not l.ok]
+
+    def summary(self) -> str:
+        return (f"{self.factorized}/{self.expected} compressed layers are two MatMuls of their rank; "
+                f"initializers {self.initializer_bytes / 1e6:.2f} MB (factors {self.factor_bytes / 1e6:.2f} MB)")
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.update(expected=self.expected, factorized=self.factorized, ok=self.ok)
+        return d
+
+
+def _dims_and_bytes(init) -> tuple[tuple[int, ...], int]:
+    import onnx
+
+    dims = tuple(int(d) for d in init.dims)
+    n = 1
+    for d in dims:
+        n *= d
+    itemsize = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+    return dims, n * itemsize
+
+
+class _Graph:
+    """Index of a loaded ONNX graph: initializer shapes, producers, weight MatMuls by normalized name."""
+
+    def __init__(self, model) -> None:
+        self.inits: dict[str, tuple[int, ...]] = {}
+        self.init_bytes: dict[str, int] = {}
+        for init in model.graph.initializer:
+            self.inits[init.name], self.init_bytes[init.name] = _dims_and_bytes(init)
+        self.producer = {out: node for node in model.graph.node for out in node.output}
+        self.nodes = list(model.graph.node)
+
+    def weight_of(self, node) -> str | None:
+        """Name of the initializer feeding `node` as its weight (through casts/dequantization)."""
+        if len(node.input) < 2:
+            return None
+        name = node.input[1]  # B of MatMul, Gemm, MatMulInteger and the fused variants
+        for _ in range(4):
+            if name in self.inits or name not in self.producer:
+                break
+            prod = self.producer[name]
+            if prod.op_type not in _PASS_THROUGH:
+                return None
+            name = prod.input[0]
+        return name if name in self.inits else None
+
+    def weight_matmuls(self):
+        """(normalized node name, node, weight initializer name) for every MatMul fed by a weight."""
+        for node in self.nodes:
+            if node.op_type in MATMUL_OPS:
+                w = self.weight_of(node)
+                if w is not None:
+                    yield "." + node.name.replace("/", ".").strip(".") + ".", node, w
+
+
+def check_graph(model, record: CompressionRecord) -> GraphCheck:
+    """Compare a loaded ONNX ModelProto with the checkpoint's ranks (no exception on failure)."""
+    graph = _Graph(model)
+    matmuls = list(graph.weight_matmuls())
+    result = GraphCheck(initializer_bytes=sum(graph.init_bytes.values()))
+    for layer in record.layers:
+        if layer.rank is None:
+            continue
+        prefix = "." + layer.name + "."
+        found = {}
+        dense = None
+        for norm, _node, w in matmuls:
+            if prefix + "a." in norm:
+                found["a"] = w
+            elif prefix + "b." in norm:
+                found["b"] = w
+            elif prefix in norm:
+                dense = w
+        a_shape = graph.inits[found["a"]] if "a" in found else None
+        b_shape = graph.inits[found["b"]] if "b" in found else None
+        expect_a, expect_b = (layer.in_features, layer.rank), (layer.rank, layer.out_features)
+        if a_shape == expect_a and b_shape == expect_b:
+            result.layers.append(LayerCheck(layer.name, layer.rank, a_shape, b_shape, True))
+            result.factor_bytes += graph.init_bytes[found["a"]] + graph.init_bytes[found["b"]]
+            continue
+        if dense is not None:
+            reason = f"folded back into one dense MatMul with weight {graph.inits[dense]}"
+        elif a_shape is None or b_shape is None:
+            reason = "no pair of factor MatMuls found in the graph"
+        else:
+            reason = f"factor shapes {a_shape}, {b_shape} differ from the expected {expect_a}, {expect_b}"
+        result.layers.append(LayerCheck(layer.name, layer.rank, a_shape, b_shape, False, reason))
+    return result
+
+
+def check_onnx_file(onnx_path: str | os.PathLike, record: CompressionRecord) -> GraphCheck:
+    """Load an ONNX file's graph (initializer metadata only, no external data) and check it."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return check_graph(model, record)
+
+
+def require_factorized(check: GraphCheck, where: str | Path) -> GraphCheck:
+    """Raise FactorizationError naming the first folded layers unless every layer is factorized."""
+    if not check.ok:
+        bad = check.failures()
+        names = "; ".join(f"{l.name}: {l.reason}" for l in bad[:3])
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise FactorizationError(f"{where}: {len(bad)}/{check.expected} compressed layers are not factorized "
+                                 f"in the graph — {names}{more}")
+    return check

@@ -1,0 +1,261 @@
+"""Export a compressed checkpoint (or the dense model) to ONNX with optimum, keeping each factor a MatMul."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from torch import nn
+
+from edgesvd.checkpoint import CompressionRecord, atomic_output_dir, check_output_dir, load_compressed, read_record
+from edgesvd.errors import ConfigError
+from edgesvd.loading import load_model, load_tokenizer, resolve_model
+
+from .errors import ExportError
+from .graphcheck import GraphCheck, check_onnx_file, require_factorized
+
+MODEL_FILE = "model.onnx"
+META_FILE = "edgesvd_export.json"
+TASKS = {"encoder": "feature-extraction", "decoder": "text-generation-with-past"}
+DTYPES = ("fp32", "fp16")
+QUANTIZE = (None, "int8")
+POOLED_OUTPUT = "sentence_embedding"
+# Protobuf cannot serialize a message above 2 GB; keep a margin for the graph itself.
+EXTERNAL_DATA_BYTES = 1_800_000_000
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """How to export: opset (None: optimum's default), weight dtype, int8 quantization, pooled output."""
+
+    opset: int | None = None
+    dtype: str = "fp32"
+    quantize: str | None = None
+    pooled: bool = False  # encoders: add a mean-pooled `sentence_embedding` output
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"unknown export dtype '{self.dtype}' (choose from {', '.join(DTYPES)})")
+        if self.quantize not in QUANTIZE:
+            raise ConfigError(f"unknown quantization '{self.quantize}' (only int8 is supported)")
+        if self.quantize and self.dtype != "fp32":
+            raise ConfigError("int8 quantization starts from fp32 weights: use --dtype fp32 with --quantize int8")
+        if self.opset is not None and not 14 <= self.opset <= 21:
+            raise ConfigError(f"opset must be between 14 and 21, got {self.opset}")
+
+    @property
+    def precision(self) -> str:
+        """The name parity thresholds are keyed by: fp32, fp16 or int8."""
+        return self.quantize or self.dtype
+
+
+@dataclass
+class ExportResult:
+    """Where the export went and what the graph check found (None for a dense export)."""
+
+    out: Path
+    task: str
+    family: str
+    precision: str
+    opset: int
+    check: GraphCheck | None
+    onnx_bytes: int
+    seconds: float
+
+    @property
+    def model_file(self) -> Path:
+        return self.out / MODEL_FILE
+
+
+@contextmanager
+def _quiet():
+    """Silence the tracer/optimum warnings that would bury the one-line results."""
+    from transformers.utils import logging as hf_logging
+
+    old = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    loggers = [logging.getLogger(n) for n in ("", "optimum", "torch.onnx")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(old)
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def onnx_files_bytes(folder: Path) -> int:
+    """Bytes on disk of the ONNX graph and its external data files in `folder`."""
+    return sum(p.stat().st_size for p in folder.iterdir()
+               if p.is_file() and (p.suffix == ".onnx" or p.name.endswith(".onnx_data") or p.suffix == ".data"))
+
+
+def save_onnx(model, path: Path) -> None:
+    """Save a ModelProto, with external data when its weights approach protobuf's 2 GB limit."""
+    import onnx
+
+    data = path.with_name(path.name + "_data")
+    weights = sum(len(t.raw_data) for t in model.graph.initializer)
+    if data.exists():
+        data.unlink()
+    if weights > EXTERNAL_DATA_BYTES:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=data.name, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+
+
+def _load_onnx(path: Path):
+    import onnx
+
+    return onnx.load(str(path), load_external_data=True)
+
+
+def opset_of(model) -> int:
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+def add_mean_pooling(model) -> None:
+    """Append a `sentence_embedding` output: mean of last_hidden_state over unmasked tokens."""
+    from onnx import TensorProto, helper
+
+    outputs = [o.name for o in model.graph.output]
+    inputs = [i.name for i in model.graph.input]
+    if "last_hidden_state" not in outputs or "attention_mask" not in inputs:
+        raise ExportError("pooling needs a last_hidden_state output and an attention_mask input")
+    g = model.graph
+    axes1 = helper.make_tensor("pool_axis_1", TensorProto.INT64, [1], [1])
+    axesm1 = helper.make_tensor("pool_axis_m1", TensorProto.INT64, [1], [-1])
+    eps = helper.make_tensor("pool_eps", TensorProto.FLOAT, [], [1e-9])
+    g.initializer.extend([axes1, axesm1, eps])
+    g.node.extend([
+        helper.make_node("Unsqueeze", ["attention_mask", "pool_axis_m1"], ["pool_mask3"], name="/pool/Unsqueeze"),
+        helper.make_node("Cast", ["pool_mask3"], ["pool_maskf"], to=TensorProto.FLOAT, name="/pool/Cast"),
+        helper.make_node("Mul", ["last_hidden_state", "pool_maskf"], ["pool_masked"], name="/pool/Mul"),
+        helper.make_node("ReduceSum", ["pool_masked", "pool_axis_1"], ["pool_sum"], keepdims=0, name="/pool/Sum"),
+        helper.make_node("ReduceSum", ["pool_maskf", "pool_axis_1"], ["pool_count"], keepdims=0, name="/pool/Count"),
+        helper.make_node("Max", ["pool_count", "pool_eps"], ["pool_count_safe"], name="/pool/Max"),
+        helper.make_node("Div", ["pool_sum", "pool_count_safe"], [POOLED_OUTPUT], name="/pool/Div"),
+    ])
+    hidden = next(o for o in g.output if o.name == "last_hidden_state")
+    dims = [d.dim_param or d.dim_value for d in hidden.type.tensor_type.shape.dim]
+    g.output.append(helper.make_tensor_value_info(POOLED_OUTPUT, TensorProto.FLOAT, [dims[0], dims[-1]]))
+
+
+def to_fp16(model):
+    """Weights and compute in float16; inputs/outputs stay float32 so callers need no change."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    return convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
+
+
+def quantize_int8(path: Path) -> None:
+    """Dynamic int8 weight quantization of the MatMuls (factors included), in place."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    tmp = path.with_name("model.int8.onnx")
+    big = onnx_files_bytes(path.parent) > EXTERNAL_DATA_BYTES
+    with _quiet():  # the quantizer logs a pre-processing hint on the root logger
+        # Per-channel scales: per-tensor int8 loses too much on whitened factors (MiniLM cosine 0.96 → 0.99).
+        quantize_dynamic(str(path), str(tmp), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
+                         per_channel=True, use_external_data_format=big)
+    for p in list(path.parent.iterdir()):
+        if p.name.startswith("model.onnx"):
+            p.unlink()
+    # The graph refers to its external data file (if any) by the name it was saved with: keep it.
+    tmp.rename(path)
+
+
+def _optimum_export(model: nn.Module, out: Path, task: str, opset: int | None) -> None:
+    from optimum.exporters.onnx import onnx_export_from_model
+
+    with _quiet():
+        try:
+            onnx_export_from_model(model, output=out, task=task, opset=opset, do_validation=False)
+        except Exception as exc:  # optimum raises many types (ValueError, KeyError, RuntimeError)
+            raise ExportError(f"optimum could not export {model.config.model_type} as {task}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+
+
+def export_model(model: nn.Module, tokenizer, family: str, out: str | os.PathLike, cfg: ExportConfig,
+                 record: CompressionRecord | None = None, source: str = "", force: bool = False) -> ExportResult:
+    """Export an in-memory model to `out` (atomically); with a record, check the factorization."""
+    start = time.perf_counter()
+    out = Path(out)
+    task = TASKS[family]
+    if cfg.pooled and family != "encoder":
+        raise ConfigError("--pooled adds a sentence embedding and applies to encoders only")
+    with atomic_output_dir(out, force) as tmp:
+        _optimum_export(model, tmp, task, cfg.opset)
+        path = tmp / MODEL_FILE
+        if not path.is_file():
+            raise ExportError(f"optimum wrote no {MODEL_FILE} (files: {sorted(p.name for p in tmp.iterdir())})")
+        if cfg.pooled or cfg.dtype == "fp16":
+            proto = _load_onnx(path)
+            if cfg.dtype == "fp16":
+                proto = to_fp16(proto)
+            if cfg.pooled:  # after fp16: the pooling reads the float32 output and stays float32
+                add_mean_pooling(proto)
+            save_onnx(proto, path)
+        if cfg.quantize == "int8":
+            quantize_int8(path)
+        check = None
+        if record is not None:
+            check = require_factorized(check_onnx_file(path, record), path)
+        tokenizer.save_pretrained(tmp)
+        import onnx
+
+        opset = opset_of(onnx.load(str(path), load_external_data=False))
+        meta = {"kind": "dense" if record is None else "compressed", "source": source, "family": family,
+                "task": task, "model_type": model.config.model_type, "config": asdict(cfg),
+                "precision": cfg.precision, "opset": opset, "model_file": MODEL_FILE,
+                "graph_check": check.to_json() if check else None,
+                "seconds": round(time.perf_counter() - start, 2)}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        onnx_bytes = onnx_files_bytes(tmp)
+    return ExportResult(out, task, family, cfg.precision, opset, check, onnx_bytes, meta["seconds"])
+
+
+def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig = ExportConfig(),
+                      force: bool = False) -> ExportResult:
+    """Export a compressed checkpoint folder; fails if a factor was folded back into a dense weight."""
+    checkpoint = Path(checkpoint)
+    check_output_dir(Path(out), force)
+    read_record(checkpoint)  # a one-line error for a folder that is not a checkpoint, before loading
+    tokenizer = load_tokenizer(checkpoint)
+    model, record = load_compressed(checkpoint)
+    return export_model(model, tokenizer, record.family, out, cfg, record, str(checkpoint.resolve()), force)
+
+
+def export_dense(model_ref: str, out: str | os.PathLike, cfg: ExportConfig = ExportConfig(),
+                 force: bool = False) -> ExportResult:
+    """Export the original (dense) model through the same path, as the baseline for profiling."""
+    check_output_dir(Path(out), force)
+    source = resolve_model(model_ref)
+    model = load_model(source)
+    tokenizer = load_tokenizer(source.path)
+    return export_model(model, tokenizer, source.family, out, cfg, None, str(source.path), force)
+
+
+def read_export(onnx_dir: str | os.PathLike) -> dict:
+    """The metadata edgesvd wrote beside an exported model; ExportError if the folder is not one."""
+    onnx_dir = Path(onnx_dir)
+    if not (onnx_dir / MODEL_FILE).is_file():
+        raise ExportError(f"no {MODEL_FILE} in {onnx_dir} (export it with `edgesvd export` first)")
+    meta = onnx_dir / META_FILE
+    if not meta.is_file():
+        raise ExportError(f"no {META_FILE} in {onnx_dir}: not a folder written by `edgesvd export`")
+    try:
+        return json.loads(meta.read_text())
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"unreadable {meta}: {exc}") from exc
