@@ -1,0 +1,156 @@
+"""Foundation: factorized module, rank arithmetic, statistics, methods, checkpoints round trip."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from edgesvd import CalibrationConfig, CompressConfig, LowRankLinear, compress, load_compressed, save_compressed
+from edgesvd.calibration import sample_calibration
+from edgesvd.checkpoint import load_spectra
+from edgesvd.loading import load_model, load_tokenizer, resolve_model
+from edgesvd.lowrank import break_even_rank
+from edgesvd.methods import plain_spectrum, whiten_spectrum
+from edgesvd.ranks import layer_keep, uniform_rank
+from edgesvd.statistics import collect_statistics
+from edgesvd.targets import select_targets
+
+SMALL = CalibrationConfig(num_sequences=8, seq_len=32)
+
+
+def small(model_dir, **kw) -> CompressConfig:
+    kw.setdefault("calibration", SMALL)
+    return CompressConfig(model=str(model_dir), show_progress=False, **kw)
+
+
+def test_lowrank_linear_is_two_matmuls():
+    torch.manual_seed(0)
+    a, b, bias = torch.randn(4, 10), torch.randn(6, 4), torch.randn(6)
+    layer = LowRankLinear.from_factors(a, b, bias)
+    x = torch.randn(3, 10)
+    assert torch.allclose(layer(x), (x @ a.T) @ b.T + bias, atol=1e-6)
+    assert [type(m) for m in layer.children()] == [nn.Linear, nn.Linear]
+    assert layer.a.weight.shape == (4, 10) and layer.b.weight.shape == (6, 4) and layer.a.bias is None
+
+
+def test_rank_arithmetic():
+    assert break_even_rank(384, 384) == 192
+    assert uniform_rank(384, 384, 0.5, 8) == 96
+    assert uniform_rank(1536, 384, 0.5, 8) == 152  # 0.5 · 307.2 = 153.6 → nearest multiple of 8
+    assert uniform_rank(1536, 384, 0.5, 32) == 160
+    assert uniform_rank(384, 384, 1.0, 8) is None  # at break-even: stays dense
+    assert uniform_rank(384, 384, 0.99, 8) is None  # rounds up to 192 = break-even
+    assert uniform_rank(64, 64, 0.01, 8) == 8  # never below one multiple
+    assert layer_keep(384, 384, 96) == pytest.approx(0.5)
+
+
+def test_whiten_reconstructs_exactly_at_full_rank_and_beats_plain_on_correlated_inputs():
+    torch.manual_seed(0)
+    w = torch.randn(32, 48, dtype=torch.float64)
+    mix = torch.randn(48, 48, dtype=torch.float64) * torch.logspace(0, -3, 48, dtype=torch.float64)
+    x = torch.randn(2000, 48, dtype=torch.float64) @ mix.T  # strongly anisotropic inputs
+    gram = x.T @ x
+    full = whiten_spectrum(w, gram, 2000, damp=1e-9)
+    a, b = full.factors(32)
+    assert torch.allclose(b @ a, w, atol=1e-6)
+    err = {}
+    for name, spec in (("plain", plain_spectrum(w)), ("whiten", whiten_spectrum(w, gram, 2000))):
+        a, b = spec.factors(8)
+        err[name] = ((x @ (b @ a).T - x @ w.T).norm() / (x @ w.T).norm()).item()
+    assert err["whiten"] < 0.5 * err["plain"]
+
+
+def test_whiten_survives_singular_statistics():
+    w = torch.randn(16, 16, dtype=torch.float64)
+    gram = torch.zeros(16, 16, dtype=torch.float64)
+    gram[:4, :4] = torch.eye(4, dtype=torch.float64)  # 12 dead input channels
+    a, b = whiten_spectrum(w, gram, 10).factors(4)
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+
+
+def test_statistics_exclude_padding_and_share_inputs(tiny_bert_dir):
+    source = resolve_model(str(tiny_bert_dir))
+    model, tok = load_model(source), load_tokenizer(source.path)
+    targets = select_targets(model)
+    enc = tok(["a short one", "a much longer sentence that needs more tokens than the first"],
+              padding=True, return_tensors="pt")
+    from edgesvd.calibration import CalibrationBatch
+
+    calib = CalibrationBatch(enc["input_ids"], enc["attention_mask"], {})
+    stats = collect_statistics(model, targets, calib, show_progress=False)
+    q, k, v = (f"encoder.layer.0.attention.self.{n}" for n in ("query", "key", "value"))
+    assert stats.group_of[k] == stats.group_of[v] == stats.group_of[q] == q
+    assert len(stats.gram) == 2 * 4  # per block: attention input, attention output, FFN in, FFN out
+    captured = {}
+    hook = model.get_submodule(q).register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0]))
+    with torch.no_grad():
+        model(**enc)
+    hook.remove()
+    rows = captured["x"][enc["attention_mask"].bool()].double()
+    assert stats.tokens_for(q) == int(enc["attention_mask"].sum())
+    assert torch.allclose(stats.gram_for(q), rows.T @ rows, rtol=1e-4, atol=1e-4)
+
+
+def test_calibration_sampling_is_seeded(tiny_llama_dir):
+    tok = load_tokenizer(tiny_llama_dir)
+    one = sample_calibration(tok, CalibrationConfig(num_sequences=4, seq_len=16, seed=3), "decoder")
+    two = sample_calibration(tok, CalibrationConfig(num_sequences=4, seq_len=16, seed=3), "decoder")
+    other = sample_calibration(tok, CalibrationConfig(num_sequences=4, seq_len=16, seed=4), "decoder")
+    assert one.input_ids.shape == (4, 16) and torch.equal(one.input_ids, two.input_ids)
+    assert not torch.equal(one.input_ids, other.input_ids)
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_gpt2_dir", "tiny_qwen2_dir", "tiny_bert_dir"])
+def test_round_trip_reproduces_outputs_exactly(fixture, request, tmp_path):
+    model_dir = request.getfixturevalue(fixture)
+    result = compress(small(model_dir, method="whiten", keep=0.5))
+    assert any(l.rank is not None for l in result.record.layers)
+    out = save_compressed(result.model, result.tokenizer, result.record, tmp_path / "ck", result.spectra)
+    assert {"config.json", "model.safetensors", "spectrum.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    loaded, record = load_compressed(out)
+    for layer in record.layers:
+        module = loaded.get_submodule(layer.name)
+        if layer.rank is None:
+            assert isinstance(module, nn.Linear)
+        else:
+            assert isinstance(module, LowRankLinear) and module.rank == layer.rank
+    ids = torch.randint(3, 400, (2, 12))
+    with torch.no_grad():
+        before, after = result.model(input_ids=ids), loaded(input_ids=ids)
+    key = "logits" if "logits" in before else "last_hidden_state"
+    assert torch.equal(before[key], after[key])
+    assert set(load_spectra(out)) == {l.name for l in record.layers if l.rank is not None}
+
+
+def test_ranks_as_requested_and_break_even_layers_stay_dense(tiny_llama_dir):
+    result = compress(small(tiny_llama_dir, method="plain", keep=0.5, rank_multiple=8))
+    for layer in result.record.layers:
+        assert layer.rank == uniform_rank(layer.out_features, layer.in_features, 0.5, 8)
+        assert layer.rank % 8 == 0
+    dense = compress(small(tiny_llama_dir, method="plain", keep=1.0))
+    assert all(l.rank is None for l in dense.record.layers)
+    assert not any(isinstance(m, LowRankLinear) for m in dense.model.modules())
+
+
+def test_targets_default_include_exclude(tiny_llama_dir):
+    model = load_model(resolve_model(str(tiny_llama_dir)))
+    default = select_targets(model)
+    assert len(default) == 2 * 7 and "lm_head" not in default
+    assert "lm_head" in select_targets(model, include=["lm_head"])
+    assert not any(".mlp." in n for n in select_targets(model, exclude=["*.mlp.*"]))
+
+
+def test_whiten_beats_plain_on_real_minilm(minilm_dir, stsb_file):
+    """Real weights: at keep 0.5 whitening keeps embeddings closer to the dense model than plain SVD."""
+    from edgesvd.evaluate import embed, read_stsb
+
+    sentences = read_stsb(stsb_file, limit=64)[0]
+    source = resolve_model("minilm")
+    dense = embed(load_model(source), load_tokenizer(source.path), sentences)
+    cos = {}
+    for method in ("plain", "whiten"):
+        r = compress(CompressConfig(model="minilm", method=method, keep=0.5, show_progress=False,
+                                    calibration=CalibrationConfig(num_sequences=32, seq_len=64)))
+        cos[method] = torch.nn.functional.cosine_similarity(embed(r.model, r.tokenizer, sentences), dense).mean().item()
+    assert cos["whiten"] > cos["plain"] + 0.02, cos
