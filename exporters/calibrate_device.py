@@ -16,6 +16,7 @@ import argparse
 import datetime
 import os
 import platform
+import re
 import struct
 import sys
 import time
@@ -224,6 +225,7 @@ def calibrate(out: Path, name: str, provider: str = "CPUExecutionProvider", thre
     import onnxruntime as ort
 
     kind = "gpu" if provider == "CUDAExecutionProvider" else "cpu"
+    name = re.sub(r"[^a-z0-9._-]+", "-", name.lower()).strip("-._") or "device"
     log(f"calibrating {provider} ({precision}) on {host_id()}, {len(sizes) ** 2} MatMul shapes at {batch * seq} tokens")
     rows = measure_grid(batch * seq, sizes, provider, threads, precision, runs, log)
     gflops = max(2 * r["m"] * r["k"] * r["n"] / r["p50_ms"] / 1e6 for r in rows)

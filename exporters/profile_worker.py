@@ -1,0 +1,145 @@
+"""Time one ONNX model on one execution provider in a fresh process (so peak memory is its own).
+
+Run as `python -m exporters.profile_worker` with a JSON spec on stdin; prints a JSON result.
+Imports only onnxruntime and numpy, so the process's memory is the session's.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+
+import numpy as np
+import onnxruntime as ort
+
+_LEVELS = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL, "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+           "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED, "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+
+
+def _rss_mb() -> float:
+    """Peak resident memory of this process so far, in MB."""
+    try:  # VmHWM belongs to this process image; ru_maxrss would carry the parent's peak over fork+exec
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux, bytes on macOS
+
+
+def _options(spec: dict, profile: bool = False) -> ort.SessionOptions:
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = spec["session"]["intra_op_threads"]
+    so.inter_op_num_threads = spec["session"]["inter_op_threads"]
+    so.graph_optimization_level = _LEVELS[spec["session"]["graph_optimization"]]
+    so.log_severity_level = 3
+    if profile:
+        so.enable_profiling = True
+        so.profile_file_prefix = spec["profile_prefix"]
+    return so
+
+
+def feeds(sess: ort.InferenceSession, batch: int, seq: int, past: int, rng: np.random.Generator) -> dict:
+    """Inputs for a forward over `seq` new tokens after `past` cached ones (values do not matter)."""
+    out = {}
+    for inp in sess.get_inputs():
+        dtype = _NP.get(inp.type, np.float32)
+        if inp.name == "input_ids":
+            out[inp.name] = rng.integers(5, 200, size=(batch, seq)).astype(dtype)
+        elif inp.name == "attention_mask":
+            out[inp.name] = np.ones((batch, past + seq), dtype=dtype)
+        elif inp.name == "token_type_ids":
+            out[inp.name] = np.zeros((batch, seq), dtype=dtype)
+        elif inp.name == "position_ids":
+            out[inp.name] = np.tile(np.arange(past, past + seq, dtype=dtype), (batch, 1))
+        elif inp.name.startswith("past_key_values"):
+            # (batch, kv_heads, past, head_dim): the named axes are batch and sequence.
+            dims = [d if isinstance(d, int) else None for d in inp.shape]
+            shape = [batch, dims[1], past, dims[3]]
+            out[inp.name] = rng.standard_normal(shape).astype(dtype)
+        else:
+            raise SystemExit(f"profile: unknown model input '{inp.name}'")
+    return out
+
+
+def _time(run, warmup: int, runs: int) -> list[float]:
+    for _ in range(warmup):
+        run()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - t) * 1000)
+    return times
+
+
+def _runner(sess: ort.InferenceSession, feed: dict, provider: str):
+    """A no-argument callable running one forward; IOBinding on CUDA keeps copies out of the timing."""
+    if provider != "CUDAExecutionProvider":
+        return lambda: sess.run(None, feed)
+    binding = sess.io_binding()
+    for name, value in feed.items():
+        binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", 0))
+    for out in sess.get_outputs():
+        binding.bind_output(out.name, "cuda", 0)
+
+    def run():
+        sess.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+
+    return run
+
+
+def _stats(times: list[float], items: int) -> dict:
+    t = np.asarray(times)
+    p50 = float(np.percentile(t, 50))
+    return {"runs": len(times), "p50_ms": p50, "p90_ms": float(np.percentile(t, 90)),
+            "p99_ms": float(np.percentile(t, 99)), "mean_ms": float(t.mean()), "min_ms": float(t.min()),
+            "throughput_per_s": items * 1000.0 / p50}
+
+
+def measure(spec: dict) -> dict:
+    """Latency of every mode in the spec for one model on one provider, plus session time and memory."""
+    rss0 = _rss_mb()
+    provider = spec["provider"]
+    t = time.perf_counter()
+    sess = ort.InferenceSession(spec["path"], _options(spec), providers=[provider])
+    create_s = time.perf_counter() - t
+    rng = np.random.default_rng(0)
+    b, seq = spec["batch"], spec["seq_len"]
+    has_past = any(i.name.startswith("past_key_values") for i in sess.get_inputs())
+    results = {}
+    modes = [("prefill", seq, 0, b * seq), ("decode", 1, seq, b)] if has_past else [("forward", seq, 0, b)]
+    for mode, new, past, items in modes:
+        feed = feeds(sess, b, new, past, rng)
+        results[mode] = _stats(_time(_runner(sess, feed, provider), spec["warmup"], spec["runs"]), items)
+    out = {"provider": sess.get_providers()[0], "profile_runs": _PROFILE_RUNS, "session_create_s": create_s, "modes": results,
+           "peak_rss_mb": _rss_mb() - rss0}
+    if spec.get("profile_prefix"):
+        out["node_profile"] = _node_profile(spec, modes[0])
+    return out
+
+
+_PROFILE_RUNS = 5
+
+
+def _node_profile(spec: dict, mode: tuple) -> str:
+    """Run a separate profiling session (never the timed one) and return its trace file."""
+    sess = ort.InferenceSession(spec["path"], _options(spec, profile=True), providers=[spec["provider"]])
+    _, new, past, _ = mode
+    feed = feeds(sess, spec["batch"], new, past, np.random.default_rng(0))
+    sess.run(None, feed)  # the first run includes one-off allocations; it is dropped from the totals
+    for _ in range(_PROFILE_RUNS):
+        sess.run(None, feed)
+    return sess.end_profiling()
+
+
+if __name__ == "__main__":
+    try:
+        print(json.dumps(measure(json.loads(sys.stdin.read()))))
+    except Exception as exc:  # reported by the parent as one line
+        print(json.dumps({"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}))
+        sys.exit(3)
