@@ -133,5 +133,12 @@ def inspect(checkpoint):
     out_console.print(f"model.safetensors: {_fmt_bytes(weight_bytes)}; targeted keep {after / before:.3f}")
 
 
+from .profile_commands import calibrate_device, plan, profiles  # noqa: E402  (profiles, budgets)
+
+main.add_command(profiles)
+main.add_command(plan)
+main.add_command(calibrate_device)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

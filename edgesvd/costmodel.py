@@ -1,0 +1,272 @@
+"""Cost model: bytes, peak memory and latency of a model at given per-layer ranks on a profile's device."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from .lowrank import break_even_rank
+from .profiles import Profile
+
+# Labels shown next to every latency number, so nobody mistakes an estimate for a measurement.
+MEASURED, CALIBRATED, ESTIMATED = "measured", "calibrated", "estimated"
+# p90/p50 of a forward pass when nothing was measured (onnxruntime on an idle machine runs close
+# to its median); replaced by the measured ratio as soon as the dense model is timed.
+DEFAULT_TAIL = 1.1
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """One Linear: out×in weight, with or without bias."""
+
+    name: str
+    out_features: int
+    in_features: int
+    bias: bool = True
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    def params(self, rank: int | None) -> int:
+        """Weight parameters at `rank` (None: dense); the bias is counted separately."""
+        if rank is None:
+            return self.out_features * self.in_features
+        return rank * (self.out_features + self.in_features)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the cost model needs to know about a model: its Linear layers and transformer shape."""
+
+    family: str
+    total_params: int
+    layers: tuple[LayerShape, ...]          # targeted Linear layers
+    other_linears: tuple[LayerShape, ...]   # Linear layers left alone (e.g. lm_head, pooler)
+    hidden: int
+    intermediate: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab: int
+
+    @property
+    def targeted_params(self) -> int:
+        return sum(l.params(None) for l in self.layers)
+
+
+def model_facts(model, targets: list[str], family: str) -> ModelFacts:
+    """ModelFacts of a (dense) Hugging Face model whose targeted Linear layers are `targets`."""
+    from torch import nn
+
+    cfg = model.config
+    get = lambda *names, default=None: next((getattr(cfg, n) for n in names if getattr(cfg, n, None) is not None), default)
+    hidden = get("hidden_size", "n_embd", "d_model")
+    heads = get("num_attention_heads", "n_head")
+    chosen = set(targets)
+    layers, others = [], []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            shape = LayerShape(name, mod.out_features, mod.in_features, mod.bias is not None)
+            (layers if name in chosen else others).append(shape)
+    order = {n: i for i, n in enumerate(targets)}
+    layers.sort(key=lambda s: order[s.name])
+    return ModelFacts(
+        family=family, total_params=sum(p.numel() for p in model.parameters()), layers=tuple(layers),
+        other_linears=tuple(others), hidden=hidden, intermediate=get("intermediate_size", "n_inner", default=4 * hidden),
+        num_layers=get("num_hidden_layers", "n_layer"), num_heads=heads,
+        num_kv_heads=get("num_key_value_heads", default=heads), head_dim=get("head_dim", default=hidden // heads),
+        vocab=get("vocab_size", default=0))
+
+
+def candidate_ranks(shape: LayerShape, multiple: int) -> list[int]:
+    """Ranks a planner may give a layer: multiples of `multiple` strictly below break-even."""
+    bound = min(break_even_rank(shape.out_features, shape.in_features), shape.out_features, shape.in_features)
+    return [r for r in range(multiple, int(np.ceil(bound)), multiple) if r < bound]
+
+
+# Latency table measured on this machine: (out, in, rank|None) → (p50 ms, p90 ms) of the layer at
+# the workload's token count; rank None is the dense layer.
+LayerTable = dict[tuple[int, int, int | None], tuple[float, float]]
+
+
+def _fit_matmul_table(rows) -> tuple[float, float, float]:
+    """Least-squares fit t = overhead + flops/F + bytes/B to measured MatMul rows (all terms ≥ 0)."""
+    a = np.array([[1.0, 2.0 * r.m * r.k * r.n / 1e9, 4.0 * (r.m * r.k + r.k * r.n + r.m * r.n) / 1e9] for r in rows])
+    t = np.array([r.p50_ms / 1e3 for r in rows])
+    active = [0, 1, 2]
+    for _ in range(3):  # drop terms that come out negative, refit (a tiny non-negative least squares)
+        coef = np.zeros(3)
+        coef[active] = np.linalg.lstsq(a[:, active], t, rcond=None)[0]
+        if (coef >= 0).all():
+            break
+        active = [i for i in active if coef[i] > 0]
+    coef = np.clip(coef, 0, None)
+    return float(coef[0]), float(coef[1]), float(coef[2])  # s, s/GFLOP, s/GB
+
+
+class CostModel:
+    """Bytes, peak memory and latency of `facts` at per-layer ranks on `profile`'s device.
+
+    Latency comes, in order of preference, from `table` (this machine's onnxruntime timings of
+    every layer at every candidate rank: label 'measured'), from the profile's `[measured]`
+    MatMul table fitted to overhead + compute + traffic (label 'calibrated'), or from the
+    device's public peak compute and bandwidth as a roofline (label 'estimated').
+    """
+
+    def __init__(self, profile: Profile, facts: ModelFacts, table: LayerTable | None = None,
+                 fixed_ms: float | None = None, tail: float | None = None) -> None:
+        self.profile, self.facts, self.table = profile, facts, table or {}
+        self.bpp = profile.runtime.bytes_per_param
+        self.act_bytes = 2 if profile.runtime.precision == "fp16" else 4
+        self.tokens = profile.workload.tokens(facts.family)
+        self._fit = _fit_matmul_table(profile.measured.matmul) if profile.measured else None
+        self._exact = {(r.m, r.k, r.n): r.p50_ms for r in profile.measured.matmul} if profile.measured else {}
+        self.source = MEASURED if self.table else CALIBRATED if self._fit else ESTIMATED
+        self._fixed_ms = fixed_ms
+        self.tail = tail if tail is not None else DEFAULT_TAIL
+        self.anchored = fixed_ms is not None
+        self._cache: dict[tuple, float] = {}
+
+    def anchored_to(self, dense_p50_ms: float, dense_p90_ms: float | None = None) -> "CostModel":
+        """A copy whose non-Linear time is the measured dense latency minus its Linear layers' time,
+        so the model's total at dense ranks equals the measurement (the closed loop's anchor)."""
+        dense_layers = sum(self.layer_ms(s, None) for s in self.facts.layers)
+        tail = dense_p90_ms / dense_p50_ms if dense_p90_ms else self.tail
+        return CostModel(self.profile, self.facts, self.table, max(dense_p50_ms - dense_layers, 0.0), tail)
+
+    # -- per-operator time ---------------------------------------------------------------------
+    def _roofline_ms(self, flops: float, traffic: float) -> float:
+        dev, rt = self.profile.device, self.profile.runtime
+        compute = flops / (dev.peak_gflops * 1e9 * rt.efficiency)
+        memory = traffic / (dev.bandwidth_gbs * 1e9 * rt.efficiency)
+        return 1e3 * max(compute, memory) + rt.op_overhead_us / 1e3
+
+    def matmul_ms(self, m: int, k: int, n: int) -> float:
+        """Time of one (m×k)·(k×n) MatMul whose right side is a weight."""
+        if (m, k, n) in self._exact:
+            return self._exact[(m, k, n)]
+        if self._fit is not None:
+            overhead, per_gflop, per_gb = self._fit
+            scale = self.act_bytes / 4
+            return 1e3 * (overhead + 2 * m * k * n / 1e9 * per_gflop
+                          + scale * 4 * (m * k + k * n + m * n) / 1e9 * per_gb)
+        traffic = self.act_bytes * (m * k + m * n) + self.bpp * k * n
+        return self._roofline_ms(2.0 * m * k * n, traffic)
+
+    def _activation_matmul_ms(self, flops: float, traffic: float) -> float:
+        if self._fit is not None:
+            overhead, per_gflop, per_gb = self._fit
+            return 1e3 * (overhead + flops / 1e9 * per_gflop + traffic / 1e9 * per_gb)
+        return self._roofline_ms(flops, traffic)
+
+    def elementwise_ms(self, elements: float, tensors: int = 3) -> float:
+        """Time of one memory-bound elementwise operator touching `tensors` arrays of `elements`."""
+        if self._fit is not None:
+            overhead, _, per_gb = self._fit
+            return 1e3 * (overhead + tensors * elements * self.act_bytes / 1e9 * per_gb)
+        return self._roofline_ms(elements, tensors * elements * self.act_bytes)
+
+    # -- per-layer costs -----------------------------------------------------------------------
+    def layer_bytes(self, shape: LayerShape, rank: int | None) -> float:
+        """Weight bytes of one layer at `rank` (None: dense), bias included."""
+        return self.bpp * (shape.params(rank) + (shape.out_features if shape.bias else 0))
+
+    def layer_ms(self, shape: LayerShape, rank: int | None) -> float:
+        """p50 time of one layer at `rank` (None: dense) at the workload's token count."""
+        key = (shape.out_features, shape.in_features, rank)
+        if key in self._cache:
+            return self._cache[key]
+        value = self._table_ms(key) if self.table else None
+        if value is None:
+            m = self.tokens
+            if rank is None:
+                value = self.matmul_ms(m, shape.in_features, shape.out_features)
+            else:
+                value = self.matmul_ms(m, shape.in_features, rank) + self.matmul_ms(m, rank, shape.out_features)
+            if shape.bias:
+                value += self.elementwise_ms(m * shape.out_features)
+        self._cache[key] = value
+        return value
+
+    def _table_ms(self, key: tuple[int, int, int | None]) -> float | None:
+        """Measured time at `key`, linearly interpolated between the measured ranks of that shape."""
+        if key in self.table:
+            return self.table[key][0]
+        out_f, in_f, rank = key
+        if rank is None:
+            return None
+        ranks = sorted(r for (o, i, r) in self.table if (o, i) == (out_f, in_f) and r is not None)
+        if not ranks:
+            return None
+        lo = max((r for r in ranks if r <= rank), default=ranks[0])
+        hi = min((r for r in ranks if r >= rank), default=ranks[-1])
+        t_lo, t_hi = self.table[(out_f, in_f, lo)][0], self.table[(out_f, in_f, hi)][0]
+        if hi == lo:  # outside the measured range: scale the nearest point by the rank
+            return t_lo * rank / lo
+        return t_lo + (t_hi - t_lo) * (rank - lo) / (hi - lo)
+
+    # -- whole-model quantities ----------------------------------------------------------------
+    @property
+    def fixed_bytes(self) -> float:
+        """Weight bytes outside the targeted layers (embeddings, norms, untargeted Linear layers)."""
+        targeted = sum(s.params(None) + (s.out_features if s.bias else 0) for s in self.facts.layers)
+        return self.bpp * (self.facts.total_params - targeted)
+
+    @property
+    def activation_bytes(self) -> float:
+        """Live activations of one forward pass at the workload, plus the KV cache for decoders."""
+        f, w = self.facts, self.profile.workload
+        seq = (w.prompt_length or w.sequence_length) if f.family == "decoder" else w.sequence_length
+        tokens = w.batch * seq
+        per_layer = tokens * (3 * f.hidden + f.intermediate) + 2 * w.batch * f.num_heads * seq * seq
+        total = per_layer * self.act_bytes
+        if f.family == "decoder":
+            total += tokens * f.vocab * self.act_bytes  # prefill logits
+            total += 2 * f.num_layers * w.batch * (seq + w.new_tokens) * f.num_kv_heads * f.head_dim * self.act_bytes
+        return float(total)
+
+    @property
+    def fixed_ms(self) -> float:
+        """Time outside the targeted layers: measured (anchored) or estimated from attention,
+        elementwise operators, embeddings and untargeted Linear layers."""
+        if self._fixed_ms is not None:
+            return self._fixed_ms
+        f, w = self.facts, self.profile.workload
+        seq = (w.prompt_length or w.sequence_length) if f.family == "decoder" else w.sequence_length
+        tokens = w.batch * seq
+        # QKᵀ and AV: one batched MatMul each over batch × heads (activations on both sides)
+        flops = 2.0 * w.batch * f.num_heads * seq * seq * f.head_dim
+        traffic = self.act_bytes * w.batch * f.num_heads * (2 * seq * f.head_dim + seq * seq)
+        attention = 2 * self._activation_matmul_ms(flops, traffic)
+        softmax = self.elementwise_ms(w.batch * f.num_heads * seq * seq, 2)
+        # residual adds, two norms, activation function, reshapes that copy: ~8 passes over hidden
+        elementwise = 8 * self.elementwise_ms(tokens * f.hidden) + self.elementwise_ms(tokens * f.intermediate)
+        per_layer = attention + softmax + elementwise
+        others = sum(self.matmul_ms(tokens, s.in_features, s.out_features) for s in f.other_linears)
+        return f.num_layers * per_layer + others + self.elementwise_ms(tokens * f.hidden, 2)
+
+    def quantities(self, layer_bytes: float, layer_ms: float) -> dict[str, float]:
+        """Every budgeted quantity from the summed bytes and p50 time of the targeted layers."""
+        model_bytes = self.fixed_bytes + layer_bytes
+        p50 = self.fixed_ms + layer_ms
+        return {"model_bytes": model_bytes,
+                "peak_memory": model_bytes + self.activation_bytes + self.profile.runtime.overhead_bytes,
+                "latency_p50": p50, "latency_p90": p50 * self.tail}
+
+    def totals(self, ranks: dict[str, int | None]) -> dict[str, float]:
+        """Every budgeted quantity at `ranks` (layer name → rank, None or absent: dense)."""
+        b = sum(self.layer_bytes(s, ranks.get(s.name)) for s in self.facts.layers)
+        t = sum(self.layer_ms(s, ranks.get(s.name)) for s in self.facts.layers)
+        return self.quantities(b, t)
+
+    def dense(self) -> dict[str, float]:
+        """Every budgeted quantity of the dense model."""
+        return self.totals({})
+
+    def with_profile(self, profile: Profile) -> "CostModel":
+        """The same model and measurements under a profile with other budgets."""
+        out = CostModel(profile, self.facts, self.table, self._fixed_ms, self.tail)
+        return out

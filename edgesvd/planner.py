@@ -1,0 +1,276 @@
+"""Rank planner: per-layer ranks that keep the most importance while meeting every budget of a profile."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from .costmodel import CostModel, LayerShape, candidate_ranks
+from .errors import BudgetError
+from .profiles import BUDGET_KEYS, Budget
+
+_LABEL = {"model_bytes": "model bytes", "peak_memory": "peak memory", "latency_p50": "p50 latency",
+          "latency_p90": "p90 latency"}
+
+
+def component_importance(sigma: torch.Tensor | np.ndarray, scores: torch.Tensor | np.ndarray | None = None
+                         ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-component importance of one layer and the order that sorts it (most important first).
+
+    Importance is the component's share of the layer's output energy, (σ·s)² / Σ(σ·s)²: for the
+    whitened spectrum, truncating component i raises the layer's calibration output error by σᵢ²,
+    and learned scores s rescale the component. Shares make layers of different scale comparable.
+    """
+    sig = np.asarray(sigma.detach().cpu().double() if isinstance(sigma, torch.Tensor) else sigma, dtype=np.float64)
+    if scores is not None:
+        s = scores.detach().cpu().double().numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores, float)
+        sig = sig * s
+    energy = sig ** 2
+    order = np.argsort(-energy, kind="stable")
+    total = energy.sum()
+    return (energy[order] / total if total > 0 else np.full(len(energy), 1.0 / max(len(energy), 1))), order
+
+
+@dataclass(frozen=True)
+class LayerImportance:
+    """A layer's shape and its per-component importance, most important first (a prefix is kept)."""
+
+    shape: LayerShape
+    importance: np.ndarray
+
+    def kept(self, rank: int | None) -> float:
+        """Importance kept at `rank` (dense keeps all of it)."""
+        return float(self.importance.sum()) if rank is None else float(self.importance[:rank].sum())
+
+
+@dataclass
+class ReceiptRow:
+    name: str
+    shape: tuple[int, int]
+    rank: int | None
+    bytes: float
+    ms: float
+    importance_kept: float
+
+
+@dataclass
+class BudgetLine:
+    key: str
+    budget: str        # as written: '60% of dense', '40.0 MB'
+    limit: float       # bytes or ms
+    value: float       # planned (estimated) value
+    headroom: float    # (limit − value) / limit
+    binding: bool = False
+    measured: float | None = None
+
+
+@dataclass
+class Receipt:
+    """What the plan costs, per layer and in total, against every budget of the profile."""
+
+    profile: str
+    latency_source: str          # measured / calibrated / estimated
+    rows: list[ReceiptRow]
+    budgets: list[BudgetLine]
+    totals: dict[str, float]
+    dense: dict[str, float]
+    importance_kept: float       # mean over layers of the importance share kept
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def binding(self) -> str | None:
+        return next((b.key for b in self.budgets if b.binding), None)
+
+    def ranks(self) -> dict[str, int | None]:
+        return {r.name: r.rank for r in self.rows}
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["binding"] = self.binding
+        return d
+
+    def summary(self) -> str:
+        """One line per budget: limit, planned value, headroom; which one binds."""
+        if not self.budgets:
+            return "no budgets: every layer dense"
+        lines = []
+        for b in self.budgets:
+            unit = _fmt_ms if b.key.startswith("latency") else _fmt_bytes
+            lines.append(f"{_LABEL[b.key]}: {unit(b.value)} of {unit(b.limit)} ({b.budget}), headroom "
+                         f"{100 * b.headroom:.1f}%{'  ← binds' if b.binding else ''}")
+        return "\n".join(lines)
+
+
+def _fmt_bytes(n: float) -> str:
+    return f"{n / 1e6:.2f} MB"
+
+
+def _fmt_ms(t: float) -> str:
+    return f"{t:.2f} ms"
+
+
+@dataclass
+class _Ladder:
+    """The states one layer can take, in order: candidate ranks, then dense."""
+
+    layer: LayerImportance
+    states: list[int | None]
+    bytes: list[float]
+    ms: list[float]
+    pos: int = 0
+
+    @property
+    def state(self) -> int | None:
+        return self.states[self.pos]
+
+
+def resolve_limits(budgets: dict[str, Budget], dense: dict[str, float]) -> dict[str, float]:
+    """Absolute limits (bytes, ms) from the profile's budgets and the dense model's values."""
+    return {k: b.limit(dense[k]) for k, b in budgets.items()}
+
+
+def _ladders(layers: list[LayerImportance], cost: CostModel, multiple: int) -> list[_Ladder]:
+    out = []
+    for li in layers:
+        states: list[int | None] = [r for r in candidate_ranks(li.shape, multiple) if r <= len(li.importance)]
+        states.append(None)
+        out.append(_Ladder(li, states, [cost.layer_bytes(li.shape, s) for s in states],
+                           [cost.layer_ms(li.shape, s) for s in states]))
+    return out
+
+
+def smallest_achievable(layers: list[LayerImportance], cost: CostModel, multiple: int) -> dict[str, float]:
+    """The least of every budgeted quantity any plan can reach (each minimised on its own)."""
+    ladders = _ladders(layers, cost, multiple)
+    low_bytes = cost.quantities(sum(min(l.bytes) for l in ladders), sum(l.ms[int(np.argmin(l.bytes))] for l in ladders))
+    low_ms = cost.quantities(sum(l.bytes[int(np.argmin(l.ms))] for l in ladders), sum(min(l.ms) for l in ladders))
+    return {"model_bytes": low_bytes["model_bytes"], "peak_memory": low_bytes["peak_memory"],
+            "latency_p50": low_ms["latency_p50"], "latency_p90": low_ms["latency_p90"]}
+
+
+def _infeasible_message(profile: str, limits: dict[str, float], low: dict[str, float], source: str) -> str:
+    asked = []
+    for k, lim in limits.items():
+        unit = _fmt_ms if k.startswith("latency") else _fmt_bytes
+        asked.append(f"{_LABEL[k]} ≤ {unit(lim)}{' (smallest achievable ' + unit(low[k]) + ')' if low[k] > lim else ''}")
+    return (f"budget infeasible on {profile}: {'; '.join(asked)}; smallest achievable size "
+            f"{_fmt_bytes(low['model_bytes'])}, latency {_fmt_ms(low['latency_p50'])} ({source})")
+
+
+def _fits(cost: CostModel, limits: dict[str, float], sum_b: float, sum_t: float) -> bool:
+    q = cost.quantities(sum_b, sum_t)
+    return all(q[k] <= lim * (1 + 1e-12) for k, lim in limits.items())
+
+
+def _violation(cost: CostModel, limits: dict[str, float], sum_b: float, sum_t: float) -> float:
+    q = cost.quantities(sum_b, sum_t)
+    return sum(max(q[k] - lim, 0.0) / lim for k, lim in limits.items())
+
+
+def _repair(ladders: list[_Ladder], cost: CostModel, limits: dict[str, float], sum_b: float, sum_t: float
+            ) -> tuple[float, float]:
+    """From the smallest ranks, which can break a latency budget where a small factorized layer is
+    slower than dense, move one layer at a time to whichever of its states cuts the total budget
+    violation most, until every budget is met or no move helps."""
+    while True:
+        current = _violation(cost, limits, sum_b, sum_t)
+        if current == 0.0:
+            return sum_b, sum_t
+        best = None
+        for lad in ladders:
+            for j in range(len(lad.states)):
+                b, t = sum_b + lad.bytes[j] - lad.bytes[lad.pos], sum_t + lad.ms[j] - lad.ms[lad.pos]
+                v = _violation(cost, limits, b, t)
+                if v < current - 1e-15 and (best is None or v < best[0]):
+                    best = (v, lad, j, b, t)
+        if best is None:
+            return sum_b, sum_t
+        _, lad, lad.pos, sum_b, sum_t = best
+
+
+def plan_ranks(layers: list[LayerImportance], cost: CostModel, budgets: dict[str, Budget] | None = None,
+               multiple: int | None = None) -> Receipt:
+    """Per-layer ranks meeting every budget at once, keeping the most importance.
+
+    Greedy by marginal importance per marginal cost: every layer starts at its smallest rank;
+    each step raises the layer whose next rank (or dense, once the next rank would reach
+    break-even) adds the most importance per unit of budget it uses, where each budget's use is
+    measured against its slack. A step that would break any budget is not taken. Afterwards a
+    factorized layer that is not faster than its dense form goes dense if the budgets allow.
+    Raises BudgetError (before any training) when the budgets cannot all be met.
+    """
+    profile = cost.profile
+    budgets = profile.budgets if budgets is None else budgets
+    multiple = multiple or profile.rank_multiple
+    dense = cost.dense()
+    limits = resolve_limits(budgets, dense)
+    ladders = _ladders(layers, cost, multiple)
+    if not limits:  # nothing to meet: keep everything
+        for lad in ladders:
+            lad.pos = len(lad.states) - 1
+    low = smallest_achievable(layers, cost, multiple)
+    if any(low[k] > lim for k, lim in limits.items()):
+        raise BudgetError(_infeasible_message(profile.name, limits, low, cost.source))
+
+    sum_b = sum(l.bytes[l.pos] for l in ladders)
+    sum_t = sum(l.ms[l.pos] for l in ladders)
+    if not _fits(cost, limits, sum_b, sum_t):
+        sum_b, sum_t = _repair(ladders, cost, limits, sum_b, sum_t)
+        if not _fits(cost, limits, sum_b, sum_t):
+            raise BudgetError(_infeasible_message(profile.name, limits, low, cost.source)
+                              + "; each is reachable alone but not all at once")
+    start = cost.quantities(sum_b, sum_t)
+    slack = {k: max(lim - start[k], 1e-12) for k, lim in limits.items()}
+    # Each quantity is affine in (Σ bytes, Σ ms): its gradient turns a step's Δbytes/Δms into use.
+    unit_b, unit_t = cost.quantities(1.0, 0.0), cost.quantities(0.0, 1.0)
+    base = cost.quantities(0.0, 0.0)
+    grad = {k: (unit_b[k] - base[k], unit_t[k] - base[k]) for k in limits}
+
+    fits = lambda b, t: _fits(cost, limits, b, t)
+
+    while limits:
+        best, best_score = None, -np.inf
+        for i, lad in enumerate(ladders):
+            if lad.pos + 1 >= len(lad.states):
+                continue
+            nxt = lad.pos + 1
+            db, dt = lad.bytes[nxt] - lad.bytes[lad.pos], lad.ms[nxt] - lad.ms[lad.pos]
+            if not fits(sum_b + db, sum_t + dt):
+                continue
+            gain = lad.layer.kept(lad.states[nxt]) - lad.layer.kept(lad.state)
+            use = sum(max(g_b * db + g_t * dt, 0.0) / slack[k] for k, (g_b, g_t) in grad.items())
+            score = gain / max(use, 1e-15)
+            if score > best_score:
+                best, best_score = i, score
+        if best is None:
+            break
+        lad = ladders[best]
+        sum_b += lad.bytes[lad.pos + 1] - lad.bytes[lad.pos]
+        sum_t += lad.ms[lad.pos + 1] - lad.ms[lad.pos]
+        lad.pos += 1
+
+    notes = []
+    for lad in ladders:  # a factorized layer that is not faster than dense goes dense when it fits
+        if lad.state is not None and lad.ms[lad.pos] >= lad.ms[-1]:
+            db, dt = lad.bytes[-1] - lad.bytes[lad.pos], lad.ms[-1] - lad.ms[lad.pos]
+            if fits(sum_b + db, sum_t + dt):
+                notes.append(f"{lad.layer.shape.name}: rank {lad.state} not faster than dense, kept dense")
+                sum_b, sum_t = sum_b + db, sum_t + dt
+                lad.pos = len(lad.states) - 1
+    return _receipt(ladders, cost, budgets, limits, dense, sum_b, sum_t, notes)
+
+
+def _receipt(ladders: list[_Ladder], cost: CostModel, budgets: dict[str, Budget], limits: dict[str, float],
+             dense: dict[str, float], sum_b: float, sum_t: float, notes: list[str]) -> Receipt:
+    totals = cost.quantities(sum_b, sum_t)
+    rows = [ReceiptRow(l.layer.shape.name, (l.layer.shape.out_features, l.layer.shape.in_features), l.state,
+                       l.bytes[l.pos], l.ms[l.pos], l.layer.kept(l.state)) for l in ladders]
+    lines = [BudgetLine(k, str(budgets[k]), lim, totals[k], (lim - totals[k]) / lim)
+             for k, lim in limits.items()]
+    lines.sort(key=lambda b: BUDGET_KEYS.index(b.key))
+    if lines:
+        min(lines, key=lambda b: b.headroom).binding = True
+    kept = float(np.mean([r.importance_kept for r in rows])) if rows else 1.0
+    return Receipt(cost.profile.name, cost.source, rows, lines, totals, dense, kept, notes)

@@ -1,0 +1,196 @@
+"""CLI commands for hardware profiles and budgets: `profiles list|show`, `plan`, `calibrate-device`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from rich.markup import escape
+from rich.table import Table
+
+from .errors import ConfigError
+from .planner import Receipt
+from .profiles import BUDGET_KEYS, Profile, builtin_names, load_profile
+
+
+def _out_console():
+    from .cli import out_console  # the CLI's console (wide when piped)
+
+    return out_console
+
+
+def _bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.2f} MB"
+
+
+def _latency_source(p: Profile) -> str:
+    return "measured" if p.device.measure else "calibrated" if p.measured else "estimated"
+
+
+def _budgets_text(p: Profile) -> str:
+    return ", ".join(f"{k}≤{b}" for k, b in p.budgets.items()) or "none"
+
+
+def parse_budget_options(items: tuple[str, ...]) -> dict[str, str]:
+    """`--budget latency_p50=60%` options → {key: value}."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not value.strip():
+            raise ConfigError(f"--budget wants KEY=VALUE (e.g. latency_p50=60%), got {item!r}")
+        if key.strip() not in BUDGET_KEYS:
+            raise ConfigError(f"--budget: unknown key '{key.strip()}' (choose from {', '.join(BUDGET_KEYS)})")
+        out[key.strip()] = value.strip()
+    return out
+
+
+@click.group("profiles")
+def profiles() -> None:
+    """Hardware profiles: devices, runtimes, workloads and budgets."""
+
+
+@profiles.command("list")
+def list_profiles() -> None:
+    """The built-in profiles (use NAME with --profile, or give a .toml path of your own)."""
+    table = Table(title="built-in hardware profiles")
+    for col in ("name", "device", "provider", "precision", "workload", "budgets", "rank ×", "latency"):
+        table.add_column(col)
+    for name in builtin_names():
+        p = load_profile(name, measure_host=False)
+        w = p.workload
+        table.add_row(p.name, p.device.name if not p.device.measure else "this machine", p.runtime.execution_provider,
+                      p.runtime.precision, f"batch {w.batch} × seq {w.sequence_length}", _budgets_text(p),
+                      str(p.rank_multiple), _latency_source(p))
+    _out_console().print(table)
+
+
+@profiles.command("show")
+@click.argument("name")
+def show_profile(name: str) -> None:
+    """Every field of profile NAME (a built-in name or a .toml path); `host` is measured now."""
+    p = load_profile(name)
+    d, r, w = p.device, p.runtime, p.workload
+    table = Table(title=f"profile {p.name} — {p.path}", show_header=False)
+    table.add_column("key")
+    table.add_column("value")
+    rows = [
+        ("description", p.description), ("device.name", d.name), ("device.kind", d.kind),
+        ("device.cores", str(d.cores)), ("device.memory", _bytes(d.memory_bytes)),
+        ("device.peak_gflops", f"{d.peak_gflops:g}" if d.peak_gflops else "-"),
+        ("device.memory_bandwidth_gbs", f"{d.bandwidth_gbs:g}" if d.bandwidth_gbs else "-"),
+        ("device.source", d.source), ("runtime.execution_provider", r.execution_provider),
+        ("runtime.threads", str(r.threads or "all cores")), ("runtime.precision", r.precision),
+        ("runtime.efficiency", f"{r.efficiency:g}"), ("runtime.op_overhead_us", f"{r.op_overhead_us:g}"),
+        ("runtime.overhead", _bytes(r.overhead_bytes)),
+        ("workload", f"batch {w.batch}, sequence {w.sequence_length}"
+                     + (f", prompt {w.prompt_length}, new tokens {w.new_tokens} (decoders)" if w.prompt_length else "")),
+        ("rank_multiple", str(p.rank_multiple)),
+    ]
+    rows += [(f"budgets.{k}", str(b)) for k, b in p.budgets.items()] or [("budgets", "none")]
+    rows.append(("latency", _latency_source(p)))
+    if p.measured:
+        m = p.measured
+        rows.append(("measured", f"{len(m.matmul)} MatMul timings on {m.host} ({m.execution_provider}, "
+                                 f"onnxruntime {m.onnxruntime}, {m.date})"))
+    for key, value in rows:
+        table.add_row(key, value)
+    _out_console().print(table)
+
+
+def print_receipt(receipt: Receipt, per_layer: bool = True) -> None:
+    """The budget receipt: per layer rank, bytes, time; each budget with headroom; which binds."""
+    console = _out_console()
+    if per_layer:
+        table = Table(title=f"budget receipt — {receipt.profile} (latency {receipt.latency_source})")
+        for col in ("layer", "shape", "rank", "bytes", f"ms ({receipt.latency_source})", "importance kept"):
+            table.add_column(col, justify="left" if col == "layer" else "right")
+        for row in receipt.rows:
+            table.add_row(row.name, f"{row.shape[0]}×{row.shape[1]}", "dense" if row.rank is None else str(row.rank),
+                          _bytes(row.bytes), f"{row.ms:.3f}", f"{row.importance_kept:.3f}")
+        console.print(table)
+    t, dn = receipt.totals, receipt.dense
+    console.print(f"{escape('[' + receipt.profile + ']')} model {_bytes(dn['model_bytes'])} → {_bytes(t['model_bytes'])}, "
+                  f"p50 {dn['latency_p50']:.2f} → {t['latency_p50']:.2f} ms ({receipt.latency_source}), "
+                  f"peak memory {_bytes(t['peak_memory'])}, importance kept {receipt.importance_kept:.3f}")
+    for line in receipt.summary().splitlines():
+        console.print(f"  {escape(line)}")
+    for note in receipt.notes:
+        console.print(f"  note: {escape(note)}")
+
+
+@click.command("plan")
+@click.argument("model", default="minilm", required=False)
+@click.option("--profile", "profile_refs", multiple=True, default=("host",), show_default=True,
+              help="Built-in profile name or .toml path. Repeatable: one plan per device.")
+@click.option("--budget", "budget_items", multiple=True, metavar="KEY=VALUE",
+              help="Override a budget of every profile: model_bytes, peak_memory, latency_p50, latency_p90 "
+                   "= '60%', '40 MB', '20 ms' or 'none'. Repeatable.")
+@click.option("--calib-samples", type=int, default=32, show_default=True, help="Calibration sequences for XᵀX.")
+@click.option("--calib-len", type=int, default=128, show_default=True, help="Tokens per calibration sequence.")
+@click.option("--per-layer/--totals-only", default=True, show_default=True, help="Print the per-layer receipt.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def plan(model, profile_refs, budget_items, calib_samples, calib_len, per_layer, quiet):
+    """Plan per-layer ranks of MODEL for each --profile's budgets and print the budget receipt.
+
+    Importance is the whitened singular spectrum on calibration data; nothing is trained or
+    written. Infeasible budgets fail here, with the smallest achievable size and latency.
+    """
+    from exporters.budget_loop import cost_model_for
+
+    from .calibration import CalibrationConfig
+    from .compress import CompressConfig, prepare
+    from .costmodel import model_facts
+    from .layer_importance import whitened_importances
+    from .planner import plan_ranks
+
+    overrides = parse_budget_options(budget_items)
+    chosen = [load_profile(ref).with_budgets(overrides) for ref in profile_refs]  # all errors before work
+    cfg = CompressConfig(model=model, method="whiten", calibration=CalibrationConfig(("builtin",), calib_samples, calib_len),
+                         show_progress=not quiet)
+    prepared = prepare(cfg)
+    facts = model_facts(prepared.model, prepared.targets, prepared.source.family)
+    layers, _, _ = whitened_importances(prepared.model, prepared.targets, prepared.stats, not quiet)
+    for profile in chosen:
+        cost = cost_model_for(profile, facts, log=None if quiet else click.echo)
+        print_receipt(plan_ranks(layers, cost), per_layer)
+
+
+@click.command("calibrate-device")
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="Profile file (.toml) to write.")
+@click.option("--name", default=None, help="Profile name (default: the file's stem).")
+@click.option("--provider", type=click.Choice(["CPUExecutionProvider", "CUDAExecutionProvider"]),
+              default="CPUExecutionProvider", show_default=True)
+@click.option("--threads", type=int, default=0, show_default=True, help="Intra-op threads (0: all cores).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--batch", type=int, default=1, show_default=True)
+@click.option("--seq", type=int, default=128, show_default=True)
+@click.option("--sizes", default="64,128,256,384,512,768,1024,1536,2048,3072,4096", show_default=True,
+              help="Matrix sizes timed as k and n (every pair).")
+@click.option("--runs", type=int, default=20, show_default=True, help="Timed runs per shape.")
+@click.option("--force", is_flag=True, help="Replace the output file if it exists.")
+def calibrate_device(out, name, provider, threads, precision, batch, seq, sizes, runs, force):
+    """Time MatMuls on this device under onnxruntime and write a profile with the measured table.
+
+    On a board without edgesvd, copy exporters/calibrate_device.py there and run it with Python:
+    it needs only onnxruntime and numpy.
+    """
+    from exporters.calibrate_device import calibrate
+
+    from .errors import DeviceError, OutputExistsError
+
+    if out.exists() and not force:
+        raise OutputExistsError(f"output file exists: {out} (use --force to replace it)")
+    try:
+        size_list = tuple(int(s) for s in sizes.split(",") if s.strip())
+    except ValueError as exc:
+        raise ConfigError(f"--sizes must be integers separated by commas, got {sizes!r}") from exc
+    if not size_list or min(size_list) < 1 or batch < 1 or seq < 1 or runs < 1:
+        raise ConfigError("--sizes, --batch, --seq and --runs must be positive")
+    try:
+        calibrate(out, name or out.stem.lower().replace(" ", "-"), provider, threads, precision, batch, seq,
+                  size_list, runs=runs, log=click.echo)
+    except RuntimeError as exc:
+        raise DeviceError(str(exc)) from exc
+    load_profile(out)  # what was written must load
