@@ -1,0 +1,236 @@
+"""The report's charts as PNG bytes (matplotlib, Agg): per-layer ranks and bytes, spectra, latency, Pareto."""
+
+from __future__ import annotations
+
+import io
+import os
+from contextlib import contextmanager
+
+import numpy as np
+
+from .report_data import LatencyRow, LayerRow, ParetoPoint, SpectrumRow
+
+# A neutral palette that survives light and dark (inverted) printing and grayscale: near-black ink,
+# two greys, one dark blue and one dark orange; shapes and hatching carry the meaning as well.
+INK = "#222222"
+GREY = "#8a8a8a"
+LIGHT = "#d4d4d4"
+BLUE = "#1f4e8c"
+ORANGE = "#b35806"
+DPI = 110
+_STYLE = {
+    "figure.facecolor": "white", "axes.facecolor": "white", "savefig.facecolor": "white",
+    "axes.edgecolor": INK, "axes.labelcolor": INK, "xtick.color": INK, "ytick.color": INK, "text.color": INK,
+    "axes.grid": True, "grid.color": "#e6e6e6", "grid.linewidth": 0.6, "axes.axisbelow": True,
+    "font.size": 9, "axes.titlesize": 10, "axes.titleweight": "bold", "legend.fontsize": 8,
+    "legend.frameon": True, "legend.framealpha": 0.95, "legend.edgecolor": LIGHT,
+    "axes.spines.top": False, "axes.spines.right": False, "hatch.color": INK, "hatch.linewidth": 0.5,
+    "font.family": "DejaVu Sans",  # matplotlib's bundled font: identical output on every machine
+    "svg.hashsalt": "edgesvd",
+}
+
+
+@contextmanager
+def _style():
+    # Agg before pyplot is imported: no display is needed, and the caller's backend is left alone.
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    import matplotlib
+
+    with matplotlib.rc_context(_STYLE):
+        yield
+
+
+def _png(fig) -> bytes:
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    # Fixed metadata: the same inputs give the same bytes (no creation time in the PNG).
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def short_names(names: list[str]) -> list[str]:
+    """Layer names without the prefix they all share up to a dot ('encoder.layer.' in BERT)."""
+    if len(names) < 2:
+        return list(names)
+    prefix = os.path.commonprefix(names)
+    prefix = prefix[: prefix.rfind(".") + 1]
+    return [n[len(prefix):] or n for n in names]
+
+
+def _bytes_unit(values: list[float]) -> tuple[float, str]:
+    top = max(values, default=0)
+    for scale, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "KB")):
+        if top >= scale:
+            return scale, unit
+    return 1.0, "bytes"
+
+
+def layer_chart(layers: list[LayerRow], precision: str) -> bytes:
+    """Two panels per targeted layer: rank kept against the break-even rank, and weight bytes dense
+    against compressed. Dense-kept layers show a hatched bar at the break-even rank."""
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+    from matplotlib.lines import Line2D
+
+    with _style():
+        n = len(layers)
+        fig, (ax_r, ax_b) = plt.subplots(1, 2, sharey=True, figsize=(11, 1.3 + 0.22 * n))
+        y = np.arange(n)
+        names = short_names([l.name for l in layers])
+        ranks = [l.rank if l.rank is not None else 0 for l in layers]
+        ax_r.barh(y, ranks, height=0.7, color=BLUE, label="rank kept")
+        dense = [i for i, l in enumerate(layers) if l.rank is None]
+        if dense:
+            ax_r.barh(dense, [layers[i].break_even for i in dense], height=0.7, color="white", edgecolor=GREY,
+                      hatch="////", label="left dense")
+        ax_r.scatter([l.break_even for l in layers], y, marker="|", s=160, linewidths=2, color=ORANGE, zorder=3,
+                     label="break-even rank out·in/(out+in)")
+        ax_r.set_yticks(y, names)
+        ax_r.invert_yaxis()
+        ax_r.set_xlabel("rank (singular components)")
+        ax_r.set_title("Rank kept vs break-even rank")
+        ax_r.legend(handles=[Patch(color=BLUE, label="rank kept"),
+                             Line2D([], [], marker="|", ls="", ms=12, mew=2, color=ORANGE, label="break-even rank"),
+                             *([Patch(facecolor="white", edgecolor=GREY, hatch="////", label="left dense")]
+                               if dense else [])],
+                    loc="lower right")
+        scale, unit = _bytes_unit([l.bytes_dense for l in layers])
+        ax_b.barh(y, [l.bytes_dense / scale for l in layers], height=0.8, color=LIGHT, label="dense")
+        ax_b.barh(y, [l.bytes_after / scale for l in layers], height=0.45, color=INK, label="compressed")
+        ax_b.set_xlabel(f"weight bytes at {precision} ({unit}, bias excluded)")
+        ax_b.set_title("Weight bytes per layer")
+        ax_b.legend(loc="lower right")
+        ax_b.tick_params(axis="y", length=0)
+        fig.tight_layout()
+        return _png(fig)
+
+
+def spectrum_chart(spectra: list[SpectrumRow]) -> bytes:
+    """Per layer: singular values (log scale) with kept components filled, and the learned score of
+    every component on a second axis when the method learned scores."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    with _style():
+        cols = 2 if len(spectra) > 1 else 1
+        rows = (len(spectra) + cols - 1) // cols
+        fig, axes = plt.subplots(rows, cols, figsize=(5.6 * cols, 3.4 * rows), squeeze=False)
+        names = short_names([s.name for s in spectra])
+        for ax, spec, name in zip(axes.flat, spectra, names):
+            k = np.arange(1, len(spec.sigma) + 1)
+            sigma = np.maximum(spec.sigma, 1e-12)  # log axis: exact zeros drawn at the floor
+            ax.plot(k, sigma, color=GREY, lw=1, zorder=1)
+            ax.scatter(k[spec.kept], sigma[spec.kept], s=9, color=BLUE, zorder=2)
+            ax.scatter(k[~spec.kept], sigma[~spec.kept], s=9, facecolors="white", edgecolors=GREY, lw=0.6, zorder=2)
+            ax.set_yscale("log")
+            ax.set_xlabel("component (in order of singular value)")
+            ax.set_ylabel("singular value σ (whitened)")
+            ax.set_title(f"{name}\nkept {int(spec.kept.sum())} of {len(spec.sigma)}", fontsize=9)
+            handles = [Line2D([], [], color=GREY, marker="o", mfc=BLUE, mec=BLUE, ms=4, label="σ, kept"),
+                       Line2D([], [], color=GREY, marker="o", mfc="white", mec=GREY, ms=4, label="σ, pruned")]
+            if spec.scores is not None:
+                ax2 = ax.twinx()
+                ax2.scatter(k, spec.scores, s=7, marker="x", color=ORANGE, lw=0.8, zorder=3)
+                ax2.axhline(1.0, color=ORANGE, lw=0.6, ls=":")
+                ax2.set_ylabel("learned importance score s", color=ORANGE)
+                ax2.tick_params(axis="y", colors=ORANGE)
+                ax2.spines["right"].set_visible(True)
+                ax2.grid(False)
+                handles.append(Line2D([], [], color=ORANGE, marker="x", ls="", ms=5, label="learned score s"))
+            ax.legend(handles=handles, loc="upper right")
+        for ax in list(axes.flat)[len(spectra):]:
+            ax.set_visible(False)
+        fig.tight_layout()
+        return _png(fig)
+
+
+def latency_chart(rows: list[LatencyRow], shape: dict) -> bytes:
+    """Dense vs compressed p50 bars per execution provider and mode, with p90 whiskers and p99
+    diamonds; estimated values are hatched and say so in their label."""
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    with _style():
+        groups = list(dict.fromkeys((r.provider, r.mode, r.source) for r in rows))
+        fig, ax = plt.subplots(figsize=(max(5.5, 2.2 * len(groups) + 2), 3.8))
+        width = 0.36
+        for g, (provider, mode, source) in enumerate(groups):
+            for j, model in enumerate(("dense", "compressed")):
+                r = next((r for r in rows if (r.provider, r.mode, r.source, r.model) == (provider, mode, source, model)),
+                         None)
+                if r is None:
+                    continue
+                x = g + (j - 0.5) * width
+                est = source == "estimated"
+                ax.bar(x, r.p50_ms, width * 0.9, color=LIGHT if model == "dense" else BLUE,
+                       edgecolor=INK if est else "none", hatch="///" if est else None, lw=0.6)
+                ax.annotate(f"{r.p50_ms:.1f}", (x, r.p50_ms), xytext=(0, 2), textcoords="offset points",
+                            ha="center", va="bottom", fontsize=7)
+                if r.p90_ms is not None:
+                    ax.plot([x, x], [r.p50_ms, r.p90_ms], color=INK, lw=1)
+                    ax.plot([x - width * 0.15, x + width * 0.15], [r.p90_ms] * 2, color=INK, lw=1)
+                if r.p99_ms is not None:
+                    ax.scatter([x], [r.p99_ms], marker="D", s=14, color=ORANGE, zorder=3)
+        labels = [f"{p.replace('ExecutionProvider', '')} · {m}\n({s})" for p, m, s in groups]
+        ax.set_xticks(range(len(groups)), labels)
+        ax.set_ylabel("latency per call (ms)")
+        ax.set_ylim(0, ax.get_ylim()[1] * 1.08)
+        desc = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in shape.items() if v is not None)
+        ax.set_title("Latency, dense vs compressed" + (f" ({desc})" if desc else ""))
+        handles = [Patch(color=LIGHT, label="dense p50"), Patch(color=BLUE, label="compressed p50"),
+                   Line2D([], [], color=INK, lw=1, label="p50 → p90"),
+                   Line2D([], [], marker="D", ls="", ms=4, color=ORANGE, label="p99")]
+        if any(s == "estimated" for _, _, s in groups):
+            handles.append(Patch(facecolor="white", edgecolor=INK, hatch="///", label="estimated (not measured)"))
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        ax.grid(axis="x", visible=False)
+        fig.tight_layout()
+        return _png(fig)
+
+
+def _front(xs: np.ndarray, qs: np.ndarray) -> np.ndarray:
+    """Indices of the Pareto-optimal points (lower x, higher quality), sorted by x."""
+    order = np.argsort(xs, kind="stable")
+    best, keep = -np.inf, []
+    for i in order:
+        if qs[i] > best:
+            keep.append(i)
+            best = qs[i]
+    return np.array(keep, dtype=int)
+
+
+def pareto_chart(points: list[ParetoPoint]) -> bytes:
+    """Quality against latency and against size for several keeps or devices; the Pareto front joined."""
+    import matplotlib.pyplot as plt
+
+    with _style():
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+        q = np.array([p.quality for p in points])
+        scale, unit = _bytes_unit([p.bytes for p in points])
+        panels = [(axes[0], [p.latency_ms for p in points], "p50 latency (ms)", "Quality vs latency"),
+                  (axes[1], [p.bytes / scale for p in points], f"model size ({unit})", "Quality vs size")]
+        for ax, xs, xlabel, title in panels:
+            have = [i for i, x in enumerate(xs) if x is not None]
+            if not have:
+                ax.text(0.5, 0.5, "no latency recorded", ha="center", va="center", transform=ax.transAxes)
+                ax.set_axis_off()
+                continue
+            x = np.array([xs[i] for i in have], dtype=float)
+            qq = q[have]
+            front = _front(x, qq)
+            ax.step(x[front], qq[front], where="post", color=GREY, lw=1, label="Pareto front")
+            for idx, i in enumerate(have):
+                est = points[i].latency_source == "estimated" and "latency" in xlabel
+                ax.scatter([x[idx]], [qq[idx]], s=36, marker="o", zorder=3,
+                           facecolors="white" if est else BLUE, edgecolors=BLUE)
+                ax.annotate(points[i].label + (" (est.)" if est else ""), (x[idx], qq[idx]), xytext=(4, 4),
+                            textcoords="offset points", fontsize=7)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel(points[0].quality_name)
+            ax.set_title(title)
+            ax.legend(loc="lower right")
+        fig.tight_layout()
+        return _png(fig)

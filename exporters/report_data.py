@@ -1,0 +1,355 @@
+"""Read a bundle (manifest.json, reports/, config.json, spectrum) into the plain inputs of its HTML report."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import BundleError
+
+MANIFEST = "manifest.json"
+SPECTRUM_FILE = "reports/spectrum.safetensors"
+BYTES_PER_PARAM = {"fp32": 4, "fp16": 2, "int8": 1}
+# How many layers the spectrum chart shows (one per distinct shape first, then the last layer).
+SPECTRUM_LAYERS = 4
+_BUDGET_LABEL = {"model_bytes": "model bytes", "peak_memory": "peak memory", "latency_p50": "p50 latency",
+                 "latency_p90": "p90 latency"}
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """One targeted Linear: shape, rank kept (None: left dense) and weight bytes at the bundle's precision."""
+
+    name: str
+    out_features: int
+    in_features: int
+    rank: int | None
+    bytes_per_param: int
+
+    @property
+    def break_even(self) -> float:
+        return self.out_features * self.in_features / (self.out_features + self.in_features)
+
+    @property
+    def bytes_dense(self) -> int:
+        return self.out_features * self.in_features * self.bytes_per_param
+
+    @property
+    def bytes_after(self) -> int:
+        if self.rank is None:
+            return self.bytes_dense
+        return self.rank * (self.out_features + self.in_features) * self.bytes_per_param
+
+
+@dataclass(frozen=True)
+class SpectrumRow:
+    """A layer's singular values (descending), learned scores (None when the method learned none)
+    and which components the compressed layer keeps."""
+
+    name: str
+    sigma: np.ndarray
+    kept: np.ndarray  # bool, same length as sigma
+    scores: np.ndarray | None
+
+
+@dataclass(frozen=True)
+class LatencyRow:
+    """One model on one execution provider and mode; `source` says measured or estimated."""
+
+    provider: str
+    mode: str
+    model: str  # dense | compressed
+    p50_ms: float
+    p90_ms: float | None
+    p99_ms: float | None
+    source: str  # measured | estimated
+
+
+@dataclass(frozen=True)
+class BudgetRow:
+    """One budget of the device profile: the limit, the planned value and the measured one."""
+
+    key: str
+    budget: str  # as written in the profile: '60% of dense', '40 MB'
+    limit: float
+    planned: float | None
+    measured: float | None
+    binding: bool = False
+
+    @property
+    def unit(self) -> str:
+        return "ms" if self.key.startswith("latency") else "bytes"
+
+    @property
+    def label(self) -> str:
+        return _BUDGET_LABEL.get(self.key, self.key.replace("_", " "))
+
+    @property
+    def verdict(self) -> str:
+        """pass / fail on the measured value; 'not measured' when only a plan exists."""
+        if self.measured is None:
+            return "not measured"
+        return "pass" if self.measured <= self.limit else "fail"
+
+
+@dataclass(frozen=True)
+class ParityRow:
+    provider: str
+    status: str  # passed | failed | skipped
+    detail: str
+
+
+@dataclass(frozen=True)
+class QualityRow:
+    """A quality metric that was computed (parity cosine, task score); `kind` says against what."""
+
+    metric: str
+    value: float
+    kind: str  # e.g. 'parity: ONNX vs compressed PyTorch', 'task score'
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class ParetoPoint:
+    """One compressed variant (a keep or a device) for the quality / latency / size trade-off chart."""
+
+    label: str
+    bytes: float
+    latency_ms: float | None
+    latency_source: str  # measured | estimated
+    quality: float
+    quality_name: str
+
+
+@dataclass
+class ReportInputs:
+    """Everything the report shows, extracted from one bundle; None / empty means the bundle lacks it."""
+
+    bundle: Path
+    model: str
+    family: str
+    model_type: str
+    precision: str
+    opset: int | None
+    method: str
+    keep_requested: float | None
+    keep_actual: float | None
+    created: str
+    onnx_bytes: int | None
+    dense_onnx_bytes: int | None
+    profile: str | None  # device profile name
+    device: dict = field(default_factory=dict)
+    budgets: list[BudgetRow] = field(default_factory=list)
+    budget_notes: list[str] = field(default_factory=list)
+    parity_ok: bool | None = None
+    parity: list[ParityRow] = field(default_factory=list)
+    layers: list[LayerRow] = field(default_factory=list)
+    spectra: list[SpectrumRow] = field(default_factory=list)
+    latency: list[LatencyRow] = field(default_factory=list)
+    latency_shape: dict = field(default_factory=dict)
+    comparisons: list[dict] = field(default_factory=list)
+    quality: list[QualityRow] = field(default_factory=list)
+    pareto: list[ParetoPoint] = field(default_factory=list)
+    versions: dict = field(default_factory=dict)
+
+
+def _read_json(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"malformed {path}: {exc}") from exc
+
+
+def _layers(bundle: Path, manifest: dict, bytes_per_param: int) -> list[LayerRow]:
+    """Shapes come from the edgesvd section of the bundle's config.json; ranks from the manifest."""
+    config = _read_json(bundle / "config.json") or {}
+    ranks = manifest.get("compression", {}).get("ranks", {})
+    rows = []
+    for layer in config.get("edgesvd", {}).get("layers", []):
+        rank = ranks.get(layer["name"], layer.get("rank"))
+        rows.append(LayerRow(layer["name"], int(layer["out_features"]), int(layer["in_features"]), rank,
+                             bytes_per_param))
+    return rows
+
+
+def _spectra(bundle: Path, layers: list[LayerRow]) -> list[SpectrumRow]:
+    """A few layers' spectra: the first layer of every distinct shape, then the last targeted layer."""
+    path = bundle / SPECTRUM_FILE
+    if not path.is_file():
+        return []
+    from safetensors.numpy import load_file
+
+    entries: dict[str, dict[str, np.ndarray]] = {}
+    for key, arr in load_file(str(path)).items():
+        layer, _, entry = key.rpartition(".")
+        entries.setdefault(layer, {})[entry] = arr
+    chosen, shapes = [], set()
+    for row in layers:
+        if row.name in entries and (row.out_features, row.in_features) not in shapes:
+            shapes.add((row.out_features, row.in_features))
+            chosen.append(row.name)
+    last = next((r.name for r in reversed(layers) if r.name in entries), None)
+    if last and last not in chosen:
+        chosen.append(last)
+    out = []
+    for name in chosen[:SPECTRUM_LAYERS]:
+        e = entries[name]
+        sigma = e["sigma"].astype(np.float64)
+        kept = e["kept"].astype(bool) if "kept" in e else np.ones_like(sigma, dtype=bool)
+        scores = e["scores"].astype(np.float64) if "scores" in e else None
+        out.append(SpectrumRow(name, sigma, kept, scores))
+    return out
+
+
+def _parity(manifest: dict) -> tuple[bool | None, list[ParityRow], list[QualityRow]]:
+    parity = manifest.get("parity")
+    if not parity:
+        return None, [], []
+    rows, quality = [], []
+    for provider, r in parity.get("providers", {}).items():
+        metrics = [f"{k.replace('_', ' ')} {r[k]:.6f}" for k in ("embedding_cosine", "top1", "generation")
+                   if r.get(k) is not None]
+        if r.get("min_cosine") is not None:
+            metrics.insert(0, f"min output cosine {r['min_cosine']:.6f}")
+        detail = r.get("reason") or "; ".join(r.get("failures") or []) or ", ".join(metrics)
+        rows.append(ParityRow(provider, r.get("status", "unknown"), detail))
+        short = provider.replace("ExecutionProvider", "")
+        kind = f"parity: ONNX ({parity.get('precision', '?')}) vs compressed PyTorch on {short}"
+        for key, name in (("min_cosine", "worst output cosine"), ("embedding_cosine", "worst embedding cosine"),
+                          ("top1", "top-1 token agreement"), ("generation", "greedy generation match")):
+            if r.get(key) is not None:
+                quality.append(QualityRow(name, float(r[key]), kind))
+    return bool(parity.get("ok")), rows, quality
+
+
+def _latency(manifest: dict, profile: dict | None) -> tuple[list[LatencyRow], dict, list[dict], dict[str, int]]:
+    """Measured rows from reports/profile.json (or the manifest's summary of it), and ONNX bytes per model."""
+    rows, onnx_bytes = [], {}
+    if profile:
+        shape = {k: profile.get("config", {}).get(k) for k in ("batch", "seq_len", "runs", "warmup")}
+        for m in profile.get("measurements", []):
+            onnx_bytes[m["model"]] = m.get("onnx_bytes")
+            for mode, s in m.get("modes", {}).items():
+                rows.append(LatencyRow(m["provider"], mode, m["model"], s["p50_ms"], s.get("p90_ms"),
+                                       s.get("p99_ms"), "measured"))
+        return rows, shape, profile.get("comparisons", []), onnx_bytes
+    lat = manifest.get("latency")
+    if not lat:
+        return [], {}, [], {}
+    for model, providers in lat.get("models", {}).items():
+        for provider, modes in providers.items():
+            for mode, s in modes.items():
+                rows.append(LatencyRow(provider, mode, model, s["p50_ms"], s.get("p90_ms"), s.get("p99_ms"),
+                                       "measured"))
+    return rows, lat.get("shape", {}), lat.get("comparisons", []), {}
+
+
+def _receipt(manifest: dict) -> dict | None:
+    """The planner's budget receipt, wherever the manifest keeps it."""
+    for key in ("budget_receipt", "receipt", "budgets"):
+        value = manifest.get(key)
+        if isinstance(value, dict) and "budgets" in value:
+            return value
+    return None
+
+
+def _budgets(receipt: dict | None) -> tuple[list[BudgetRow], list[str]]:
+    if not receipt:
+        return [], []
+    rows = [BudgetRow(b["key"], str(b.get("budget", "")), float(b["limit"]),
+                      None if b.get("value") is None else float(b["value"]),
+                      None if b.get("measured") is None else float(b["measured"]), bool(b.get("binding")))
+            for b in receipt.get("budgets", [])]
+    return rows, list(receipt.get("notes", []))
+
+
+def _estimated_latency(receipt: dict | None, measured: list[LatencyRow]) -> list[LatencyRow]:
+    """The planner's p50 estimate of dense and compressed, when it is not a measurement on this host."""
+    if not receipt or receipt.get("latency_source") == "measured" and measured:
+        return []
+    provider = receipt.get("execution_provider") or "planned"
+    out = []
+    for model, values in (("dense", receipt.get("dense", {})), ("compressed", receipt.get("totals", {}))):
+        if values.get("latency_p50") is not None:
+            out.append(LatencyRow(provider, "forward (planner)", model, float(values["latency_p50"]),
+                                  values.get("latency_p90"), None, "estimated"))
+    return out
+
+
+def _task_quality(manifest: dict) -> list[QualityRow]:
+    """Task scores the bundle recorded (e.g. STS-B Spearman), dense beside compressed when both exist."""
+    out = []
+    for name, q in (manifest.get("quality") or {}).items():
+        if isinstance(q, dict):
+            for variant in ("dense", "compressed"):
+                if q.get(variant) is not None:
+                    out.append(QualityRow(f"{name} ({variant})", float(q[variant]), "task score",
+                                          str(q.get("dataset", ""))))
+        elif isinstance(q, (int, float)):
+            out.append(QualityRow(name, float(q), "task score"))
+    return out
+
+
+def _pareto(manifest: dict) -> list[ParetoPoint]:
+    """Points of several keeps/devices recorded in the manifest's `comparison` list (issue: one
+    importance pass, many devices); each needs a size, a latency and a quality value."""
+    points = []
+    for c in manifest.get("comparison") or []:
+        quality, qname = None, ""
+        for key, name in (("task_score", "task score"), ("quality", "quality"),
+                          ("importance_kept", "importance kept (proxy)")):
+            if c.get(key) is not None:
+                quality, qname = float(c[key]), c.get("quality_name", name)
+                break
+        size = c.get("model_bytes") or c.get("onnx_bytes")
+        if quality is None or size is None:
+            continue
+        lat = c.get("latency_p50_ms", c.get("latency_p50"))
+        points.append(ParetoPoint(str(c.get("label") or c.get("profile") or c.get("keep")), float(size),
+                                  None if lat is None else float(lat), c.get("latency_source", "measured"),
+                                  quality, qname))
+    # Only comparable points: all must share one quality measure.
+    names = {p.quality_name for p in points}
+    return points if len(names) == 1 else []
+
+
+def _profile_name(manifest: dict, receipt: dict | None) -> str | None:
+    profile = manifest.get("profile")
+    if isinstance(profile, dict):
+        return profile.get("name")
+    return profile or (receipt or {}).get("profile")
+
+
+def read_bundle(bundle: str | os.PathLike, extra_points: list[ParetoPoint] | None = None) -> ReportInputs:
+    """Extract the report's inputs from a bundle folder; BundleError when it has no manifest."""
+    bundle = Path(bundle)
+    manifest = _read_json(bundle / MANIFEST)
+    if manifest is None:
+        raise BundleError(f"no {MANIFEST} in {bundle}: not an edgesvd bundle")
+    model, comp = manifest.get("model", {}), manifest.get("compression", {})
+    precision = model.get("precision", "fp32")
+    layers = _layers(bundle, manifest, BYTES_PER_PARAM.get(precision, 4))
+    profile = _read_json(bundle / "reports" / "profile.json")
+    latency, shape, comparisons, onnx_bytes = _latency(manifest, profile)
+    receipt = _receipt(manifest)
+    latency += _estimated_latency(receipt, latency)
+    budgets, notes = _budgets(receipt)
+    parity_ok, parity_rows, parity_quality = _parity(manifest)
+    pareto = _pareto(manifest) + list(extra_points or [])
+    return ReportInputs(
+        bundle=bundle, model=manifest.get("source", {}).get("model", bundle.name),
+        family=model.get("family", "?"), model_type=model.get("model_type", "?"), precision=precision,
+        opset=model.get("opset"), method=comp.get("method", "?"), keep_requested=comp.get("keep_requested"),
+        keep_actual=comp.get("keep_actual"), created=manifest.get("created", ""),
+        onnx_bytes=manifest.get("onnx_bytes"), dense_onnx_bytes=onnx_bytes.get("dense"),
+        profile=_profile_name(manifest, receipt),
+        device=manifest.get("device") or {}, budgets=budgets, budget_notes=notes, parity_ok=parity_ok,
+        parity=parity_rows, layers=layers, spectra=_spectra(bundle, layers), latency=latency, latency_shape=shape,
+        comparisons=comparisons, quality=parity_quality + _task_quality(manifest), pareto=pareto,
+        versions=manifest.get("versions", {}))
