@@ -140,5 +140,11 @@ main.add_command(plan)
 main.add_command(calibrate_device)
 
 
+# ONNX export, parity, profiling, bundles and `run` live in exporters/ (onnx is imported lazily there).
+from exporters.commands import register as _register_exporters  # noqa: E402
+
+_register_exporters(main)
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()
