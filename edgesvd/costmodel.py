@@ -93,9 +93,14 @@ LayerTable = dict[tuple[int, int, int | None], tuple[float, float]]
 
 
 def _fit_matmul_table(rows) -> tuple[float, float, float]:
-    """Least-squares fit t = overhead + flops/F + bytes/B to measured MatMul rows (all terms ≥ 0)."""
-    a = np.array([[1.0, 2.0 * r.m * r.k * r.n / 1e9, 4.0 * (r.m * r.k + r.k * r.n + r.m * r.n) / 1e9] for r in rows])
+    """Least-squares fit t = overhead + flops/F + bytes/B to measured MatMul rows (all terms ≥ 0).
+
+    Residuals are relative (each row divided by its time): small MatMuls, which dominate a
+    factorized layer, must fit as well as the big ones that would otherwise set every coefficient.
+    """
     t = np.array([r.p50_ms / 1e3 for r in rows])
+    a = np.array([[1.0, 2.0 * r.m * r.k * r.n / 1e9, 4.0 * (r.m * r.k + r.k * r.n + r.m * r.n) / 1e9] for r in rows])
+    a, t = a / t[:, None], np.ones_like(t)
     active = [0, 1, 2]
     for _ in range(3):  # drop terms that come out negative, refit (a tiny non-negative least squares)
         coef = np.zeros(3)
