@@ -1,9 +1,27 @@
-"""Budgets on a device: the cost model for a profile (measured on the host) and the measure-and-replan loop."""
+"""Budgets on devices: cost model per profile, plan → compress → export → measure → re-plan, one bundle per device."""
 
 from __future__ import annotations
 
-from edgesvd.costmodel import CostModel, ModelFacts
-from edgesvd.profiles import Profile
+import copy
+import json
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from edgesvd.calibration import CalibrationConfig, sample_calibration
+from edgesvd.checkpoint import CompressionRecord, LayerRecord, atomic_output_dir, check_output_dir, library_versions, save_compressed
+from edgesvd.compress import CompressConfig, prepare, replace_with_factors
+from edgesvd.costmodel import CostModel, ModelFacts, model_facts
+from edgesvd.errors import BudgetError
+from edgesvd.layer_importance import whitened_importances
+from edgesvd.loading import resolve_model
+from edgesvd.planner import Receipt, plan_ranks, resolve_limits
+from edgesvd.profiles import Budget, Profile
+from edgesvd.progress import console
+
+from .providers import CPU
 
 
 def is_local(profile: Profile) -> bool:
@@ -22,3 +40,307 @@ def cost_model_for(profile: Profile, facts: ModelFacts, measure: bool = True, lo
         table = measure_layers(list(facts.layers), profile.workload.tokens(facts.family), profile.rank_multiple,
                                rt.execution_provider, rt.threads, rt.precision, log=log)
     return CostModel(profile, facts, table)
+
+
+# -- the closed loop's arithmetic ---------------------------------------------------------------
+MEASURABLE = ("model_bytes", "peak_memory", "latency_p50", "latency_p90")
+
+
+def missed_budgets(limits: dict[str, float], measured: dict[str, float]) -> dict[str, tuple[float, float]]:
+    """Budgets the measurement misses: key → (measured, limit)."""
+    return {k: (measured[k], lim) for k, lim in limits.items() if k in measured and measured[k] > lim}
+
+
+def tightened(plan_limits: dict[str, float], limits: dict[str, float], measured: dict[str, float],
+              margin: float = 0.97) -> dict[str, float]:
+    """Planning limits for the next try: each missed budget's planning limit is scaled by how far
+    the measurement overshot it (limit ÷ measured), with a small margin; the others stay."""
+    out = dict(plan_limits)
+    for key, (value, limit) in missed_budgets(limits, measured).items():
+        out[key] = plan_limits[key] * limit / value * margin
+    return out
+
+
+# -- building a planned model -------------------------------------------------------------------
+def apply_ranks(dense: torch.nn.Module, spectra: dict, orders: dict[str, torch.Tensor],
+                ranks: dict[str, int | None]) -> tuple[torch.nn.Module, list[LayerRecord], dict]:
+    """A copy of `dense` whose layers take their planned ranks (the most important components),
+    with the checkpoint's layer records and spectrum entries."""
+    model = copy.deepcopy(dense)
+    records, entries = [], {}
+    for name, rank in ranks.items():
+        mod = model.get_submodule(name)
+        records.append(LayerRecord(name, mod.in_features, mod.out_features, rank, mod.bias is not None))
+        if rank is None:
+            continue
+        index = orders[name][:rank]
+        a, b = spectra[name].factors(rank, index=index.to(spectra[name].sigma.device))
+        replace_with_factors(model, name, a, b)
+        kept = torch.zeros_like(spectra[name].sigma)
+        kept[index] = 1
+        entries[name] = {"sigma": spectra[name].sigma, "kept": kept}
+    return model.eval(), records, entries
+
+
+@torch.no_grad()
+def agreement_with_dense(dense: torch.nn.Module, model: torch.nn.Module, batch, family: str) -> dict[str, float]:
+    """Quality proxy on held-out calibration text: encoders, mean cosine of mean-pooled embeddings;
+    decoders, agreement of the next-token argmax with the dense model."""
+    ids, mask = batch.input_ids, batch.attention_mask
+    if family == "encoder":
+        def pooled(m):
+            h = m(input_ids=ids, attention_mask=mask).last_hidden_state
+            w = mask.unsqueeze(-1).to(h)
+            return (h * w).sum(1) / w.sum(1).clamp_min(1)
+        cos = torch.nn.functional.cosine_similarity(pooled(dense), pooled(model), dim=-1)
+        return {"embedding_cosine_vs_dense": round(float(cos.mean()), 5)}
+    a = dense(input_ids=ids, attention_mask=mask).logits.argmax(-1)
+    b = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
+    valid = mask.bool()
+    return {"top1_agreement_vs_dense": round(float((a == b)[valid].float().mean()), 5)}
+
+
+# -- one run over many devices ------------------------------------------------------------------
+@dataclass
+class DeviceResult:
+    """What one profile got: its bundle, plan, measured or estimated values and the quality proxy."""
+
+    profile: str
+    device: str
+    latency_source: str
+    bundle: Path
+    onnx_bytes: int
+    receipt: Receipt
+    values: dict[str, float]          # model_bytes, peak_memory, latency_p50, latency_p90 (measured when local)
+    measured: bool
+    limits: dict[str, float]
+    iterations: int
+    history: list[dict] = field(default_factory=list)
+    quality: dict[str, float] = field(default_factory=dict)
+    parity_ok: bool = True
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["bundle"] = str(self.bundle)
+        d["receipt"] = self.receipt.to_json()
+        return d
+
+
+def _measure(onnx_dir: Path, profile: Profile, family: str, runs: int, warmup: int, session) -> tuple[dict, dict]:
+    """Latency and peak memory of one export on this machine (the exporters' profiler), and its report."""
+    from .onnx_export import onnx_files_bytes
+    from .profiling import ProfileConfig, profile as profile_onnx
+
+    w = profile.workload
+    seq = (w.prompt_length or w.sequence_length) if family == "decoder" else w.sequence_length
+    report = profile_onnx(onnx_dir, None, ProfileConfig(batch=w.batch, seq_len=seq, warmup=warmup, runs=runs,
+                                                         eps=(profile.runtime.execution_provider,), session=session))
+    m = report.measurements[0]
+    stats = m.modes["prefill" if "prefill" in m.modes else next(iter(m.modes))]
+    return ({"model_bytes": float(onnx_files_bytes(onnx_dir)), "peak_memory": m.peak_rss_mb * 1e6,
+             "latency_p50": stats["p50_ms"], "latency_p90": stats["p90_ms"]}, report.to_json())
+
+
+def _export_cfg(base, profile: Profile, family: str):
+    precision = profile.runtime.precision
+    return replace(base, dtype="fp16" if precision == "fp16" else "fp32",
+                   quantize="int8" if precision == "int8" else None, pooled=base.pooled and family == "encoder")
+
+
+def _fmt(key: str, v: float) -> str:
+    return f"{v:.2f} ms" if key.startswith("latency") else f"{v / 1e6:.2f} MB"
+
+
+def run_profiles(cfg, profiles: list[Profile], max_plans: int = 3) -> list[DeviceResult]:
+    """`edgesvd run --profile …`: importance once, then per device plan → compress → export →
+    parity → (measure on this machine, re-plan while a budget is missed, at most `max_plans`
+    plans) → bundle whose manifest holds budgets, receipt and measured values. `cfg` is the
+    exporters' RunConfig (model, calibration, export options, output root, runs, session)."""
+    from .bundle import pack
+    from .onnx_export import export_checkpoint, export_dense
+    from .parity import ParityConfig, verify
+
+    if not profiles:
+        raise BudgetError("no profile given")
+    source = resolve_model(cfg.model)
+    out = Path(cfg.out_root) / source.name
+    check_output_dir(out, cfg.force)
+    say = console.print if cfg.show_progress else (lambda *a, **k: None)
+
+    # One importance pass for every device.
+    say("[bold]edgesvd run[/bold] · importance (whitened spectra, once for all devices)")
+    multiple = min(p.rank_multiple for p in profiles)
+    prepared = prepare(CompressConfig(model=cfg.model, method="whiten", rank_multiple=multiple,
+                                      calibration=cfg.calibration, device=cfg.device,
+                                      show_progress=cfg.show_progress))
+    dense = prepared.model.cpu().eval()
+    facts = model_facts(dense, prepared.targets, prepared.source.family)
+    layers, spectra, orders = whitened_importances(dense, prepared.targets, prepared.stats, cfg.show_progress)
+    spectra = {k: replace(s, left=s.left.cpu(), sigma=s.sigma.cpu(), right=s.right.cpu()) for k, s in spectra.items()}
+    family = prepared.source.family
+    held_out = sample_calibration(prepared.tokenizer, replace(cfg.calibration, num_sequences=16,
+                                                              seed=cfg.calibration.seed + 1), family)
+
+    # Every plan first: an infeasible budget fails here, before any export.
+    costs = {p.name: cost_model_for(p, facts, log=say if cfg.show_progress else None) for p in profiles}
+    for p in profiles:
+        plan_ranks(layers, costs[p.name])
+
+    results: list[DeviceResult] = []
+    with atomic_output_dir(out, cfg.force) as tmp:
+        dense_measured: dict[tuple, dict] = {}
+        if any(is_local(p) for p in profiles):
+            say("[bold]edgesvd run[/bold] · dense baseline (export and measure on this machine)")
+            export_dense(cfg.model, tmp / "onnx-dense", replace(cfg.export, pooled=cfg.export.pooled and family == "encoder"))
+        for p in profiles:
+            start = time.perf_counter()
+            cost = costs[p.name]
+            local = is_local(p)
+            if local:
+                key = (p.workload, p.runtime.execution_provider)
+                if key not in dense_measured:
+                    dense_measured[key] = _measure(tmp / "onnx-dense", p, family, cfg.profile_runs, cfg.profile_warmup,
+                                                   cfg.session)[0]
+                dm = dense_measured[key]
+                cost = cost.anchored_to(dm["latency_p50"], dm["latency_p90"])
+            dense_values = cost.dense()
+            if local:  # relative budgets are relative to what the dense model measured
+                dense_values.update(dense_measured[key])
+            limits = resolve_limits(p.budgets, dense_values)
+            plan_limits = dict(limits)
+            history: list[dict] = []
+            folder = tmp / p.name
+            for attempt in range(1, max_plans + 1):
+                budgets = {k: Budget(k, absolute=v) for k, v in plan_limits.items()}
+                try:
+                    receipt = plan_ranks(layers, cost, budgets)
+                except BudgetError as exc:
+                    if not history:  # the first plan, now anchored to the measured dense model
+                        raise BudgetError(f"{exc} (dense model measured here: p50 "
+                                          f"{dense_values['latency_p50']:.2f} ms)") from exc
+                    raise BudgetError(f"{p.name}: plan {attempt - 1} missed on this machine ({history[-1]['missed']}) "
+                                      f"and no tighter plan exists: {exc}") from exc
+                receipt.budgets = [replace(b, budget=str(p.budgets[b.key]), limit=limits[b.key],
+                                           headroom=(limits[b.key] - b.value) / limits[b.key]) for b in receipt.budgets]
+                say(f"[bold]edgesvd run[/bold] · {p.name}: plan {attempt} "
+                    f"({sum(r.rank is not None for r in receipt.rows)}/{len(receipt.rows)} layers factorized, "
+                    f"estimated p50 {receipt.totals['latency_p50']:.2f} ms, {receipt.totals['model_bytes'] / 1e6:.2f} MB)")
+                model, records, entries = apply_ranks(dense, spectra, orders, receipt.ranks())
+                params_before = sum(l.params_before for l in records)
+                keep = sum(l.params_after for l in records) / params_before if params_before else 1.0
+                record = CompressionRecord(
+                    method="whiten", keep_requested=round(keep, 4), family=family, source_model=str(cfg.model),
+                    layers=records, rank_multiple=p.rank_multiple, calibration=prepared.calib.summary,
+                    details={"planner": "budget", "profile": p.name, "plan": attempt}, versions=library_versions())
+                save_compressed(model, prepared.tokenizer, record, folder / "checkpoint", entries, force=True)
+                export_checkpoint(folder / "checkpoint", folder / "onnx", _export_cfg(cfg.export, p, family), force=True)
+                if not local:  # latency and memory estimated; the size is the real file's
+                    values, prof_report = dict(receipt.totals), None
+                    values["model_bytes"] = float(_onnx_bytes(folder / "onnx"))
+                    break
+                values, prof_report = _measure(folder / "onnx", p, family, cfg.profile_runs, cfg.profile_warmup,
+                                               cfg.session)
+                missed = missed_budgets(limits, values)
+                history.append({"plan": attempt, "estimated": {k: receipt.totals[k] for k in limits},
+                                "measured": {k: values[k] for k in limits},
+                                "missed": "; ".join(f"{k} {_fmt(k, v)} > {_fmt(k, lim)}" for k, (v, lim) in missed.items())})
+                if not missed:
+                    break
+                say(f"[yellow]{p.name}: plan {attempt} misses its budget on this machine "
+                    f"({history[-1]['missed']}); tightening and re-planning[/yellow]")
+                if attempt == max_plans:
+                    raise BudgetError(f"{p.name}: budget not met on this machine after {max_plans} plans "
+                                      f"(last: {history[-1]['missed']}); relax the budget or raise --max-plans")
+                plan_limits = tightened(plan_limits, limits, values)
+            parity = verify(folder / "checkpoint", folder / "onnx", ParityConfig(session=cfg.session))
+            quality = agreement_with_dense(dense, model, held_out, family)
+            for b in receipt.budgets:
+                if local:
+                    b.measured = values[b.key]
+            extra = {"budgets": {
+                "profile": p.name, "profile_file": p.path, "device": p.device.name,
+                "execution_provider": p.runtime.execution_provider, "precision": p.runtime.precision,
+                "workload": asdict(p.workload), "limits": limits,
+                "as_written": {k: str(b) for k, b in p.budgets.items()},
+                "values": values, "values_are": "measured on this machine" if local else f"{cost.source} (not measured)",
+                "dense": dense_values, "met": not missed_budgets(limits, values), "plans": history or [{"plan": 1}],
+                "quality_proxy": quality, "receipt": receipt.to_json()}}
+            pack(folder / "onnx", folder / "checkpoint", folder / "bundle", parity.to_json(), prof_report,
+                 cfg.session.to_json(), extra=extra)
+            results.append(DeviceResult(p.name, p.device.name, "measured" if local else cost.source, out / p.name / "bundle",
+                                        int(values["model_bytes"]), receipt,
+                                        values, local, limits, len(history) or 1, history, quality, parity.ok))
+            say(f"[bold]edgesvd run[/bold] · {p.name} done in {time.perf_counter() - start:.0f}s")
+        comparison = [r.to_json() for r in results]
+        (tmp / "comparison.json").write_text(json.dumps(comparison, indent=2, default=str) + "\n")
+        (tmp / "comparison.md").write_text(comparison_markdown(results) + "\n")
+    return results
+
+
+def _onnx_bytes(folder: Path) -> int:
+    from .onnx_export import onnx_files_bytes
+
+    return int(onnx_files_bytes(folder))
+
+
+def comparison_rows(results: list[DeviceResult]) -> list[list[str]]:
+    """Rows of the per-device comparison: size, latency (with its label), quality proxy, binding budget."""
+    rows = []
+    for r in results:
+        q = next(iter(r.quality.items()), ("", float("nan")))
+        rows.append([r.profile, r.receipt.latency_source if not r.measured else "measured",
+                     f"{sum(x.rank is not None for x in r.receipt.rows)}/{len(r.receipt.rows)}",
+                     f"{r.onnx_bytes / 1e6:.2f} MB", f"{r.receipt.dense['latency_p50']:.2f} ms",
+                     f"{r.values['latency_p50']:.2f} ms", f"{r.values['latency_p50'] / r.receipt.dense['latency_p50']:.2f}",
+                     f"{r.receipt.importance_kept:.3f}", f"{q[1]:.4f}", r.receipt.binding or "-",
+                     "yes" if not missed_budgets(r.limits, r.values) else "NO", str(r.iterations)])
+    return rows
+
+
+COMPARISON_COLUMNS = ["profile", "latency is", "factorized", "ONNX size", "dense p50", "p50", "p50 ratio",
+                      "importance kept", "quality proxy", "binds", "budgets met", "plans"]
+
+
+def comparison_markdown(results: list[DeviceResult]) -> str:
+    lines = ["| " + " | ".join(COMPARISON_COLUMNS) + " |", "|" + "---|" * len(COMPARISON_COLUMNS)]
+    lines += ["| " + " | ".join(row) + " |" for row in comparison_rows(results)]
+    proxy = next((k for r in results for k in r.quality), "")
+    return "\n".join(lines) + f"\n\nquality proxy: {proxy.replace('_', ' ')} (held-out calibration text)"
+
+
+def run_with_profiles(cfg, profile_refs: tuple[str, ...], budget_items: tuple[str, ...], max_plans: int = 3
+                      ) -> list[DeviceResult]:
+    """The CLI's `run --profile …`: load and override the profiles, run, print receipts and the comparison."""
+    from rich.table import Table
+
+    from edgesvd.cli import out_console
+    from edgesvd.errors import ConfigError
+    from edgesvd.profile_commands import parse_budget_options, print_receipt
+    from edgesvd.profiles import load_profile
+
+    if max_plans < 1:
+        raise ConfigError(f"--max-plans must be >= 1, got {max_plans}")
+    overrides = parse_budget_options(tuple(budget_items))
+    profiles = [load_profile(ref).with_budgets(overrides) for ref in profile_refs]
+    if len({p.name for p in profiles}) != len(profiles):
+        raise ConfigError("the same profile was given twice")
+    results = run_profiles(cfg, profiles, max_plans)
+    for r in results:
+        print_receipt(r.receipt, per_layer=False)
+        for h in r.history:
+            if h.get("missed"):
+                out_console.print(f"  plan {h['plan']} missed on this machine: {h['missed']} → re-planned")
+        for b in r.receipt.budgets:
+            if b.measured is not None:
+                unit = (lambda v: f"{v:.2f} ms") if b.key.startswith("latency") else (lambda v: f"{v / 1e6:.2f} MB")
+                out_console.print(f"  measured {b.key}: {unit(b.measured)} (limit {unit(b.limit)}, {b.budget})")
+    table = Table(title=f"edgesvd run — one importance pass, {len(results)} device(s)")
+    for col in COMPARISON_COLUMNS:
+        table.add_column(col, justify="left" if col in ("profile", "latency is", "binds") else "right")
+    for row in comparison_rows(results):
+        table.add_row(*row)
+    out_console.print(table)
+    proxy = next((k for r in results for k in r.quality), "")
+    out_console.print(f"quality proxy: {proxy.replace('_', ' ')} on held-out calibration text; "
+                      f"bundles: {', '.join(str(r.bundle) for r in results)}")
+    return results

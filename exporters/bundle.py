@@ -17,6 +17,7 @@ from edgesvd.loading import check_model_folder, embedded_model_path
 
 from .errors import BundleError
 from .onnx_export import META_FILE, MODEL_FILE, onnx_files_bytes, read_export
+from .report import write_report
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -143,7 +144,7 @@ def _file_table(folder: Path) -> dict[str, dict]:
 
 def pack(onnx_dir: str | os.PathLike, checkpoint: str | os.PathLike, out: str | os.PathLike,
          parity: dict | None = None, profile: dict | None = None, session: dict | None = None,
-         force: bool = False) -> Path:
+         force: bool = False, extra: dict | None = None) -> Path:
     """Write the bundle folder `out` and `out`.tar.gz; returns the folder. Reports are JSON dicts."""
     onnx_dir, checkpoint, out = Path(onnx_dir), Path(checkpoint), Path(out)
     tarball = out.with_name(out.name + ".tar.gz")
@@ -161,6 +162,8 @@ def pack(onnx_dir: str | os.PathLike, checkpoint: str | os.PathLike, out: str | 
                 shutil.copy2(p, tmp / p.name)
         shutil.copy2(Path(__file__).with_name("runner_template.py"), tmp / RUNNER)
         (tmp / "reports").mkdir()
+        if (checkpoint / "spectrum.safetensors").is_file():  # singular values/scores for the HTML report
+            shutil.copy2(checkpoint / "spectrum.safetensors", tmp / "reports" / "spectrum.safetensors")
         if parity:
             (tmp / "reports" / "parity.json").write_text(json.dumps(parity, indent=2) + "\n")
         if profile:
@@ -184,9 +187,12 @@ def pack(onnx_dir: str | os.PathLike, checkpoint: str | os.PathLike, out: str | 
             "runtime": {"execution_providers": providers,
                         "session_options": session or (profile or {}).get("config", {}).get("session")},
         }
+        manifest.update(extra or {})  # more top-level sections, e.g. `budgets` from `edgesvd run --profile`
         (tmp / "reports" / "report.md").write_text(markdown_report(manifest))
         (tmp / "reports" / "report.json").write_text(json.dumps(
             {k: manifest[k] for k in ("model", "source", "compression", "parity", "latency")}, indent=2) + "\n")
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # the HTML report reads it
+        write_report(tmp)
         manifest["files"] = _file_table(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         _write_tarball(tmp, tarball, out.name)

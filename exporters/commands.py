@@ -36,6 +36,14 @@ def _session(threads: int, inter_threads: int, opt_level: str):
     return SessionConfig(threads, inter_threads, opt_level)
 
 
+def _exit_cleanly_on_sigterm() -> None:
+    """SIGTERM becomes SystemExit, so atomic output folders remove their temporary copy."""
+    import signal
+    import sys
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+
 def _write_json(path: Path | None, data: dict) -> None:
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -133,6 +141,7 @@ def print_summary(s) -> None:
     out_console.print(table)
     steps = ", ".join(f"{k} {v:.1f}s" for k, v in s.seconds.items())
     out_console.print(f"wrote {s.out} ({steps})")
+    out_console.print(f"report: {s.bundle / 'report.html'}")
 
 
 @click.command()
@@ -147,6 +156,7 @@ def print_summary(s) -> None:
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 def export(checkpoint, out, opset, dtype, quantize, pooled, force):
     """Export a compressed CHECKPOINT to ONNX (each factorized layer stays two MatMuls)."""
+    _exit_cleanly_on_sigterm()
     from .onnx_export import ExportConfig, export_checkpoint
 
     cfg = ExportConfig(opset=opset, dtype=dtype, quantize=quantize, pooled=pooled)
@@ -237,6 +247,7 @@ def profile(onnx_dir, dense_dir, no_dense, eps, allow_cpu_fallback, threads, int
 @click.option("--force", is_flag=True, help="Replace the bundle folder and archive if they exist.")
 def pack(onnx_dir, checkpoint, out, parity_report, profile_report, runs, check_path, force):
     """Pack ONNX_DIR into a deployable bundle, or check one with --check BUNDLE."""
+    _exit_cleanly_on_sigterm()
     from edgesvd.errors import ConfigError
 
     from .bundle import check_bundle, pack as run_pack
@@ -290,11 +301,21 @@ def pack(onnx_dir, checkpoint, out, parity_report, profile_report, runs, check_p
 @click.option("--seq-len", type=int, default=128, show_default=True, help="Sequence length when profiling.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
               help="Where compression runs (torch).")
+@click.option("--profile", "profile_refs", multiple=True, metavar="NAME|PATH",
+              help="Plan per-layer ranks for this hardware profile's budgets instead of --keep (built-in name "
+                   "or .toml path). Repeatable: one importance pass, one bundle per device.")
+@click.option("--budget", "budget_items", multiple=True, metavar="KEY=VALUE",
+              help="Override a budget of every --profile (implies --profile host when none is given): "
+                   "model_bytes, peak_memory, latency_p50, latency_p90 = '60%', '40 MB', '20 ms' or 'none'.")
+@click.option("--max-plans", type=int, default=3, show_default=True,
+              help="With --profile on this machine: plans tried while a measured budget is missed.")
 @click.option("--force", is_flag=True, help="Replace OUT_ROOT/<model>/ if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def run(model, method, keep, rank_multiple, calib, calib_samples, calib_len, out_root, dtype, quantize, eps,
-        allow_cpu_fallback, threads, inter_threads, opt_level, runs, batch, seq_len, device, force, quiet):
+        allow_cpu_fallback, threads, inter_threads, opt_level, runs, batch, seq_len, device, force, quiet,
+        profile_refs=(), budget_items=(), max_plans=3):
     """The whole job: compress MODEL, export, verify, profile dense vs compressed, pack a bundle."""
+    _exit_cleanly_on_sigterm()
     from edgesvd.calibration import CalibrationConfig
 
     from .onnx_export import ExportConfig
@@ -308,10 +329,27 @@ def run(model, method, keep, rank_multiple, calib, calib_samples, calib_len, out
                     profile_runs=runs, batch=batch, seq_len=seq_len,
                     eps=tuple(resolve_eps(tuple(eps), allow_cpu_fallback)),
                     session=_session(threads, inter_threads, opt_level), device=device, show_progress=not quiet)
+    if profile_refs or budget_items:  # budgets → ranks per device: exporters/budget_loop.py
+        from .budget_loop import run_with_profiles
+
+        run_with_profiles(cfg, profile_refs or ("host",), budget_items, max_plans)
+        return
     print_summary(run_pipeline(cfg))
+
+
+@click.command()
+@click.argument("bundle", type=_PATH)
+@click.option("--compare", "compare", multiple=True, type=_PATH, metavar="BUNDLE",
+              help="Another bundle (other keep or device) to place on the trade-off chart. Repeatable.")
+def report(bundle, compare):
+    """Write BUNDLE/report.html: summary and budgets, per-layer and spectrum charts, latency, quality."""
+    from .report import write_report
+
+    path = write_report(bundle, compare)
+    click.echo(f"wrote {path} ({path.stat().st_size:,} bytes)")
 
 
 def register(group: click.Group) -> None:
     """Add the exporters' commands to the `edgesvd` click group."""
-    for command in (export, verify, profile, pack, run):
+    for command in (export, verify, profile, pack, run, report):
         group.add_command(command)

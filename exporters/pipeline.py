@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -93,8 +94,8 @@ def _parity_detail(report) -> str:
 
 def run(cfg: RunConfig = RunConfig()) -> RunSummary:
     """Run the whole job into `cfg.out_root/<model>/` (atomically: nothing is left on failure)."""
-    from edgesvd import compress as compress_mod
-
+    # The module, not the function `edgesvd.compress`: DEFAULT_METHOD is read now, at call time.
+    compress_mod = importlib.import_module("edgesvd.compress")
     method = cfg.method or compress_mod.DEFAULT_METHOD
     source = resolve_model(cfg.model)
     out = Path(cfg.out_root) / source.name

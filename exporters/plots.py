@@ -164,7 +164,7 @@ def latency_chart(rows: list[LatencyRow], shape: dict) -> bytes:
                 if r is None:
                     continue
                 x = g + (j - 0.5) * width
-                est = source == "estimated"
+                est = source != "measured"
                 ax.bar(x, r.p50_ms, width * 0.9, color=LIGHT if model == "dense" else BLUE,
                        edgecolor=INK if est else "none", hatch="///" if est else None, lw=0.6)
                 ax.annotate(f"{r.p50_ms:.1f}", (x, r.p50_ms), xytext=(0, 2), textcoords="offset points",
@@ -174,7 +174,8 @@ def latency_chart(rows: list[LatencyRow], shape: dict) -> bytes:
                     ax.plot([x - width * 0.15, x + width * 0.15], [r.p90_ms] * 2, color=INK, lw=1)
                 if r.p99_ms is not None:
                     ax.scatter([x], [r.p99_ms], marker="D", s=14, color=ORANGE, zorder=3)
-        labels = [f"{p.replace('ExecutionProvider', '')} · {m}\n({s})" for p, m, s in groups]
+        labels = [f"{p.replace('ExecutionProvider', '')} · {m}\n" + ("measured" if s == "measured" else "estimated")
+                  for p, m, s in groups]
         ax.set_xticks(range(len(groups)), labels)
         ax.set_ylabel("latency per call (ms)")
         ax.set_ylim(0, ax.get_ylim()[1] * 1.08)
@@ -183,7 +184,7 @@ def latency_chart(rows: list[LatencyRow], shape: dict) -> bytes:
         handles = [Patch(color=LIGHT, label="dense p50"), Patch(color=BLUE, label="compressed p50"),
                    Line2D([], [], color=INK, lw=1, label="p50 → p90"),
                    Line2D([], [], marker="D", ls="", ms=4, color=ORANGE, label="p99")]
-        if any(s == "estimated" for _, _, s in groups):
+        if any(s != "measured" for _, _, s in groups):
             handles.append(Patch(facecolor="white", edgecolor=INK, hatch="///", label="estimated (not measured)"))
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         ax.grid(axis="x", visible=False)

@@ -108,14 +108,17 @@ def summary_section(r: ReportInputs) -> str:
         size = f"{fmt_bytes(r.dense_onnx_bytes)} dense → {size} compressed ({r.onnx_bytes / r.dense_onnx_bytes:.1%})"
     verdict = ("not checked" if r.parity_ok is None else "pass" if r.parity_ok else "fail")
     kv = [("Model", f"{r.model} — {r.family} ({r.model_type})"),
-          ("Device profile", r.profile or "none — packed without a device profile"),
+          ("Device profile", f"{r.profile} — {r.device}" if r.profile else "none — packed without a device profile"),
           ("Method", r.method), ("Keep (targeted parameters after ÷ before)", keep),
           ("Layers factorized", f"{factorized} of {len(r.layers)} targeted" if r.layers else "–"),
           ("ONNX", f"{r.precision}, opset {r.opset}"), ("Bundle bytes (ONNX graph + data)", size)]
     rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in kv)
     rows += f"<tr><th>Parity verdict</th><td>{_badge(verdict)}</td></tr>"
-    out = [f'<section id="summary"><h2>Summary</h2><table class="kv"><tbody>{rows}</tbody></table>',
-           '<h3 id="budgets">Budgets vs measured</h3>']
+    out = [f'<section id="summary"><h2>Summary</h2><table class="kv"><tbody>{rows}</tbody></table>']
+    if r.parity:
+        out.append(_table(["parity per execution provider", "status", "detail"],
+                          [[_e(p.provider), _badge(p.status), _e(p.detail)] for p in r.parity]))
+    out.append('<h3 id="budgets">Budgets vs measured</h3>')
     if r.budgets:
         out.append(_table(["budget", "as written", "limit", "planned (estimated)", "measured", "verdict"],
                           _budget_rows(r.budgets), numeric={2, 3, 4}))
@@ -174,7 +177,7 @@ def latency_section(r: ReportInputs) -> str:
                     "Bars: p50; whisker: p50 to p90; diamond: p99. Hatched bars are estimates, not measurements."))
     rows = [[_e(x.provider), _e(x.mode), _e(x.model), f"{x.p50_ms:.2f}",
              "–" if x.p90_ms is None else f"{x.p90_ms:.2f}", "–" if x.p99_ms is None else f"{x.p99_ms:.2f}",
-             f'<strong>{_e(x.source)}</strong>' if x.source == "estimated" else _e(x.source)] for x in r.latency]
+             _e(x.source) if x.source == "measured" else f"<strong>{_e(x.source)}</strong>"] for x in r.latency]
     out.append(_table(["execution provider", "mode", "model", "p50 ms", "p90 ms", "p99 ms", "source"], rows,
                       numeric={3, 4, 5}))
     if r.comparisons:
@@ -186,12 +189,17 @@ def latency_section(r: ReportInputs) -> str:
     return "\n".join(out + ["</section>"])
 
 
+def _closeness(q) -> str:
+    """1 − value for agreement metrics near 1, where six decimals would all read 1.000000."""
+    return f"1 − value = {1 - q.value:.1e}" if q.kind.startswith("parity") and 0.999999 < q.value < 1 else ""
+
+
 def quality_section(r: ReportInputs) -> str:
     out = ['<section id="quality"><h2>Quality</h2>']
     if not r.quality:
         out.append(_missing("No quality metric was computed for this bundle."))
         return "\n".join(out + ["</section>"])
-    rows = [[_e(q.metric), f"{q.value:.6f}", _e(q.kind), _e(q.detail)] for q in r.quality]
+    rows = [[_e(q.metric), f"{q.value:.6f}", _e(q.kind), _e(q.detail or _closeness(q))] for q in r.quality]
     out.append(_table(["metric", "value", "measured as", "detail"], rows, numeric={1}))
     if not any(q.kind == "task score" for q in r.quality):
         out.append('<p class="note">No evaluation set was given: only parity (agreement of the ONNX model with '
@@ -202,8 +210,9 @@ def quality_section(r: ReportInputs) -> str:
 def pareto_section(r: ReportInputs) -> str:
     out = ['<section id="pareto"><h2>Trade-off across keeps and devices</h2>']
     if len(r.pareto) < 2:
-        out.append(_missing("Not applicable: this bundle comes from a single keep on a single device, so there is "
-                            "no trade-off to chart (run several keeps or --profile values to get one)."))
+        out.append(_missing("Not applicable: " + (r.pareto_note or "this bundle comes from a single keep on a "
+                            "single device, so there is no trade-off to chart (run several keeps or devices and "
+                            "pass the other bundles with `edgesvd report BUNDLE --compare OTHER`).")))
         return "\n".join(out + ["</section>"])
     out.append(_img(plots.pareto_chart(r.pareto), "quality vs latency and vs size",
                     f"{r.pareto[0].quality_name} against p50 latency and model size; hollow points have estimated "
@@ -246,10 +255,11 @@ def _update_manifest(bundle: Path, report: Path) -> None:
         _write_tarball(bundle, tarball, bundle.name)
 
 
-def write_report(bundle: str | os.PathLike) -> Path:
-    """Write `bundle`/report.html from the bundle's contents (atomically) and return its path."""
+def write_report(bundle: str | os.PathLike, compare: tuple[str | os.PathLike, ...] = ()) -> Path:
+    """Write `bundle`/report.html from the bundle's contents (atomically) and return its path;
+    `compare`: other bundles (other keeps or devices) to chart the trade-off against."""
     bundle = Path(bundle)
-    page = render_html(read_bundle(bundle))
+    page = render_html(read_bundle(bundle, tuple(compare)))
     out = bundle / REPORT_FILE
     fd, tmp = tempfile.mkstemp(prefix=".report.", suffix=".html", dir=bundle)
     try:

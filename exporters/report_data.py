@@ -66,7 +66,7 @@ class LatencyRow:
     p50_ms: float
     p90_ms: float | None
     p99_ms: float | None
-    source: str  # measured | estimated
+    source: str  # 'measured', or 'estimated (…)' saying where the estimate comes from
 
 
 @dataclass(frozen=True)
@@ -90,9 +90,11 @@ class BudgetRow:
 
     @property
     def verdict(self) -> str:
-        """pass / fail on the measured value; 'not measured' when only a plan exists."""
+        """pass / fail on the measured value; 'estimated pass/fail' when the device was not at hand."""
         if self.measured is None:
-            return "not measured"
+            if self.planned is None:
+                return "not measured"
+            return "estimated pass" if self.planned <= self.limit else "estimated fail"
         return "pass" if self.measured <= self.limit else "fail"
 
 
@@ -142,7 +144,7 @@ class ReportInputs:
     onnx_bytes: int | None
     dense_onnx_bytes: int | None
     profile: str | None  # device profile name
-    device: dict = field(default_factory=dict)
+    device: str = ""  # device · execution provider · precision · workload
     budgets: list[BudgetRow] = field(default_factory=list)
     budget_notes: list[str] = field(default_factory=list)
     parity_ok: bool | None = None
@@ -154,6 +156,8 @@ class ReportInputs:
     comparisons: list[dict] = field(default_factory=list)
     quality: list[QualityRow] = field(default_factory=list)
     pareto: list[ParetoPoint] = field(default_factory=list)
+    pareto_note: str = ""  # why fewer than two comparable points exist
+    importance_kept: float | None = None  # planner's share of importance kept (a quality proxy)
     versions: dict = field(default_factory=dict)
 
 
@@ -250,36 +254,73 @@ def _latency(manifest: dict, profile: dict | None) -> tuple[list[LatencyRow], di
     return rows, lat.get("shape", {}), lat.get("comparisons", []), {}
 
 
-def _receipt(manifest: dict) -> dict | None:
-    """The planner's budget receipt, wherever the manifest keeps it."""
-    for key in ("budget_receipt", "receipt", "budgets"):
-        value = manifest.get(key)
-        if isinstance(value, dict) and "budgets" in value:
-            return value
-    return None
+def _budget_info(manifest: dict) -> dict:
+    """The manifest's `budgets` section written by `edgesvd run --profile` ({} when packed without one):
+    profile, device, execution_provider, workload, values (+ values_are), dense, plans, quality_proxy, receipt."""
+    info = manifest.get("budgets")
+    return info if isinstance(info, dict) and isinstance(info.get("receipt"), dict) else {}
 
 
-def _budgets(receipt: dict | None) -> tuple[list[BudgetRow], list[str]]:
-    if not receipt:
+def _measured_here(info: dict) -> bool:
+    return str(info.get("values_are", "")).startswith("measured")
+
+
+def _budgets(info: dict) -> tuple[list[BudgetRow], list[str]]:
+    """Budget rows from the receipt; measured values are taken only where the run measured them."""
+    if not info:
         return [], []
-    rows = [BudgetRow(b["key"], str(b.get("budget", "")), float(b["limit"]),
-                      None if b.get("value") is None else float(b["value"]),
-                      None if b.get("measured") is None else float(b["measured"]), bool(b.get("binding")))
-            for b in receipt.get("budgets", [])]
-    return rows, list(receipt.get("notes", []))
+    receipt, values = info["receipt"], info.get("values") or {}
+    rows = []
+    for b in receipt.get("budgets", []):
+        measured = b.get("measured")
+        if measured is None and _measured_here(info):
+            measured = values.get(b["key"])
+        rows.append(BudgetRow(b["key"], str(b.get("budget", "")), float(b["limit"]),
+                              None if b.get("value") is None else float(b["value"]),
+                              None if measured is None else float(measured), bool(b.get("binding"))))
+    notes = [f"Values are {info['values_are']}." if info.get("values_are") else ""]
+    for plan in info.get("plans") or []:
+        if plan.get("missed"):
+            notes.append(f"Plan {plan['plan']} missed on this machine ({plan['missed']}); the budget was tightened "
+                         "and the ranks planned again.")
+    notes += list(receipt.get("notes", []))
+    return rows, [n for n in notes if n]
 
 
-def _estimated_latency(receipt: dict | None, measured: list[LatencyRow]) -> list[LatencyRow]:
-    """The planner's p50 estimate of dense and compressed, when it is not a measurement on this host."""
-    if not receipt or receipt.get("latency_source") == "measured" and measured:
+def _device(info: dict) -> str:
+    if not info:
+        return ""
+    w = info.get("workload") or {}
+    shape = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in w.items() if v not in (None, 0))
+    parts = [info.get("device"), info.get("execution_provider"), info.get("precision"), shape]
+    return " · ".join(str(p) for p in parts if p)
+
+
+def _budget_latency(info: dict, measured: list[LatencyRow]) -> list[LatencyRow]:
+    """The dense model's latency measured by the budget run, and the planner's whole-model estimate
+    of dense and compressed (a sum of per-layer costs: an estimate even when those costs were timed)."""
+    if not info:
         return []
-    provider = receipt.get("execution_provider") or "planned"
-    out = []
+    receipt, out = info["receipt"], []
+    provider = info.get("execution_provider") or "planner"
+    mode = next((r.mode for r in measured if r.provider == provider), "forward")
+    dense = info.get("dense") or {}
+    if _measured_here(info) and dense.get("latency_p50") is not None and not any(r.model == "dense" for r in measured):
+        out.append(LatencyRow(provider, mode, "dense", float(dense["latency_p50"]),
+                              None if dense.get("latency_p90") is None else float(dense["latency_p90"]), None,
+                              "measured"))
+    source = f"estimated (planner, {receipt.get('latency_source', '?')} layer costs)"
     for model, values in (("dense", receipt.get("dense", {})), ("compressed", receipt.get("totals", {}))):
         if values.get("latency_p50") is not None:
-            out.append(LatencyRow(provider, "forward (planner)", model, float(values["latency_p50"]),
-                                  values.get("latency_p90"), None, "estimated"))
+            p90 = values.get("latency_p90")
+            out.append(LatencyRow(provider, mode, model, float(values["latency_p50"]),
+                                  None if p90 is None else float(p90), None, source))
     return out
+
+
+def _proxy_quality(info: dict) -> list[QualityRow]:
+    return [QualityRow(k.replace("_", " "), float(v), "quality proxy: compressed vs dense PyTorch",
+                       "held-out calibration text") for k, v in (info.get("quality_proxy") or {}).items()]
 
 
 def _task_quality(manifest: dict) -> list[QualityRow]:
@@ -296,38 +337,67 @@ def _task_quality(manifest: dict) -> list[QualityRow]:
     return out
 
 
-def _pareto(manifest: dict) -> list[ParetoPoint]:
-    """Points of several keeps/devices recorded in the manifest's `comparison` list (issue: one
-    importance pass, many devices); each needs a size, a latency and a quality value."""
+COMPARISON = "comparison.json"
+
+
+def _run_comparison(bundle: Path) -> list[ParetoPoint]:
+    """Points of every device of an `edgesvd run --profile A --profile B` (its comparison.json sits
+    two folders up: OUT/<model>/comparison.json beside OUT/<model>/<profile>/bundle)."""
+    entries = _read_json(bundle.resolve().parent.parent / COMPARISON)
+    if not isinstance(entries, list):
+        return []
     points = []
-    for c in manifest.get("comparison") or []:
-        quality, qname = None, ""
-        for key, name in (("task_score", "task score"), ("quality", "quality"),
-                          ("importance_kept", "importance kept (proxy)")):
-            if c.get(key) is not None:
-                quality, qname = float(c[key]), c.get("quality_name", name)
-                break
-        size = c.get("model_bytes") or c.get("onnx_bytes")
-        if quality is None or size is None:
+    for e in entries:
+        quality = next(iter((e.get("quality") or {}).items()), None)
+        if quality is None or e.get("onnx_bytes") is None:
             continue
-        lat = c.get("latency_p50_ms", c.get("latency_p50"))
-        points.append(ParetoPoint(str(c.get("label") or c.get("profile") or c.get("keep")), float(size),
-                                  None if lat is None else float(lat), c.get("latency_source", "measured"),
-                                  quality, qname))
-    # Only comparable points: all must share one quality measure.
-    names = {p.quality_name for p in points}
-    return points if len(names) == 1 else []
+        lat = (e.get("values") or {}).get("latency_p50")
+        points.append(ParetoPoint(str(e.get("profile")), float(e["onnx_bytes"]), None if lat is None else float(lat),
+                                  "measured" if e.get("measured") else "estimated", float(quality[1]),
+                                  quality[0].replace("_", " ")))
+    return points if len({p.quality_name for p in points}) == 1 else []
 
 
-def _profile_name(manifest: dict, receipt: dict | None) -> str | None:
-    profile = manifest.get("profile")
-    if isinstance(profile, dict):
-        return profile.get("name")
-    return profile or (receipt or {}).get("profile")
+def variant_point(r: ReportInputs) -> ParetoPoint | None:
+    """This bundle as one point of a trade-off chart: its task score (else the planner's importance
+    kept, a proxy), its p50 latency (measured when there is one) and its ONNX bytes."""
+    task = next((q for q in r.quality if q.kind == "task score" and not q.metric.endswith("(dense)")), None)
+    proxy = next((q for q in r.quality if q.kind.startswith("quality proxy")), None)
+    if task is not None:
+        quality, name = task.value, task.metric.removesuffix(" (compressed)")
+    elif proxy is not None:
+        quality, name = proxy.value, proxy.metric
+    elif r.importance_kept is not None:
+        quality, name = r.importance_kept, "importance kept (proxy)"
+    else:
+        return None
+    comp = [x for x in r.latency if x.model == "compressed"]
+    lat = next((x for x in comp if x.source == "measured"), comp[0] if comp else None)
+    lat_source = "measured" if lat is None or lat.source == "measured" else "estimated"
+    label = " ".join(p for p in (r.profile, f"keep {r.keep_actual:.2f}" if r.keep_actual is not None else "") if p)
+    return ParetoPoint(label or r.bundle.name, float(r.onnx_bytes or 0), None if lat is None else lat.p50_ms,
+                       lat_source, quality, name)
 
 
-def read_bundle(bundle: str | os.PathLike, extra_points: list[ParetoPoint] | None = None) -> ReportInputs:
-    """Extract the report's inputs from a bundle folder; BundleError when it has no manifest."""
+def _compare_points(inputs: ReportInputs, others: list[ReportInputs]) -> tuple[list[ParetoPoint], str]:
+    points, missing = [], []
+    for r in [inputs, *others]:
+        point = variant_point(r)
+        if point is None:
+            missing.append(r.bundle.name)
+        else:
+            points.append(point)
+    if missing:
+        return [], (f"{', '.join(missing)} record(s) no quality against the dense model (no task score, no "
+                    "budget run), so the variants cannot be placed on a quality axis.")
+    if len({p.quality_name for p in points}) > 1:
+        return [], "the bundles measure quality differently (" + ", ".join(sorted({p.quality_name for p in points})) + ")."
+    return points, ""
+
+
+def read_bundle(bundle: str | os.PathLike, compare: tuple[str | os.PathLike, ...] = ()) -> ReportInputs:
+    """Extract the report's inputs from a bundle folder; `compare`: other bundles (other keeps or
+    devices) for the trade-off chart. BundleError when a folder has no manifest."""
     bundle = Path(bundle)
     manifest = _read_json(bundle / MANIFEST)
     if manifest is None:
@@ -337,19 +407,23 @@ def read_bundle(bundle: str | os.PathLike, extra_points: list[ParetoPoint] | Non
     layers = _layers(bundle, manifest, BYTES_PER_PARAM.get(precision, 4))
     profile = _read_json(bundle / "reports" / "profile.json")
     latency, shape, comparisons, onnx_bytes = _latency(manifest, profile)
-    receipt = _receipt(manifest)
-    latency += _estimated_latency(receipt, latency)
-    budgets, notes = _budgets(receipt)
+    info = _budget_info(manifest)
+    latency += _budget_latency(info, latency)
+    budgets, notes = _budgets(info)
+    dense_bytes = onnx_bytes.get("dense")
+    if dense_bytes is None and _measured_here(info):
+        dense_bytes = (info.get("dense") or {}).get("model_bytes")
     parity_ok, parity_rows, parity_quality = _parity(manifest)
-    pareto = _pareto(manifest) + list(extra_points or [])
-    return ReportInputs(
+    inputs = ReportInputs(
         bundle=bundle, model=manifest.get("source", {}).get("model", bundle.name),
         family=model.get("family", "?"), model_type=model.get("model_type", "?"), precision=precision,
         opset=model.get("opset"), method=comp.get("method", "?"), keep_requested=comp.get("keep_requested"),
         keep_actual=comp.get("keep_actual"), created=manifest.get("created", ""),
-        onnx_bytes=manifest.get("onnx_bytes"), dense_onnx_bytes=onnx_bytes.get("dense"),
-        profile=_profile_name(manifest, receipt),
-        device=manifest.get("device") or {}, budgets=budgets, budget_notes=notes, parity_ok=parity_ok,
+        onnx_bytes=manifest.get("onnx_bytes"), dense_onnx_bytes=dense_bytes,
+        profile=info.get("profile"), device=_device(info), budgets=budgets, budget_notes=notes, parity_ok=parity_ok,
         parity=parity_rows, layers=layers, spectra=_spectra(bundle, layers), latency=latency, latency_shape=shape,
-        comparisons=comparisons, quality=parity_quality + _task_quality(manifest), pareto=pareto,
-        versions=manifest.get("versions", {}))
+        comparisons=comparisons, quality=parity_quality + _proxy_quality(info) + _task_quality(manifest),
+        pareto=_run_comparison(bundle), importance_kept=info.get("receipt", {}).get("importance_kept"), versions=manifest.get("versions", {}))
+    if compare:
+        inputs.pareto, inputs.pareto_note = _compare_points(inputs, [read_bundle(c) for c in compare])
+    return inputs
