@@ -76,34 +76,32 @@ def layer_chart(layers: list[LayerRow], precision: str) -> bytes:
 
     with _style():
         n = len(layers)
-        fig, (ax_r, ax_b) = plt.subplots(1, 2, sharey=True, figsize=(11, 1.3 + 0.22 * n))
+        fig, (ax_r, ax_b) = plt.subplots(1, 2, sharey=True, figsize=(11, 1.6 + 0.22 * n), layout="constrained")
         y = np.arange(n)
         names = short_names([l.name for l in layers])
         ranks = [l.rank if l.rank is not None else 0 for l in layers]
-        ax_r.barh(y, ranks, height=0.7, color=BLUE, label="rank kept")
+        ax_r.barh(y, ranks, height=0.7, color=BLUE)
         dense = [i for i, l in enumerate(layers) if l.rank is None]
         if dense:
             ax_r.barh(dense, [layers[i].break_even for i in dense], height=0.7, color="white", edgecolor=GREY,
-                      hatch="////", label="left dense")
-        ax_r.scatter([l.break_even for l in layers], y, marker="|", s=160, linewidths=2, color=ORANGE, zorder=3,
-                     label="break-even rank out·in/(out+in)")
+                      hatch="////")
+        ax_r.scatter([l.break_even for l in layers], y, marker="|", s=160, linewidths=2, color=ORANGE, zorder=3)
         ax_r.set_yticks(y, names)
-        ax_r.invert_yaxis()
+        ax_r.set_ylim(n - 0.5, -0.5)  # first layer on top, no empty margin
         ax_r.set_xlabel("rank (singular components)")
         ax_r.set_title("Rank kept vs break-even rank")
-        ax_r.legend(handles=[Patch(color=BLUE, label="rank kept"),
-                             Line2D([], [], marker="|", ls="", ms=12, mew=2, color=ORANGE, label="break-even rank"),
-                             *([Patch(facecolor="white", edgecolor=GREY, hatch="////", label="left dense")]
-                               if dense else [])],
-                    loc="lower right")
         scale, unit = _bytes_unit([l.bytes_dense for l in layers])
-        ax_b.barh(y, [l.bytes_dense / scale for l in layers], height=0.8, color=LIGHT, label="dense")
-        ax_b.barh(y, [l.bytes_after / scale for l in layers], height=0.45, color=INK, label="compressed")
+        ax_b.barh(y, [l.bytes_dense / scale for l in layers], height=0.8, color=LIGHT)
+        ax_b.barh(y, [l.bytes_after / scale for l in layers], height=0.45, color=INK)
         ax_b.set_xlabel(f"weight bytes at {precision} ({unit}, bias excluded)")
         ax_b.set_title("Weight bytes per layer")
-        ax_b.legend(loc="lower right")
         ax_b.tick_params(axis="y", length=0)
-        fig.tight_layout()
+        handles = [Patch(color=BLUE, label="rank kept"),
+                   Line2D([], [], marker="|", ls="", ms=12, mew=2, color=ORANGE,
+                          label="break-even rank out·in/(out+in)"),
+                   *([Patch(facecolor="white", edgecolor=GREY, hatch="////", label="left dense")] if dense else []),
+                   Patch(color=LIGHT, label="bytes dense"), Patch(color=INK, label="bytes as shipped")]
+        fig.legend(handles=handles, loc="outside upper center", ncol=len(handles))
         return _png(fig)
 
 
@@ -167,7 +165,7 @@ def latency_chart(rows: list[LatencyRow], shape: dict) -> bytes:
                 est = source != "measured"
                 ax.bar(x, r.p50_ms, width * 0.9, color=LIGHT if model == "dense" else BLUE,
                        edgecolor=INK if est else "none", hatch="///" if est else None, lw=0.6)
-                ax.annotate(f"{r.p50_ms:.1f}", (x, r.p50_ms), xytext=(0, 2), textcoords="offset points",
+                ax.annotate(f"{r.p50_ms:.3g}", (x, r.p50_ms), xytext=(0, 2), textcoords="offset points",
                             ha="center", va="bottom", fontsize=7)
                 if r.p90_ms is not None:
                     ax.plot([x, x], [r.p50_ms, r.p90_ms], color=INK, lw=1)
@@ -227,8 +225,8 @@ def pareto_chart(points: list[ParetoPoint]) -> bytes:
                 est = points[i].latency_source == "estimated" and "latency" in xlabel
                 ax.scatter([x[idx]], [qq[idx]], s=36, marker="o", zorder=3,
                            facecolors="white" if est else BLUE, edgecolors=BLUE)
-                ax.annotate(points[i].label + (" (est.)" if est else ""), (x[idx], qq[idx]), xytext=(4, 4),
-                            textcoords="offset points", fontsize=7)
+                ax.annotate(points[i].label + (" (est.)" if est else ""), (x[idx], qq[idx]),
+                            xytext=(5, 5 - 12 * (idx % 2)), textcoords="offset points", fontsize=7)
             ax.set_xlabel(xlabel)
             ax.set_ylabel(points[0].quality_name)
             ax.set_title(title)

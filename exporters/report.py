@@ -107,7 +107,8 @@ def summary_section(r: ReportInputs) -> str:
     if r.dense_onnx_bytes:
         size = f"{fmt_bytes(r.dense_onnx_bytes)} dense → {size} compressed ({r.onnx_bytes / r.dense_onnx_bytes:.1%})"
     verdict = ("not checked" if r.parity_ok is None else "pass" if r.parity_ok else "fail")
-    kv = [("Model", f"{r.model} — {r.family} ({r.model_type})"),
+    kv = [("Model", f"{Path(r.model).name or r.model} — {r.family} ({r.model_type})"
+                    + (f", from {r.model}" if "/" in r.model else "")),
           ("Device profile", f"{r.profile} — {r.device}" if r.profile else "none — packed without a device profile"),
           ("Method", r.method), ("Keep (targeted parameters after ÷ before)", keep),
           ("Layers factorized", f"{factorized} of {len(r.layers)} targeted" if r.layers else "–"),
@@ -153,8 +154,9 @@ def layers_section(r: ReportInputs) -> str:
 def spectrum_section(r: ReportInputs) -> str:
     out = ['<section id="spectrum"><h2>Spectrum: singular values and learned importance</h2>']
     if not r.spectra:
-        out.append(_missing("This bundle carries no spectrum (reports/spectrum.safetensors is absent), so the "
-                            "singular values cannot be shown."))
+        out.append(_missing("This bundle carries no spectrum of its targeted layers (reports/spectrum.safetensors "
+                            "is absent or lists no layer, e.g. when every layer was left dense), so no singular "
+                            "values can be shown."))
         return "\n".join(out + ["</section>"])
     learned = any(s.scores is not None for s in r.spectra)
     caption = ("Singular values of the activation-whitened weight (log scale); filled points are kept, hollow "
@@ -230,8 +232,8 @@ def render_html(r: ReportInputs) -> str:
             # No network: images are data: URIs, styles inline; this policy makes a browser refuse anything else.
             "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; img-src data:; "
             "style-src 'unsafe-inline'\">"
-            f"<title>edgesvd report — {_e(r.model)}</title><style>{_CSS}</style></head><body>"
-            f"<header><h1>edgesvd report — {_e(r.model)}</h1>"
+            f"<title>edgesvd report — {_e(Path(r.model).name or r.model)}</title><style>{_CSS}</style></head><body>"
+            f"<header><h1>edgesvd report — {_e(Path(r.model).name or r.model)}</h1>"
             f"<p class=\"sub\">bundle <code>{_e(r.bundle.name)}</code> · created {_e(r.created)}</p></header>"
             + "\n".join(body)
             + f"<footer>Made by edgesvd from this bundle's manifest.json and reports/. {_e(versions)}</footer>"
