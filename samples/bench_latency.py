@@ -1,0 +1,163 @@
+"""ONNX Runtime CPU latency, dense vs compressed, beside the FLOP-ratio bound (the README's latency table).
+
+MiniLM (real weights) at keep 0.8 / 0.6 / 0.5 / 0.4, batch 1 and 8, sequence 128; a random-init Llama of
+realistic shape (hidden 1024, 8 layers) for prefill and per-token decode with the KV cache. Every keep is
+measured with ranks rounded to multiples of 1, 8, 16 and 32 (rank rounding is the lever on CPU SIMD).
+Checkpoints use `whiten` (latency does not depend on the method); statistics and spectra are computed
+once per model and every (keep, multiple) variant is cut from them.
+
+    python samples/bench_latency.py                       # full table (~10-15 min on 2 cores)
+    python samples/bench_latency.py --runs 5 --skip-llama # quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime as dt
+import json
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from edgesvd.calibration import CalibrationConfig
+from edgesvd.checkpoint import CompressionRecord, LayerRecord
+from edgesvd.compress import CompressConfig, layer_spectrum, prepare, replace_with_factors
+from edgesvd.ranks import uniform_rank
+from exporters.onnx_export import ExportConfig, export_model
+from exporters.profiling import ProfileConfig, graph_flops, profile
+from exporters.providers import CPU, SessionConfig
+
+STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
+    except Exception:
+        return platform.processor() or "unknown CPU"
+
+
+def variants(model_ref: str, keeps: list[float], multiples: list[int], tmp: Path, calib: CalibrationConfig):
+    """Export the dense model and every (keep, multiple) variant; yields (keep, multiple, keep_actual, dir)."""
+    cfg = CompressConfig(model=model_ref, method="whiten", calibration=calib, device="cpu", show_progress=False)
+    prep = prepare(cfg)
+    spectra = {name: layer_spectrum(prep.model, name, "whiten", prep.stats) for name in prep.targets}
+    prep.stats = None
+    family = prep.source.family
+    dense_dir = tmp / f"{prep.source.name}-dense"
+    export_model(prep.model, prep.tokenizer, family, dense_dir, ExportConfig())
+    yield None, None, 1.0, dense_dir
+    for keep in keeps:
+        for multiple in multiples:
+            model = copy.deepcopy(prep.model)
+            layers = []
+            for name in prep.targets:
+                w = model.get_submodule(name).weight
+                out_f, in_f = w.shape
+                rank = uniform_rank(out_f, in_f, keep, multiple)
+                layers.append(LayerRecord(name, in_f, out_f, rank, model.get_submodule(name).bias is not None))
+                if rank is not None:
+                    a, b = spectra[name].factors(rank)
+                    replace_with_factors(model, name, a, b)
+            record = CompressionRecord("whiten", keep, family, model_ref, layers, rank_multiple=multiple)
+            out = tmp / f"{prep.source.name}-k{keep}-m{multiple}"
+            export_model(model, prep.tokenizer, family, out, ExportConfig(), record)  # checks the factorization
+            del model
+            yield keep, multiple, record.keep_actual, out
+
+
+def random_llama(tmp: Path) -> Path:
+    """A random-init Llama (hidden 1024, 8 layers, GQA 16/8, vocab 32000) with stories260K's tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=8,
+                      num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=2048,
+                      bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    path = tmp / "llama-1024x8"
+    LlamaForCausalLM(cfg).eval().save_pretrained(path, safe_serialization=True)
+    AutoTokenizer.from_pretrained(STORIES).save_pretrained(path)
+    return path
+
+
+def measure(onnx_dir: Path, batch: int, seq: int, args) -> dict[str, float]:
+    cfg = ProfileConfig(batch=batch, seq_len=seq, warmup=args.warmup, runs=args.runs, eps=(CPU,),
+                        session=SessionConfig(intra_op_threads=args.threads))
+    return profile(onnx_dir, None, cfg).p50("compressed")
+
+
+def bench(name: str, model_ref: str, shapes: list[tuple[int, int]], keeps, multiples, calib, args, tmp, rows):
+    dense_p50, dense_flops = {}, {}
+    for keep, multiple, keep_actual, onnx_dir in variants(model_ref, keeps, multiples, tmp, calib):
+        for batch, seq in shapes:
+            p50 = measure(onnx_dir, batch, seq, args)
+            flops = graph_flops(onnx_dir, seq)["total_per_token"]
+            if keep is None:
+                dense_p50[(batch, seq)], dense_flops[seq] = p50, flops
+                for mode, ms in p50.items():
+                    print(f"{name} dense b{batch} s{seq} {mode}: {ms:.2f} ms", flush=True)
+                continue
+            ratio = flops / dense_flops[seq]
+            for mode, ms in p50.items():
+                d = dense_p50[(batch, seq)][mode]
+                row = {"model": name, "keep": keep, "keep_actual": keep_actual, "multiple": multiple, "batch": batch,
+                       "seq": seq, "mode": mode, "dense_ms": d, "compressed_ms": ms, "speedup": d / ms,
+                       "flop_bound": 1 / ratio, "of_bound": d / ms * ratio}
+                rows.append(row)
+                print(f"{name} keep {keep} ×{multiple} b{batch} s{seq} {mode}: {d:.2f} → {ms:.2f} ms "
+                      f"speedup {d / ms:.2f}× (bound {1 / ratio:.2f}×, {row['of_bound']:.0%})", flush=True)
+        if onnx_dir.exists() and keep is not None:
+            import shutil
+
+            shutil.rmtree(onnx_dir)  # disk: the Llama variants are ~0.3-0.6 GB each
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| model | keep (actual) | rank multiple | batch × seq | mode | dense p50 ms | compressed p50 ms "
+             "| speedup | FLOP bound | of bound |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['keep']} ({r['keep_actual']:.3f}) | {r['multiple']} | {r['batch']}×{r['seq']} "
+                     f"| {r['mode']} | {r['dense_ms']:.2f} | {r['compressed_ms']:.2f} | {r['speedup']:.2f}× "
+                     f"| {r['flop_bound']:.2f}× | {r['of_bound']:.0%} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--keeps", type=float, nargs="+", default=[0.8, 0.6, 0.5, 0.4])
+    ap.add_argument("--multiples", type=int, nargs="+", default=[1, 8, 16, 32])
+    ap.add_argument("--llama-keeps", type=float, nargs="+", default=[0.5])
+    ap.add_argument("--llama-multiples", type=int, nargs="+", default=[1, 8, 16, 32])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
+    ap.add_argument("--skip-minilm", action="store_true")
+    ap.add_argument("--skip-llama", action="store_true")
+    ap.add_argument("--json", type=Path, default=None)
+    args = ap.parse_args()
+    rows: list[dict] = []
+    start = dt.datetime.now()
+    with tempfile.TemporaryDirectory(prefix="edgesvd-bench-") as tmp:
+        tmp = Path(tmp)
+        if not args.skip_minilm:
+            bench("MiniLM", "minilm", [(b, args.seq) for b in args.batches], args.keeps, args.multiples,
+                  CalibrationConfig(num_sequences=16, seq_len=128), args, tmp, rows)
+        if not args.skip_llama:
+            bench("Llama 1024×8", str(random_llama(tmp)), [(1, args.seq)], args.llama_keeps, args.llama_multiples,
+                  CalibrationConfig(num_sequences=8, seq_len=64), args, tmp, rows)
+    header = (f"{start:%Y-%m-%d}, {cpu_name()}, {torch.get_num_threads()} threads, onnxruntime CPU EP, "
+              f"{args.runs} runs after {args.warmup} warm-up, p50; wall {(dt.datetime.now() - start).seconds}s")
+    print("\n" + header + "\n\n" + markdown(rows))
+    if args.json:
+        args.json.write_text(json.dumps({"header": header, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

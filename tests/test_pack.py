@@ -1,0 +1,123 @@
+"""Bundles: manifest with every file's sha256, --check on folder and archive, tampering, the runner."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from edgesvd.checkpoint import load_compressed
+from edgesvd.cli import main
+from edgesvd.loading import load_tokenizer
+from exporters.bundle import check_bundle, pack
+from exporters.errors import BundleError
+from exporters.parity import ParityConfig, verify
+from exporters.profiling import ProfileConfig, profile
+from exporters.providers import CPU
+from test_export_helpers import checkpoint, exported, exported_dense, work_root
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return work_root(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def llama_bundle(tiny_llama_dir, root):
+    ck = checkpoint(tiny_llama_dir, root)
+    onnx_dir = exported(ck, root)
+    parity = verify(ck, onnx_dir, ParityConfig(batch=2, seq_len=16, new_tokens=4)).to_json()
+    prof = profile(onnx_dir, exported_dense(tiny_llama_dir, root), ProfileConfig(seq_len=8, warmup=1, runs=3)).to_json()
+    out = root / "bundle-llama"
+    if not out.exists():
+        pack(onnx_dir, ck, out, parity, prof)
+    return out, ck
+
+
+def test_manifest_lists_everything(llama_bundle):
+    bundle, _ = llama_bundle
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["schema_version"] == 1
+    files = set(manifest["files"])
+    assert {"model.onnx", "tokenizer.json", "config.json", "run.py", "reports/parity.json", "reports/profile.json",
+            "reports/report.md"} <= files
+    on_disk = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()} - {"manifest.json"}
+    assert files == on_disk
+    assert manifest["source"]["sha256"] and len(manifest["checkpoint"]["sha256"]) == 64
+    assert manifest["compression"]["method"] == "whiten" and any(manifest["compression"]["ranks"].values())
+    assert manifest["parity"]["ok"] and manifest["parity"]["providers"][CPU]["status"] == "passed"
+    assert {"prefill", "decode"} <= set(manifest["latency"]["models"]["compressed"][CPU])
+    for lib in ("edgesvd", "torch", "transformers", "onnx", "onnxruntime"):
+        assert manifest["versions"][lib]
+    assert manifest["model"]["opset"] >= 14 and manifest["runtime"]["session_options"]["graph_optimization"] == "all"
+    assert "| compressed |" in (bundle / "reports" / "report.md").read_text()
+    assert (bundle.parent / (bundle.name + ".tar.gz")).is_file()
+
+
+def test_check_passes_on_folder_and_archive(llama_bundle):
+    bundle, _ = llama_bundle
+    for target in (bundle, bundle.parent / (bundle.name + ".tar.gz")):
+        r = CliRunner().invoke(main, ["pack", "--check", str(target)])
+        assert r.exit_code == 0 and r.output.startswith("ok:"), r.output
+
+
+@pytest.mark.parametrize("tamper", ["modify", "delete", "add"])
+def test_tampered_bundle_fails_check(llama_bundle, tmp_path, tamper):
+    import shutil
+
+    bundle = shutil.copytree(llama_bundle[0], tmp_path / "b")
+    if tamper == "modify":
+        data = bytearray((bundle / "model.onnx").read_bytes())
+        data[-1] ^= 1
+        (bundle / "model.onnx").write_bytes(bytes(data))
+        expected = "model.onnx was modified"
+    elif tamper == "delete":
+        (bundle / "tokenizer.json").unlink()
+        expected = "tokenizer.json is missing"
+    else:
+        (bundle / "extra.bin").write_bytes(b"x")
+        expected = "extra.bin is not in the manifest"
+    with pytest.raises(BundleError, match=expected):
+        check_bundle(bundle)
+    r = CliRunner().invoke(main, ["pack", "--check", str(bundle)])
+    assert r.exit_code == 1 and expected in r.output
+
+
+def test_runner_generates_like_pytorch(llama_bundle):
+    bundle, ck = llama_bundle
+    out = subprocess.run([sys.executable, str(bundle / "run.py"), "The file is", "--max-new-tokens", "6", "--json"],
+                         capture_output=True, text=True, cwd=bundle.parent, check=True)
+    result = json.loads(out.stdout)
+    model, _ = load_compressed(ck)
+    ids = torch.tensor([result["prompt_ids"]])
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                             pad_token_id=0)[0, ids.shape[1]:].tolist()
+    assert result["new_ids"] == ref[: len(result["new_ids"])] and len(result["new_ids"]) > 0
+
+
+def test_minilm_pack_cli_and_runner_embeddings(minilm_dir, root, tmp_path):
+    ck = checkpoint(minilm_dir, root)
+    onnx_dir = exported(ck, root, pooled=True)
+    out = tmp_path / "mini"
+    r = CliRunner().invoke(main, ["pack", str(onnx_dir), "--out", str(out), "--runs", "2"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["pack", str(onnx_dir), "--out", str(out), "--runs", "2"])
+    assert r.exit_code == 2 and "--force" in r.output
+    texts = ["A man is playing a guitar.", "Someone plays an instrument."]
+    res = subprocess.run([sys.executable, str(out / "run.py"), *texts, "--json"], capture_output=True, text=True,
+                         check=True)
+    got = torch.tensor(json.loads(res.stdout)["embeddings"])
+    model, _ = load_compressed(ck)
+    enc = load_tokenizer(ck)(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**enc).last_hidden_state
+    m = enc["attention_mask"][..., None].float()
+    ref = (hidden * m).sum(1) / m.sum(1)
+    assert torch.nn.functional.cosine_similarity(got, ref).min() > 0.9999
+    r = CliRunner().invoke(main, ["pack", "--check", str(out)])
+    assert r.exit_code == 0

@@ -1,0 +1,56 @@
+"""`edgesvd run`: the whole job on tiny models, its summary, the default method, refusing existing output."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+
+import edgesvd.compress as compress_mod
+from edgesvd.calibration import CalibrationConfig
+from edgesvd.cli import main
+from exporters.bundle import check_bundle
+from exporters.pipeline import RunConfig, run
+
+FAST = ["--calib-samples", "8", "--calib-len", "32", "--runs", "3", "--seq-len", "16", "--quiet", "--device", "cpu"]
+
+
+def test_run_cli_end_to_end_on_a_decoder(tiny_llama_dir, tmp_path):
+    args = ["run", str(tiny_llama_dir), "--method", "whiten", "--out-root", str(tmp_path), *FAST]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    out = tmp_path / tiny_llama_dir.name
+    for sub in ("checkpoint", "onnx", "onnx-dense", "bundle", "bundle.tar.gz", "summary.json"):
+        assert (out / sub).exists(), sub
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "whiten" and summary["parity_ok"]
+    assert summary["params_compressed"] < summary["params_dense"]
+    assert summary["onnx_bytes_compressed"] < summary["onnx_bytes_dense"]
+    assert {l["mode"] for l in summary["latency"]} == {"prefill", "decode"}
+    for row in ("parameters", "ONNX bytes", "p50 prefill", "p50 decode", "parity", "bundle.tar.gz"):
+        assert row in r.output, row
+    check_bundle(out / "bundle.tar.gz")
+    before = (out / "summary.json").read_text()
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 2 and "--force" in r.output
+    assert (out / "summary.json").read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == [tiny_llama_dir.name], "no temporary folder may be left"
+
+
+def test_run_reads_the_default_method_at_call_time(tiny_bert_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(compress_mod, "DEFAULT_METHOD", "plain")
+    cfg = RunConfig(model=str(tiny_bert_dir), calibration=CalibrationConfig(num_sequences=8, seq_len=32),
+                    out_root=tmp_path, profile_runs=2, profile_warmup=0, seq_len=16, device="cpu", show_progress=False)
+    summary = run(cfg)
+    assert summary.method == "plain"
+    record = json.loads((summary.out / "checkpoint" / "config.json").read_text())["edgesvd"]
+    assert record["method"] == "plain"
+    manifest = json.loads((summary.bundle / "manifest.json").read_text())
+    assert manifest["compression"]["method"] == "plain" and manifest["parity"]["ok"]
+    assert summary.latency[0]["mode"] == "forward"
+
+
+def test_run_bad_model_is_one_line(tmp_path):
+    r = CliRunner().invoke(main, ["run", str(tmp_path / "missing"), "--out-root", str(tmp_path / "o")])
+    assert r.exit_code == 2 and r.output.startswith("error: model path does not exist")
+    assert not (tmp_path / "o").exists()
