@@ -274,6 +274,10 @@ def run_profiles(cfg, profiles: list[Profile], max_plans: int = 3) -> list[Devic
         comparison = [r.to_json() for r in results]
         (tmp / "comparison.json").write_text(json.dumps(comparison, indent=2, default=str) + "\n")
         (tmp / "comparison.md").write_text(comparison_markdown(results) + "\n")
+        from .report import write_report
+
+        for r in results:  # comparison.json exists now: every device's report gets the trade-off chart
+            write_report(tmp / r.profile / "bundle")
     return results
 
 
