@@ -110,14 +110,16 @@ def print_profile(report) -> None:
                           f"{r['speedup']:.2f}×", f"{r['flop_ratio']:.3f}", f"{r['flop_bound_speedup']:.2f}×",
                           f"{r['fraction_of_bound']:.0%}")
         out_console.print(ratio)
-    for m in report.measurements:
-        if m.per_layer_ms:
-            per = Table(title=f"per-layer kernel time, {m.model} on {_short(m.provider)} (ms per run)")
-            per.add_column("block")
-            per.add_column("ms", justify="right")
-            for name, ms in m.per_layer_ms.items():
-                per.add_row(name, f"{ms:.3f}")
-            out_console.print(per)
+    profiled = [m for m in report.measurements if m.per_layer_ms]
+    if profiled:
+        per = Table(title="per-layer kernel time (ms per run, onnxruntime profiler)", min_width=64)
+        per.add_column("block")
+        for m in profiled:
+            per.add_column(f"{m.model} {_short(m.provider)}", justify="right")
+        blocks = list(dict.fromkeys(b for m in profiled for b in m.per_layer_ms))
+        for b in blocks:
+            per.add_row(b, *(f"{m.per_layer_ms.get(b, 0.0):.3f}" for m in profiled))
+        out_console.print(per)
 
 
 def print_summary(s) -> None:

@@ -55,7 +55,7 @@ def test_encoder_profile_per_node_and_cli_json(tiny_bert_dir, root, tmp_path):
                                   "--seq-len", "16", "--runs", "3", "--warmup", "1", "--per-node", "--ep", "cpu",
                                   "--json", str(out)])
     assert r.exit_code == 0, r.output
-    assert "dense → compressed" in r.output and "per-layer kernel time" in r.output
+    assert "dense → compressed" in r.output and "per-layer kernel time" in r.output and "layer.1" in r.output
     data = json.loads(out.read_text())
     comp = next(m for m in data["measurements"] if m["model"] == "compressed")
     assert "forward" in comp["modes"] and {"layer.0", "layer.1"} <= set(comp["per_layer_ms"])

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 from click.testing import CliRunner
 
-import edgesvd.compress as compress_mod
 from edgesvd.calibration import CalibrationConfig
 from edgesvd.cli import main
 from exporters.bundle import check_bundle
@@ -38,7 +38,8 @@ def test_run_cli_end_to_end_on_a_decoder(tiny_llama_dir, tmp_path):
 
 
 def test_run_reads_the_default_method_at_call_time(tiny_bert_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(compress_mod, "DEFAULT_METHOD", "plain")
+    # edgesvd.compress is also the name of a function in the package namespace: import the module.
+    monkeypatch.setattr(importlib.import_module("edgesvd.compress"), "DEFAULT_METHOD", "plain")
     cfg = RunConfig(model=str(tiny_bert_dir), calibration=CalibrationConfig(num_sequences=8, seq_len=32),
                     out_root=tmp_path, profile_runs=2, profile_warmup=0, seq_len=16, device="cpu", show_progress=False)
     summary = run(cfg)
