@@ -347,4 +347,5 @@ def run_with_profiles(cfg, profile_refs: tuple[str, ...], budget_items: tuple[st
     proxy = next((k for r in results for k in r.quality), "")
     out_console.print(f"quality proxy: {proxy.replace('_', ' ')} on held-out calibration text; "
                       f"bundles: {', '.join(str(r.bundle) for r in results)}")
+    out_console.print(f"reports: {', '.join(str(r.bundle / 'report.html') for r in results)}")
     return results

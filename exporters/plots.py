@@ -51,11 +51,15 @@ def _png(fig) -> bytes:
 
 
 def short_names(names: list[str]) -> list[str]:
-    """Layer names without the prefix they all share up to a dot ('encoder.layer.' in BERT)."""
+    """Layer names without the prefix they all share up to a dot and before any block index
+    ('encoder.layer.' in BERT, 'model.layers.' in Llama)."""
     if len(names) < 2:
         return list(names)
     prefix = os.path.commonprefix(names)
-    prefix = prefix[: prefix.rfind(".") + 1]
+    parts = prefix[: prefix.rfind(".") + 1].split(".")[:-1]
+    # Never strip a block index ('model.layers.0.'): the reader needs to know which block it is.
+    parts = parts[: next((i for i, p in enumerate(parts) if p.isdigit()), len(parts))]
+    prefix = "".join(p + "." for p in parts)
     return [n[len(prefix):] or n for n in names]
 
 
@@ -145,48 +149,53 @@ def spectrum_chart(spectra: list[SpectrumRow]) -> bytes:
 
 
 def latency_chart(rows: list[LatencyRow], shape: dict) -> bytes:
-    """Dense vs compressed p50 bars per execution provider and mode, with p90 whiskers and p99
-    diamonds; estimated values are hatched and say so in their label."""
+    """One panel per execution provider and mode (each on its own scale: prefill and decode differ
+    by orders of magnitude): dense vs compressed p50 bars, p90 whiskers, p99 diamonds, measured
+    and estimated side by side; estimated bars are hatched and labelled so."""
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
     with _style():
-        groups = list(dict.fromkeys((r.provider, r.mode, r.source) for r in rows))
-        fig, ax = plt.subplots(figsize=(max(5.5, 2.2 * len(groups) + 2), 3.8))
+        panels = list(dict.fromkeys((r.provider, r.mode) for r in rows))
+        sources = {p: list(dict.fromkeys(r.source for r in rows if (r.provider, r.mode) == p)) for p in panels}
+        widths = [max(1.6, 1.5 * len(sources[p])) for p in panels]
+        fig, axes = plt.subplots(1, len(panels), figsize=(sum(widths) + 2.6, 3.9), squeeze=False,
+                                 gridspec_kw={"width_ratios": widths}, layout="constrained")
         width = 0.36
-        for g, (provider, mode, source) in enumerate(groups):
-            for j, model in enumerate(("dense", "compressed")):
-                r = next((r for r in rows if (r.provider, r.mode, r.source, r.model) == (provider, mode, source, model)),
-                         None)
-                if r is None:
-                    continue
-                x = g + (j - 0.5) * width
+        for ax, panel in zip(axes[0], panels):
+            for g, source in enumerate(sources[panel]):
                 est = source != "measured"
-                ax.bar(x, r.p50_ms, width * 0.9, color=LIGHT if model == "dense" else BLUE,
-                       edgecolor=INK if est else "none", hatch="///" if est else None, lw=0.6)
-                ax.annotate(f"{r.p50_ms:.3g}", (x, r.p50_ms), xytext=(0, 2), textcoords="offset points",
-                            ha="center", va="bottom", fontsize=7)
-                if r.p90_ms is not None:
-                    ax.plot([x, x], [r.p50_ms, r.p90_ms], color=INK, lw=1)
-                    ax.plot([x - width * 0.15, x + width * 0.15], [r.p90_ms] * 2, color=INK, lw=1)
-                if r.p99_ms is not None:
-                    ax.scatter([x], [r.p99_ms], marker="D", s=14, color=ORANGE, zorder=3)
-        labels = [f"{p.replace('ExecutionProvider', '')} · {m}\n" + ("measured" if s == "measured" else "estimated")
-                  for p, m, s in groups]
-        ax.set_xticks(range(len(groups)), labels)
-        ax.set_ylabel("latency per call (ms)")
-        ax.set_ylim(0, ax.get_ylim()[1] * 1.08)
+                for j, model in enumerate(("dense", "compressed")):
+                    r = next((r for r in rows if ((r.provider, r.mode), r.source, r.model) == (panel, source, model)),
+                             None)
+                    if r is None:
+                        continue
+                    x = g + (j - 0.5) * width
+                    ax.bar(x, r.p50_ms, width * 0.9, color=LIGHT if model == "dense" else BLUE,
+                           edgecolor=INK if est else "none", hatch="///" if est else None, lw=0.6)
+                    ax.annotate(f"{r.p50_ms:.3g}", (x, r.p50_ms), xytext=(-7, 2), textcoords="offset points",
+                                ha="right" if r.p90_ms is not None else "center", va="bottom", fontsize=7)
+                    if r.p90_ms is not None:
+                        ax.plot([x, x], [r.p50_ms, r.p90_ms], color=INK, lw=1)
+                        ax.plot([x - width * 0.15, x + width * 0.15], [r.p90_ms] * 2, color=INK, lw=1)
+                    if r.p99_ms is not None:
+                        ax.scatter([x], [r.p99_ms], marker="D", s=14, color=ORANGE, zorder=3)
+            ax.set_xticks(range(len(sources[panel])),
+                          ["measured" if s == "measured" else "estimated" for s in sources[panel]])
+            ax.set_xlim(-0.6, len(sources[panel]) - 0.4)
+            ax.set_ylim(0, ax.get_ylim()[1] * 1.1)
+            ax.set_title(f"{panel[0].replace('ExecutionProvider', '')} · {panel[1]}")
+            ax.set_ylabel("latency per call (ms)")
+            ax.grid(axis="x", visible=False)
         desc = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in shape.items() if v is not None)
-        ax.set_title("Latency, dense vs compressed" + (f" ({desc})" if desc else ""))
+        fig.suptitle("Latency, dense vs compressed" + (f" ({desc})" if desc else ""), fontsize=10, fontweight="bold")
         handles = [Patch(color=LIGHT, label="dense p50"), Patch(color=BLUE, label="compressed p50"),
                    Line2D([], [], color=INK, lw=1, label="p50 → p90"),
                    Line2D([], [], marker="D", ls="", ms=4, color=ORANGE, label="p99")]
-        if any(s != "measured" for _, _, s in groups):
+        if any(r.source != "measured" for r in rows):
             handles.append(Patch(facecolor="white", edgecolor=INK, hatch="///", label="estimated (not measured)"))
-        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-        ax.grid(axis="x", visible=False)
-        fig.tight_layout()
+        fig.legend(handles=handles, loc="outside lower center", ncol=len(handles))
         return _png(fig)
 
 

@@ -115,6 +115,9 @@ def summary_section(r: ReportInputs) -> str:
           ("ONNX", f"{r.precision}, opset {r.opset}"), ("Bundle bytes (ONNX graph + data)", size)]
     rows = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in kv)
     rows += f"<tr><th>Parity verdict</th><td>{_badge(verdict)}</td></tr>"
+    vs_dense = [q for q in r.quality if q.kind == "task score" or q.kind.startswith("quality proxy")]
+    quality = "; ".join(f"{q.metric} {q.value:.4f} ({q.kind.split(':')[0]})" for q in vs_dense)
+    rows += f"<tr><th>Quality vs dense</th><td>{_e(quality or 'not measured (no evaluation set, no budget run)')}</td></tr>"
     out = [f'<section id="summary"><h2>Summary</h2><table class="kv"><tbody>{rows}</tbody></table>']
     if r.parity:
         out.append(_table(["parity per execution provider", "status", "detail"],
@@ -204,8 +207,9 @@ def quality_section(r: ReportInputs) -> str:
     rows = [[_e(q.metric), f"{q.value:.6f}", _e(q.kind), _e(q.detail or _closeness(q))] for q in r.quality]
     out.append(_table(["metric", "value", "measured as", "detail"], rows, numeric={1}))
     if not any(q.kind == "task score" for q in r.quality):
-        out.append('<p class="note">No evaluation set was given: only parity (agreement of the ONNX model with '
-                   "the compressed PyTorch model) was measured, not a task score against the dense model.</p>")
+        out.append('<p class="note">No evaluation set was given, so there is no task score. Parity is the '
+                   "agreement of the ONNX model with the compressed PyTorch model; a quality proxy, where present, "
+                   "compares the compressed model with the dense one.</p>")
     return "\n".join(out + ["</section>"])
 
 
