@@ -12,6 +12,7 @@ from .calibration import CalibrationBatch, CalibrationConfig, sample_calibration
 from .checkpoint import CompressionRecord, LayerRecord, library_versions
 from .device import resolve_device
 from .errors import ConfigError
+from .learned import LearnedConfig, learned_compress
 from .loading import DEFAULT_MODEL, ModelSource, load_model, load_tokenizer, resolve_model
 from .lowrank import LowRankLinear
 from .methods import METHODS, Spectrum, spectrum
@@ -20,9 +21,9 @@ from .ranks import check_keep, check_multiple, uniform_rank
 from .statistics import ActivationStats, collect_statistics
 from .targets import linearize_conv1d, select_targets, set_submodule
 
-ALL_METHODS = METHODS  # `learned` joins when its module is present
+ALL_METHODS = METHODS + ("learned",)
 # The best method available; `edgesvd run` and `compress` use it when none is named.
-DEFAULT_METHOD = "whiten"
+DEFAULT_METHOD = "learned"
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class CompressConfig:
     batch_size: int = 16
     trust_remote_code: bool = False
     show_progress: bool = True
+    learned: LearnedConfig = field(default_factory=LearnedConfig)  # used by method 'learned' only
 
     def __post_init__(self) -> None:
         check_keep(self.keep)
@@ -131,9 +133,14 @@ def compress(cfg: CompressConfig) -> CompressResult:
     """Run the pipeline for `cfg` and return the compressed model; nothing is written."""
     start = time.perf_counter()
     prepared = prepare(cfg, need_stats=cfg.method != "plain")
-    layers, spectra = factorize_uniform(prepared.model, prepared.targets, prepared.stats, cfg.method,
-                                        cfg.keep, cfg.rank_multiple, cfg.show_progress)
-    details = {"wall_s": round(time.perf_counter() - start, 2), "device": str(prepared.device)}
+    if cfg.method == "learned":
+        layers, spectra, details = learned_compress(prepared, cfg.keep, cfg.rank_multiple, cfg.learned,
+                                                    cfg.calibration.seed, cfg.show_progress)
+    else:
+        layers, spectra = factorize_uniform(prepared.model, prepared.targets, prepared.stats, cfg.method,
+                                            cfg.keep, cfg.rank_multiple, cfg.show_progress)
+        details = {}
+    details.update({"wall_s": round(time.perf_counter() - start, 2), "device": str(prepared.device)})
     if prepared.stats is not None:
         details["statistics_bytes"] = prepared.stats.nbytes()
     record = CompressionRecord(

@@ -1,0 +1,138 @@
+"""The learned method: budget, exact folding, determinism, global selection, CLI/inspect, real MiniLM."""
+
+from __future__ import annotations
+
+import torch
+from click.testing import CliRunner
+
+from edgesvd import CalibrationConfig, CompressConfig, compress, load_compressed, save_compressed
+from edgesvd.checkpoint import load_spectra
+from edgesvd.cli import main
+from edgesvd.importance import LayerCandidates, ScoredLowRank, select_global, top_components
+from edgesvd.learned import LearnedConfig, candidate_rank
+from edgesvd.lowrank import LowRankLinear
+from edgesvd.methods import whiten_spectrum
+
+FAST = LearnedConfig(steps=6, finetune_steps=4, batch_size=4)
+
+
+def _cfg(model_dir, keep=0.5, multiple=1, learned=FAST, seed=0, samples=8):
+    return CompressConfig(model=str(model_dir), method="learned", keep=keep, rank_multiple=multiple,
+                          calibration=CalibrationConfig("builtin", samples, 32, seed), device="cpu",
+                          show_progress=False, learned=learned)
+
+
+def test_budget_met_within_one_percent_decoder_and_encoder(tiny_llama_dir, tiny_bert_dir):
+    for model_dir, keep in ((tiny_llama_dir, 0.5), (tiny_llama_dir, 0.3), (tiny_bert_dir, 0.4)):
+        record = compress(_cfg(model_dir, keep)).record
+        assert abs(record.keep_actual / keep - 1) <= 0.01, (model_dir.name, keep, record.keep_actual)
+        assert record.method == "learned"
+        losses = record.details["losses"]
+        assert {"before_switch", "after_switch", "after_finetune"} <= set(losses)
+
+
+def test_global_selection_gives_layers_different_ranks(tiny_llama_dir):
+    record = compress(_cfg(tiny_llama_dir, 0.5, multiple=4)).record
+    ranks = {l.rank for l in record.layers if l.out_features == l.in_features == 64}
+    assert len(ranks) > 1, "global selection should not end uniform on a random-init model"
+
+
+def test_scores_fold_exactly_into_the_factors():
+    torch.manual_seed(0)
+    weight, x = torch.randn(24, 40), torch.randn(200, 40)
+    spec = whiten_spectrum(weight, (x.T @ x).double(), x.shape[0])
+    a, b = spec.factors(16)
+    bias = torch.randn(24)
+    scored = ScoredLowRank(a.float(), b.float(), bias)
+    with torch.no_grad():
+        scored.scores.copy_(torch.linspace(-0.5, 2.0, 16))  # negative, pruned-ish and amplified
+        scored.alive[3] = 0
+    index = torch.tensor([i for i in range(16) if i != 3])
+    full = torch.zeros_like(spec.sigma)
+    full[:16] = (scored.scores * scored.alive).detach().double()
+    fa, fb = spec.factors(index.numel(), full, index)
+    folded = LowRankLinear.from_factors(fa.float(), fb.float(), bias)
+    probe = torch.randn(7, 40)
+    torch.testing.assert_close(folded(probe), scored(probe), atol=1e-5, rtol=1e-5)
+
+
+def test_folded_checkpoint_reproduces_the_model(tiny_llama_dir, tmp_path):
+    result = compress(_cfg(tiny_llama_dir, 0.5))
+    save_compressed(result.model, result.tokenizer, result.record, tmp_path / "ck", result.spectra)
+    loaded, record = load_compressed(tmp_path / "ck")
+    ids = torch.randint(3, 500, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, result.model(input_ids=ids).logits)
+    spectra = load_spectra(tmp_path / "ck")
+    for layer in record.layers:
+        entry = spectra[layer.name]
+        assert {"sigma", "scores", "kept"} <= set(entry)
+        expected = min(layer.in_features, layer.out_features) if layer.rank is None else layer.rank
+        assert int(entry["kept"].sum()) == expected
+
+
+def test_deterministic_with_a_seed(tiny_llama_dir):
+    first = compress(_cfg(tiny_llama_dir, 0.4)).model.state_dict()
+    second = compress(_cfg(tiny_llama_dir, 0.4)).model.state_dict()
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+def test_select_global_prefers_important_per_unit_cost():
+    # Two equal-shape layers: all importance in `hot`, so it takes the budget up to break-even (dense).
+    hot = LayerCandidates("hot", 32, 32, torch.linspace(10, 9, 32))
+    cold = LayerCandidates("cold", 32, 32, torch.full((32,), 1e-3))
+    ranks = select_global([hot, cold], target_params=1024 + 8 * 64, multiple=8)
+    assert ranks == {"hot": None, "cold": 8}
+    # Same importance, one layer twice as costly per component: the cheap one is filled first.
+    wide = LayerCandidates("wide", 64, 192, torch.ones(64))
+    narrow = LayerCandidates("narrow", 64, 64, torch.ones(64))
+    ranks = select_global([wide, narrow], target_params=8 * 256 + 24 * 128, multiple=8)
+    assert ranks == {"wide": 8, "narrow": 24}
+
+
+def test_candidates_and_top_components():
+    assert candidate_rank(384, 384, 0.5, 0.5, 8) == 144  # 0.75 × break-even 192
+    assert candidate_rank(64, 64, 0.8, 0.5, 8) == 64  # reaches break-even: every component
+    assert top_components(torch.tensor([0.1, 3.0, 0.2, 2.0]), 2).tolist() == [1, 3]
+
+
+def test_learned_options_are_validated():
+    import pytest
+
+    from edgesvd.errors import ConfigError
+
+    for bad in ({"steps": -1}, {"margin": -0.1}, {"lr": 0}, {"selection": "random"}, {"max_score": 0}):
+        with pytest.raises(ConfigError):
+            LearnedConfig(**bad)
+
+
+def test_cli_learned_then_inspect_shows_where_the_budget_went(tiny_bert_dir, tmp_path):
+    out = tmp_path / "ck"
+    runner = CliRunner()
+    res = runner.invoke(main, ["compress", str(tiny_bert_dir), "--keep", "0.5", "--rank-multiple", "2",
+                               "--calib-samples", "8", "--calib-len", "32", "--steps", "4",
+                               "--finetune-steps", "2", "--device", "cpu", "--quiet", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "method=learned" in res.output
+    res = runner.invoke(main, ["inspect", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "σ² kept" in res.output and "mean score" in res.output
+    res = runner.invoke(main, ["compress", str(tiny_bert_dir), "--margin", "-1", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "margin" in res.output
+
+
+def test_minilm_learned_not_worse_than_whiten(minilm_dir, stsb_file):
+    from edgesvd.evaluate import stsb_spearman
+
+    def run(method: str, **learned) -> float:
+        cfg = CompressConfig(model="minilm", method=method, keep=0.5, device="cpu", show_progress=False,
+                             calibration=CalibrationConfig("builtin", 32, 64, 0),
+                             learned=LearnedConfig(**learned) if learned else LearnedConfig())
+        result = compress(cfg)
+        return stsb_spearman(result.model, result.tokenizer, stsb_file, limit=200)
+
+    whiten = run("whiten")
+    learned = run("learned", steps=12, finetune_steps=12, batch_size=8)
+    assert learned >= whiten - 0.002, (learned, whiten)
