@@ -132,15 +132,19 @@ class CostModel:
         self.source = MEASURED if self.table else CALIBRATED if self._fit else ESTIMATED
         self._fixed_ms = fixed_ms
         self.tail = tail if tail is not None else DEFAULT_TAIL
-        self.anchored = fixed_ms is not None
+        self.anchored = False
+        self.scale = 1.0  # measured ÷ modelled dense latency, once anchored
         self._cache: dict[tuple, float] = {}
 
     def anchored_to(self, dense_p50_ms: float, dense_p90_ms: float | None = None) -> "CostModel":
-        """A copy whose non-Linear time is the measured dense latency minus its Linear layers' time,
-        so the model's total at dense ranks equals the measurement (the closed loop's anchor)."""
-        dense_layers = sum(self.layer_ms(s, None) for s in self.facts.layers)
+        """A copy whose times are all scaled so the dense model's total equals the measured dense
+        latency (the closed loop's anchor). Scaling, not an offset: on a shared machine the load
+        slows every operator alike, and the layer table may come from a quieter moment."""
         tail = dense_p90_ms / dense_p50_ms if dense_p90_ms else self.tail
-        return CostModel(self.profile, self.facts, self.table, max(dense_p50_ms - dense_layers, 0.0), tail)
+        out = CostModel(self.profile, self.facts, self.table, self._fixed_ms, tail)
+        out.scale = self.scale * dense_p50_ms / self.dense()["latency_p50"]
+        out.anchored = True
+        return out
 
     # -- per-operator time ---------------------------------------------------------------------
     def _roofline_ms(self, flops: float, traffic: float) -> float:
@@ -183,7 +187,7 @@ class CostModel:
         """p50 time of one layer at `rank` (None: dense) at the workload's token count."""
         key = (shape.out_features, shape.in_features, rank)
         if key in self._cache:
-            return self._cache[key]
+            return self._cache[key] * self.scale
         value = self._table_ms(key) if self.table else None
         if value is None:
             m = self.tokens
@@ -194,7 +198,7 @@ class CostModel:
             if shape.bias:
                 value += self.elementwise_ms(m * shape.out_features)
         self._cache[key] = value
-        return value
+        return value * self.scale
 
     def _table_ms(self, key: tuple[int, int, int | None]) -> float | None:
         """Measured time at `key`, linearly interpolated between the measured ranks of that shape."""
@@ -235,8 +239,12 @@ class CostModel:
 
     @property
     def fixed_ms(self) -> float:
-        """Time outside the targeted layers: measured (anchored) or estimated from attention,
-        elementwise operators, embeddings and untargeted Linear layers."""
+        """Time outside the targeted layers, estimated from attention,
+        elementwise operators, embeddings and untargeted Linear layers (or given), times the
+        anchor's scale."""
+        return self.scale * self._unscaled_fixed_ms()
+
+    def _unscaled_fixed_ms(self) -> float:
         if self._fixed_ms is not None:
             return self._fixed_ms
         f, w = self.facts, self.profile.workload
@@ -274,4 +282,5 @@ class CostModel:
     def with_profile(self, profile: Profile) -> "CostModel":
         """The same model and measurements under a profile with other budgets."""
         out = CostModel(profile, self.facts, self.table, self._fixed_ms, self.tail)
+        out.scale, out.anchored = self.scale, self.anchored
         return out

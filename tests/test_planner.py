@@ -216,3 +216,57 @@ def test_microbench_measures_real_onnxruntime_and_caches(tmp_path, monkeypatch):
     cache = {k: [123.0, 124.0] for k in cache}  # a second call must read, not re-measure
     path.write_text(json.dumps(cache))
     assert set(measure_layers(shapes, tokens=16, multiple=8).values()) == {(123.0, 124.0)}
+
+
+def test_tightening_arithmetic():
+    from exporters.budget_loop import missed_budgets, tightened
+
+    limits = {"latency_p50": 10.0, "model_bytes": 1000.0, "peak_memory": 5000.0}
+    measured = {"latency_p50": 12.5, "model_bytes": 1100.0, "peak_memory": 4000.0, "latency_p90": 99.0}
+    assert set(missed_budgets(limits, measured)) == {"latency_p50", "model_bytes"}
+    nxt = tightened(dict(limits), limits, measured)
+    assert nxt["latency_p50"] == pytest.approx(10.0 * 10.0 / 12.5 * 0.97)
+    assert nxt["model_bytes"] == pytest.approx(1000.0 - 1.25 * 100.0)
+    assert nxt["peak_memory"] == 5000.0  # met: unchanged
+
+
+def _run_cfg(model_dir, out_root):
+    from edgesvd.calibration import CalibrationConfig
+    from exporters.pipeline import RunConfig
+
+    return RunConfig(model=str(model_dir), calibration=CalibrationConfig(num_sequences=8, seq_len=32),
+                     out_root=out_root, profile_runs=5, profile_warmup=1, show_progress=False)
+
+
+def test_closed_loop_on_a_tiny_model_with_real_onnxruntime(tiny_bert_dir, tmp_path, monkeypatch):
+    """`run --profile host` on a tiny BERT: plan, export, measure with onnxruntime, re-plan while
+    the measured ONNX size misses its budget; the bundle manifest holds budgets, receipt, values."""
+    monkeypatch.setenv("EDGESVD_CACHE_DIR", str(tmp_path / "cache"))
+    from exporters.budget_loop import run_profiles
+
+    host = load_profile("host").with_workload(sequence_length=32).with_budgets(
+        {"model_bytes": "99%", "latency_p50": "400%"})
+    [result] = run_profiles(_run_cfg(tiny_bert_dir, tmp_path / "out"), [host], max_plans=4)
+    assert result.measured and result.latency_source == "measured"
+    assert result.values["model_bytes"] <= result.limits["model_bytes"]
+    assert result.values["latency_p50"] <= result.limits["latency_p50"]
+    assert any(r.rank is not None for r in result.receipt.rows)
+    for earlier, later in zip(result.history, result.history[1:]):  # a re-plan only ever shrinks the plan
+        assert earlier["missed"] and later["estimated"]["model_bytes"] < earlier["estimated"]["model_bytes"]
+    manifest = json.loads((result.bundle / "manifest.json").read_text())
+    budgets = manifest["budgets"]
+    assert budgets["met"] is True and budgets["values_are"] == "measured on this machine"
+    assert budgets["values"]["model_bytes"] == result.values["model_bytes"]
+    assert budgets["receipt"]["binding"] in ("model_bytes", "latency_p50")
+    assert {r["name"]: r["rank"] for r in budgets["receipt"]["rows"]} == manifest["compression"]["ranks"]
+    assert (tmp_path / "out" / tiny_bert_dir.name / "comparison.md").is_file()
+
+
+def test_closed_loop_fails_clearly_and_writes_nothing(tiny_bert_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGESVD_CACHE_DIR", str(tmp_path / "cache"))
+    from exporters.budget_loop import run_profiles
+
+    host = load_profile("host").with_workload(sequence_length=32).with_budgets({"model_bytes": "50%"})
+    with pytest.raises(BudgetError, match="budget infeasible on host.*smallest achievable size"):
+        run_profiles(_run_cfg(tiny_bert_dir, tmp_path / "out"), [host])
+    assert not (tmp_path / "out" / tiny_bert_dir.name).exists()
