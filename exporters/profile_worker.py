@@ -30,8 +30,10 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux, bytes on macOS
 
 
-def _options(spec: dict, profile: bool = False) -> ort.SessionOptions:
+def _options(spec: dict, profile: bool = False, spin: bool = True) -> ort.SessionOptions:
     so = ort.SessionOptions()
+    if not spin:  # two sessions in one process: idle threads of one must not spin while the other runs
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.intra_op_num_threads = spec["session"]["intra_op_threads"]
     so.inter_op_num_threads = spec["session"]["inter_op_threads"]
     so.graph_optimization_level = _LEVELS[spec["session"]["graph_optimization"]]
@@ -126,6 +128,28 @@ def measure(spec: dict) -> dict:
 _PROFILE_RUNS = 5
 
 
+def measure_pair(spec: dict) -> dict:
+    """Dense and compressed in one process with their timed runs interleaved (A, B, A, B, …), so
+    load from other processes on a shared machine hits both alike; returns p50 statistics per mode."""
+    provider = spec["provider"]
+    a, b = (ort.InferenceSession(p, _options(spec, spin=False), providers=[provider]) for p in spec["pair"])
+    batch, seq = spec["batch"], spec["seq_len"]
+    has_past = any(i.name.startswith("past_key_values") for i in a.get_inputs())
+    modes = [("prefill", seq, 0, batch * seq), ("decode", 1, seq, batch)] if has_past else [("forward", seq, 0, batch)]
+    out = {"dense": {}, "compressed": {}}
+    for mode, new, past, items in modes:
+        runs = [_runner(sess, feeds(sess, batch, new, past, np.random.default_rng(0)), provider) for sess in (a, b)]
+        times: list[list[float]] = [[], []]
+        for i in range(spec["warmup"] + spec["runs"]):
+            for k in (0, 1) if i % 2 == 0 else (1, 0):  # alternate which goes first
+                t = time.perf_counter()
+                runs[k]()
+                if i >= spec["warmup"]:
+                    times[k].append((time.perf_counter() - t) * 1000)
+        out["dense"][mode], out["compressed"][mode] = _stats(times[0], items), _stats(times[1], items)
+    return out
+
+
 def _node_profile(spec: dict, mode: tuple) -> str:
     """Run a separate profiling session (never the timed one) and return its trace file."""
     sess = ort.InferenceSession(spec["path"], _options(spec, profile=True), providers=[spec["provider"]])
@@ -139,7 +163,8 @@ def _node_profile(spec: dict, mode: tuple) -> str:
 
 if __name__ == "__main__":
     try:
-        print(json.dumps(measure(json.loads(sys.stdin.read()))))
+        spec = json.loads(sys.stdin.read())
+        print(json.dumps(measure_pair(spec) if spec.get("pair") else measure(spec)))
     except Exception as exc:  # reported by the parent as one line
         print(json.dumps({"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}))
         sys.exit(3)

@@ -95,10 +95,11 @@ def graph_flops(onnx_dir: str | os.PathLike, context: int) -> dict[str, float]:
     return {"linear_per_token": linear, "attention_per_token": attention, "total_per_token": linear + attention}
 
 
-def _run_worker(path: Path, provider: str, cfg: ProfileConfig, profile_prefix: str | None) -> dict:
+def _run_worker(path: Path, provider: str, cfg: ProfileConfig, profile_prefix: str | None,
+                pair: tuple[Path, Path] | None = None) -> dict:
     spec = {"path": str(path), "provider": provider, "batch": cfg.batch, "seq_len": cfg.seq_len,
             "warmup": cfg.warmup, "runs": cfg.runs, "session": cfg.session.to_json(),
-            "profile_prefix": profile_prefix}
+            "profile_prefix": profile_prefix, "pair": [str(p) for p in pair] if pair else None}
     env = dict(os.environ)
     # The worker must import this package even when run from another folder.
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
@@ -174,3 +175,11 @@ def profile(compressed_dir: str | os.PathLike, dense_dir: str | os.PathLike | No
                                     "fraction_of_bound": speedup * f_ratio})
     config = {**asdict(cfg), "family": family}
     return ProfileReport(config, measurements, flops, comparisons)
+
+
+def paired_latency(dense_dir: str | os.PathLike, compressed_dir: str | os.PathLike, cfg: ProfileConfig,
+                   provider: str = CPU) -> dict[str, dict[str, dict]]:
+    """Latency of dense and compressed measured in one process with interleaved runs: the fair
+    ratio on a machine shared with other work. {"dense"|"compressed": {mode: statistics}}."""
+    d, c = Path(dense_dir) / MODEL_FILE, Path(compressed_dir) / MODEL_FILE
+    return _run_worker(c, provider, cfg, None, pair=(d, c))

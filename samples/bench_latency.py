@@ -4,7 +4,8 @@ MiniLM (real weights) at keep 0.8 / 0.6 / 0.5 / 0.4, batch 1 and 8, sequence 128
 realistic shape (hidden 1024, 8 layers) for prefill and per-token decode with the KV cache. Every keep is
 measured with ranks rounded to multiples of 1, 8, 16 and 32 (rank rounding is the lever on CPU SIMD).
 Checkpoints use `whiten` (latency does not depend on the method); statistics and spectra are computed
-once per model and every (keep, multiple) variant is cut from them.
+once per model and every (keep, multiple) variant is cut from them. Dense and compressed run in one
+process with interleaved runs, so other load on the machine hits both alike.
 
     python samples/bench_latency.py                       # full table (~10-15 min on 2 cores)
     python samples/bench_latency.py --runs 5 --skip-llama # quick look
@@ -17,6 +18,7 @@ import copy
 import datetime as dt
 import json
 import platform
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -28,7 +30,7 @@ from edgesvd.checkpoint import CompressionRecord, LayerRecord
 from edgesvd.compress import CompressConfig, layer_spectrum, prepare, replace_with_factors
 from edgesvd.ranks import uniform_rank
 from exporters.onnx_export import ExportConfig, export_model
-from exporters.profiling import ProfileConfig, graph_flops, profile
+from exporters.profiling import ProfileConfig, graph_flops, paired_latency
 from exporters.providers import CPU, SessionConfig
 
 STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
@@ -85,36 +87,28 @@ def random_llama(tmp: Path) -> Path:
     return path
 
 
-def measure(onnx_dir: Path, batch: int, seq: int, args) -> dict[str, float]:
-    cfg = ProfileConfig(batch=batch, seq_len=seq, warmup=args.warmup, runs=args.runs, eps=(CPU,),
-                        session=SessionConfig(intra_op_threads=args.threads))
-    return profile(onnx_dir, None, cfg).p50("compressed")
-
-
 def bench(name: str, model_ref: str, shapes: list[tuple[int, int]], keeps, multiples, calib, args, tmp, rows):
-    dense_p50, dense_flops = {}, {}
+    """Every variant against the dense model, measured in pairs with interleaved runs (fair on a
+    machine shared with other work), beside the FLOP-bound speedup of the two graphs."""
+    dense_dir = None
     for keep, multiple, keep_actual, onnx_dir in variants(model_ref, keeps, multiples, tmp, calib):
+        if keep is None:
+            dense_dir = onnx_dir
+            continue
         for batch, seq in shapes:
-            p50 = measure(onnx_dir, batch, seq, args)
-            flops = graph_flops(onnx_dir, seq)["total_per_token"]
-            if keep is None:
-                dense_p50[(batch, seq)], dense_flops[seq] = p50, flops
-                for mode, ms in p50.items():
-                    print(f"{name} dense b{batch} s{seq} {mode}: {ms:.2f} ms", flush=True)
-                continue
-            ratio = flops / dense_flops[seq]
-            for mode, ms in p50.items():
-                d = dense_p50[(batch, seq)][mode]
+            cfg = ProfileConfig(batch=batch, seq_len=seq, warmup=args.warmup, runs=args.runs, eps=(CPU,),
+                                session=SessionConfig(intra_op_threads=args.threads))
+            pair = paired_latency(dense_dir, onnx_dir, cfg)
+            ratio = graph_flops(onnx_dir, seq)["total_per_token"] / graph_flops(dense_dir, seq)["total_per_token"]
+            for mode, stats in pair["compressed"].items():
+                d, ms = pair["dense"][mode]["p50_ms"], stats["p50_ms"]
                 row = {"model": name, "keep": keep, "keep_actual": keep_actual, "multiple": multiple, "batch": batch,
                        "seq": seq, "mode": mode, "dense_ms": d, "compressed_ms": ms, "speedup": d / ms,
                        "flop_bound": 1 / ratio, "of_bound": d / ms * ratio}
                 rows.append(row)
                 print(f"{name} keep {keep} ×{multiple} b{batch} s{seq} {mode}: {d:.2f} → {ms:.2f} ms "
                       f"speedup {d / ms:.2f}× (bound {1 / ratio:.2f}×, {row['of_bound']:.0%})", flush=True)
-        if onnx_dir.exists() and keep is not None:
-            import shutil
-
-            shutil.rmtree(onnx_dir)  # disk: the Llama variants are ~0.3-0.6 GB each
+        shutil.rmtree(onnx_dir)  # disk: the Llama variants are ~0.3-0.6 GB each
 
 
 def markdown(rows: list[dict]) -> str:

@@ -80,3 +80,13 @@ def test_cuda_ep_without_gpu_is_one_line_error(tiny_bert_dir, root):
     assert len(r.output.strip().splitlines()) == 1
     r = CliRunner().invoke(main, args + ["--allow-cpu-fallback"])
     assert r.exit_code == 0 and "CPU" in r.output
+
+
+def test_paired_latency_interleaves_dense_and_compressed(tiny_llama_dir, root):
+    from exporters.profiling import paired_latency
+
+    ck = checkpoint(tiny_llama_dir, root)
+    pair = paired_latency(exported_dense(tiny_llama_dir, root), exported(ck, root), ProfileConfig(**FEW))
+    assert set(pair) == {"dense", "compressed"}
+    for model in pair.values():
+        assert set(model) == {"prefill", "decode"} and all(s["runs"] == 3 and s["p50_ms"] > 0 for s in model.values())
