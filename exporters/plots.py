@@ -236,6 +236,7 @@ def pareto_chart(points: list[ParetoPoint]) -> bytes:
                            facecolors="white" if est else BLUE, edgecolors=BLUE)
                 ax.annotate(points[i].label + (" (est.)" if est else ""), (x[idx], qq[idx]),
                             xytext=(5, 5 - 12 * (idx % 2)), textcoords="offset points", fontsize=7)
+            ax.margins(x=0.25, y=0.2)  # room for the labels of the outermost points
             ax.set_xlabel(xlabel)
             ax.set_ylabel(points[0].quality_name)
             ax.set_title(title)
