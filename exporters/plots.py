@@ -32,21 +32,27 @@ _STYLE = {
 
 @contextmanager
 def _style():
-    # Agg before pyplot is imported: no display is needed, and the caller's backend is left alone.
-    os.environ.setdefault("MPLBACKEND", "Agg")
     import matplotlib
 
     with matplotlib.rc_context(_STYLE):
         yield
 
 
-def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt
+def _subplots(*args, figsize, layout=None, **kwargs):
+    """A Figure drawn by the Agg canvas, without pyplot: no display, no global figure registry,
+    and the caller's backend is left alone."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
+    fig = Figure(figsize=figsize, layout=layout)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(*args, **kwargs)
+
+
+def _png(fig) -> bytes:
     buf = io.BytesIO()
     # Fixed metadata: the same inputs give the same bytes (no creation time in the PNG).
     fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight", metadata={"Software": None})
-    plt.close(fig)
     return buf.getvalue()
 
 
@@ -74,13 +80,12 @@ def _bytes_unit(values: list[float]) -> tuple[float, str]:
 def layer_chart(layers: list[LayerRow], precision: str) -> bytes:
     """Two panels per targeted layer: rank kept against the break-even rank, and weight bytes dense
     against compressed. Dense-kept layers show a hatched bar at the break-even rank."""
-    import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
     from matplotlib.lines import Line2D
 
     with _style():
         n = len(layers)
-        fig, (ax_r, ax_b) = plt.subplots(1, 2, sharey=True, figsize=(11, 1.6 + 0.22 * n), layout="constrained")
+        fig, (ax_r, ax_b) = _subplots(1, 2, sharey=True, figsize=(11, 1.6 + 0.22 * n), layout="constrained")
         y = np.arange(n)
         names = short_names([l.name for l in layers])
         ranks = [l.rank if l.rank is not None else 0 for l in layers]
@@ -112,13 +117,12 @@ def layer_chart(layers: list[LayerRow], precision: str) -> bytes:
 def spectrum_chart(spectra: list[SpectrumRow]) -> bytes:
     """Per layer: singular values (log scale) with kept components filled, and the learned score of
     every component on a second axis when the method learned scores."""
-    import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
 
     with _style():
         cols = 2 if len(spectra) > 1 else 1
         rows = (len(spectra) + cols - 1) // cols
-        fig, axes = plt.subplots(rows, cols, figsize=(5.6 * cols, 3.4 * rows), squeeze=False)
+        fig, axes = _subplots(rows, cols, figsize=(5.6 * cols, 3.4 * rows), squeeze=False)
         names = short_names([s.name for s in spectra])
         for ax, spec, name in zip(axes.flat, spectra, names):
             k = np.arange(1, len(spec.sigma) + 1)
@@ -152,7 +156,6 @@ def latency_chart(rows: list[LatencyRow], shape: dict) -> bytes:
     """One panel per execution provider and mode (each on its own scale: prefill and decode differ
     by orders of magnitude): dense vs compressed p50 bars, p90 whiskers, p99 diamonds, measured
     and estimated side by side; estimated bars are hatched and labelled so."""
-    import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
@@ -160,7 +163,7 @@ def latency_chart(rows: list[LatencyRow], shape: dict) -> bytes:
         panels = list(dict.fromkeys((r.provider, r.mode) for r in rows))
         sources = {p: list(dict.fromkeys(r.source for r in rows if (r.provider, r.mode) == p)) for p in panels}
         widths = [max(1.6, 1.5 * len(sources[p])) for p in panels]
-        fig, axes = plt.subplots(1, len(panels), figsize=(sum(widths) + 2.6, 3.9), squeeze=False,
+        fig, axes = _subplots(1, len(panels), figsize=(sum(widths) + 2.6, 3.9), squeeze=False,
                                  gridspec_kw={"width_ratios": widths}, layout="constrained")
         width = 0.36
         for ax, panel in zip(axes[0], panels):
@@ -212,10 +215,9 @@ def _front(xs: np.ndarray, qs: np.ndarray) -> np.ndarray:
 
 def pareto_chart(points: list[ParetoPoint]) -> bytes:
     """Quality against latency and against size for several keeps or devices; the Pareto front joined."""
-    import matplotlib.pyplot as plt
 
     with _style():
-        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+        fig, axes = _subplots(1, 2, figsize=(11, 3.8))
         q = np.array([p.quality for p in points])
         scale, unit = _bytes_unit([p.bytes for p in points])
         panels = [(axes[0], [p.latency_ms for p in points], "p50 latency (ms)", "Quality vs latency"),
