@@ -162,6 +162,16 @@ def test_several_devices_draw_the_tradeoff(bundles, tmp_path):
     assert "no quality against the dense model" in (alone / REPORT_FILE).read_text()
 
 
+def test_run_writes_the_report_and_says_where(tiny_bert_dir, tmp_path):
+    result = CliRunner().invoke(main, ["run", str(tiny_bert_dir), "--method", "whiten", "--calib-samples", "8",
+                                       "--calib-len", "32", "--runs", "2", "--seq-len", "16", "--quiet",
+                                       "--out-root", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    line = next(l for l in result.output.splitlines() if l.startswith("report: "))
+    page = Path(line.removeprefix("report: ").strip())
+    assert page.is_file() and page.parent.name == "bundle" and 'id="summary"' in page.read_text()
+
+
 def test_report_command_bad_input(tmp_path):
     result = CliRunner().invoke(main, ["report", str(tmp_path / "missing")])
     assert result.exit_code == 1
