@@ -238,7 +238,7 @@ def render_html(r: ReportInputs) -> str:
             "style-src 'unsafe-inline'\">"
             f"<title>edgesvd report — {_e(Path(r.model).name or r.model)}</title><style>{_CSS}</style></head><body>"
             f"<header><h1>edgesvd report — {_e(Path(r.model).name or r.model)}</h1>"
-            f"<p class=\"sub\">bundle <code>{_e(r.bundle.name)}</code> · created {_e(r.created)}</p></header>"
+            f"<p class=\"sub\">bundle <code>{_e('/'.join(r.bundle.resolve().parts[-3:]))}</code> · created {_e(r.created)}</p></header>"
             + "\n".join(body)
             + f"<footer>Made by edgesvd from this bundle's manifest.json and reports/. {_e(versions)}</footer>"
             "</body></html>\n")

@@ -287,10 +287,14 @@ def _budgets(info: dict) -> tuple[list[BudgetRow], list[str]]:
     return rows, [n for n in notes if n]
 
 
-def _device(info: dict) -> str:
+def _device(info: dict, family: str) -> str:
+    """Device · execution provider · precision · the workload that applies to this model family."""
     if not info:
         return ""
-    w = info.get("workload") or {}
+    w = dict(info.get("workload") or {})
+    if family == "encoder":  # prompt and generation lengths describe decoders only
+        w.pop("prompt_length", None)
+        w.pop("new_tokens", None)
     shape = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in w.items() if v not in (None, 0))
     parts = [info.get("device"), info.get("execution_provider"), info.get("precision"), shape]
     return " · ".join(str(p) for p in parts if p)
@@ -420,7 +424,7 @@ def read_bundle(bundle: str | os.PathLike, compare: tuple[str | os.PathLike, ...
         opset=model.get("opset"), method=comp.get("method", "?"), keep_requested=comp.get("keep_requested"),
         keep_actual=comp.get("keep_actual"), created=manifest.get("created", ""),
         onnx_bytes=manifest.get("onnx_bytes"), dense_onnx_bytes=dense_bytes,
-        profile=info.get("profile"), device=_device(info), budgets=budgets, budget_notes=notes, parity_ok=parity_ok,
+        profile=info.get("profile"), device=_device(info, model.get("family", "")), budgets=budgets, budget_notes=notes, parity_ok=parity_ok,
         parity=parity_rows, layers=layers, spectra=_spectra(bundle, layers), latency=latency, latency_shape=shape,
         comparisons=comparisons, quality=parity_quality + _proxy_quality(info) + _task_quality(manifest),
         pareto=_run_comparison(bundle), importance_kept=info.get("receipt", {}).get("importance_kept"), versions=manifest.get("versions", {}))
