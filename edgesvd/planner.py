@@ -98,7 +98,10 @@ class Receipt:
         lines = []
         for b in self.budgets:
             unit = _fmt_ms if b.key.startswith("latency") else _fmt_bytes
-            lines.append(f"{_LABEL[b.key]}: {unit(b.value)} of {unit(b.limit)} ({b.budget}), headroom "
+            value = (unit(b.value) + f" ({self.latency_source})" if b.key.startswith("latency") else unit(b.value))
+            if b.measured is not None:
+                value = f"{unit(b.measured)} measured (plan {unit(b.value)})"
+            lines.append(f"{_LABEL[b.key]}: {value} of {unit(b.limit)} ({b.budget}), headroom "
                          f"{100 * b.headroom:.1f}%{'  ← binds' if b.binding else ''}")
         return "\n".join(lines)
 

@@ -112,7 +112,7 @@ def print_receipt(receipt: Receipt, per_layer: bool = True) -> None:
         console.print(table)
     t, dn = receipt.totals, receipt.dense
     console.print(f"{escape('[' + receipt.profile + ']')} model {_bytes(dn['model_bytes'])} → {_bytes(t['model_bytes'])}, "
-                  f"p50 {dn['latency_p50']:.2f} → {t['latency_p50']:.2f} ms ({receipt.latency_source}), "
+                  f"p50 {dn['latency_p50']:.2f} → {t['latency_p50']:.2f} ms (planned, latency {receipt.latency_source}), "
                   f"peak memory {_bytes(t['peak_memory'])}, importance kept {receipt.importance_kept:.3f}")
     for line in receipt.summary().splitlines():
         console.print(f"  {escape(line)}")

@@ -51,18 +51,41 @@ def missed_budgets(limits: dict[str, float], measured: dict[str, float]) -> dict
     return {k: (measured[k], lim) for k, lim in limits.items() if k in measured and measured[k] > lim}
 
 
-def tightened(plan_limits: dict[str, float], limits: dict[str, float], measured: dict[str, float],
-              margin: float = 0.97) -> dict[str, float]:
-    """Planning limits for the next try; the budgets met keep theirs. A missed latency is scaled by
-    how far the measurement overshot (limit ÷ measured, times `margin`): timing errors are relative.
-    A missed size is lowered by 1.25 × the overshoot: what the estimate misses there (graph
-    structure, runtime memory) is an additive constant."""
+def retargeted(plan_limits: dict[str, float], limits: dict[str, float], measured: dict[str, float],
+               bounds: dict[str, tuple] | None = None, margin: float = 0.97, relax_above: float = 0.10,
+               max_relax: float = 1.25) -> dict[str, float]:
+    """Planning limits for the next plan, from what the last one measured.
+
+    Latency: a missed budget is re-aimed by the ratio the measurement was off (limit ÷ measured,
+    times `margin`: timing errors are relative); one met with more than `relax_above` headroom
+    is re-aimed up (by at most `max_relax`), since a plan far under its budget gave quality away.
+    Once one planning limit has met and another missed, the next is their midpoint (bisection;
+    `bounds` holds key → (highest that met, lowest that missed) across calls). A missed size is
+    lowered by 1.25 × the overshoot: what its estimate misses (graph structure, runtime memory)
+    is an additive constant. Everything else keeps its planning limit.
+    """
+    bounds = {} if bounds is None else bounds
     out = dict(plan_limits)
-    for key, (value, limit) in missed_budgets(limits, measured).items():
-        if key.startswith("latency"):
-            out[key] = plan_limits[key] * limit / value * margin
+    for key, limit in limits.items():
+        if key not in measured:
+            continue
+        value, aim = measured[key], plan_limits[key]
+        if not key.startswith("latency"):
+            if value > limit:
+                out[key] = aim - 1.25 * (value - limit)
+            continue
+        lo, hi = bounds.get(key, (None, None))
+        if value > limit:
+            hi = aim if hi is None else min(hi, aim)
+        elif (limit - value) / limit > relax_above:
+            lo = aim if lo is None else max(lo, aim)
         else:
-            out[key] = plan_limits[key] - 1.25 * (value - limit)
+            continue
+        bounds[key] = (lo, hi)
+        if lo is not None and hi is not None:
+            out[key] = (lo + hi) / 2
+        else:
+            out[key] = aim * min(limit / value * margin, max_relax)
     return out
 
 
@@ -136,19 +159,28 @@ class DeviceResult:
         return d
 
 
-def _measure(onnx_dir: Path, profile: Profile, family: str, runs: int, warmup: int, session) -> tuple[dict, dict]:
-    """Latency and peak memory of one export on this machine (the exporters' profiler), and its report."""
+def _values(report, label: str, folder: Path) -> dict[str, float]:
     from .onnx_export import onnx_files_bytes
+
+    m = next(x for x in report.measurements if x.model == label)
+    stats = m.modes["prefill" if "prefill" in m.modes else next(iter(m.modes))]
+    return {"model_bytes": float(onnx_files_bytes(folder)), "peak_memory": m.peak_rss_mb * 1e6,
+            "latency_p50": stats["p50_ms"], "latency_p90": stats["p90_ms"]}
+
+
+def _measure(onnx_dir: Path, profile: Profile, family: str, runs: int, warmup: int, session,
+             dense_dir: Path | None = None) -> tuple[dict, dict | None, dict]:
+    """Latency, peak memory and size of one export on this machine (the exporters' profiler), and
+    of the dense export too when `dense_dir` is given: measured back to back, so a relative budget
+    compares two numbers taken under the same load. Returns (values, dense values or None, report)."""
     from .profiling import ProfileConfig, profile as profile_onnx
 
     w = profile.workload
     seq = (w.prompt_length or w.sequence_length) if family == "decoder" else w.sequence_length
-    report = profile_onnx(onnx_dir, None, ProfileConfig(batch=w.batch, seq_len=seq, warmup=warmup, runs=runs,
-                                                         eps=(profile.runtime.execution_provider,), session=session))
-    m = report.measurements[0]
-    stats = m.modes["prefill" if "prefill" in m.modes else next(iter(m.modes))]
-    return ({"model_bytes": float(onnx_files_bytes(onnx_dir)), "peak_memory": m.peak_rss_mb * 1e6,
-             "latency_p50": stats["p50_ms"], "latency_p90": stats["p90_ms"]}, report.to_json())
+    report = profile_onnx(onnx_dir, dense_dir, ProfileConfig(batch=w.batch, seq_len=seq, warmup=warmup, runs=runs,
+                                                              eps=(profile.runtime.execution_provider,), session=session))
+    dense = _values(report, "dense", dense_dir) if dense_dir is not None else None
+    return _values(report, "compressed", onnx_dir), dense, report.to_json()
 
 
 def _export_cfg(base, profile: Profile, family: str):
@@ -161,13 +193,116 @@ def _fmt(key: str, v: float) -> str:
     return f"{v:.2f} ms" if key.startswith("latency") else f"{v / 1e6:.2f} MB"
 
 
+@dataclass
+class _Attempt:
+    """One plan tried: its receipt, model, folder and what it measured (estimated when not local)."""
+
+    plan: int
+    receipt: Receipt
+    model: torch.nn.Module | None
+    folder: Path
+    values: dict[str, float]
+    report: dict | None
+    met: bool
+    limits: dict[str, float]
+    dense: dict[str, float]
+
+
+def _build_and_export(receipt: Receipt, where: Path, attempt: int, p: Profile, cfg, dense, spectra, orders,
+                      prepared, family: str) -> torch.nn.Module:
+    """Apply the plan's ranks, save the checkpoint and export it into `where`."""
+    from .onnx_export import export_checkpoint
+
+    model, records, entries = apply_ranks(dense, spectra, orders, receipt.ranks())
+    params_before = sum(l.params_before for l in records)
+    keep = sum(l.params_after for l in records) / params_before if params_before else 1.0
+    record = CompressionRecord(
+        method="whiten", keep_requested=round(keep, 4), family=family, source_model=str(cfg.model),
+        layers=records, rank_multiple=p.rank_multiple, calibration=prepared.calib.summary,
+        details={"planner": "budget", "profile": p.name, "plan": attempt}, versions=library_versions())
+    save_compressed(model, prepared.tokenizer, record, where / "checkpoint", entries, force=True)
+    export_checkpoint(where / "checkpoint", where / "onnx", _export_cfg(cfg.export, p, family), force=True)
+    return model
+
+
+def _closed_loop(p: Profile, layers, cost: CostModel, limits: dict[str, float], dense_values: dict[str, float],
+                 build, folder: Path, family: str, cfg, dense_dir: Path, max_plans: int, say
+                 ) -> tuple[_Attempt, list[dict]]:
+    """Plan, build, measure (on this machine), re-aim, at most `max_plans` times; keep the plan that
+    meets every measured budget with the most importance. Elsewhere one plan, values estimated.
+    The chosen plan's checkpoint/ and onnx/ end up in `folder`. Returns it (with the limits and
+    dense values it was judged by: relative budgets follow the dense model measured beside each
+    plan) and the history."""
+    import shutil
+
+    local = is_local(p)
+    relative = any(b.relative is not None for b in p.budgets.values())
+    plan_limits, history, attempts, seen, bounds = dict(limits), [], [], [], {}
+    for attempt in range(1, max_plans + 1):
+        try:
+            receipt = plan_ranks(layers, cost, {k: Budget(k, absolute=v) for k, v in plan_limits.items()})
+        except BudgetError as exc:
+            if not history:
+                extra = f" (dense model measured here: p50 {dense_values['latency_p50']:.2f} ms)" if local else ""
+                raise BudgetError(f"{exc}{extra}") from exc
+            raise BudgetError(f"{p.name}: plan {attempt - 1} missed on this machine ({history[-1]['missed']}) "
+                              f"and no tighter plan exists: {exc}") from exc
+        if receipt.ranks() in seen:  # re-aiming changed nothing: the loop has converged
+            break
+        seen.append(receipt.ranks())
+        receipt.budgets = [replace(b, budget=str(p.budgets[b.key])) for b in receipt.budgets]
+        say(f"[bold]edgesvd run[/bold] · {p.name}: plan {attempt} "
+            f"({sum(r.rank is not None for r in receipt.rows)}/{len(receipt.rows)} layers factorized, "
+            f"estimated p50 {receipt.totals['latency_p50']:.2f} ms, {receipt.totals['model_bytes'] / 1e6:.2f} MB)")
+        where = folder / f"plan{attempt}"
+        model = build(receipt, where, attempt)
+        if not local:  # latency and memory estimated; the size is the real file's
+            values = dict(receipt.totals, model_bytes=float(_onnx_bytes(where / "onnx")))
+            attempts.append(_Attempt(attempt, receipt, model, where, values, None, True, dict(limits),
+                                     dict(dense_values)))
+            break
+        values, dense_now, report = _measure(where / "onnx", p, family, cfg.profile_runs, cfg.profile_warmup,
+                                             cfg.session, dense_dir if relative else None)
+        if dense_now is not None:  # relative budgets against the dense model measured just now
+            dense_values.update(dense_now)
+            limits = resolve_limits(p.budgets, dense_values)
+        missed = missed_budgets(limits, values)
+        history.append({"plan": attempt, "estimated": {k: receipt.totals[k] for k in limits},
+                        "measured": {k: values[k] for k in limits}, "limits": dict(limits),
+                        "importance_kept": receipt.importance_kept,
+                        "missed": "; ".join(f"{k} {_fmt(k, v)} > {_fmt(k, lim)}" for k, (v, lim) in missed.items())})
+        best = max((a for a in attempts if a.met), key=lambda a: a.receipt.importance_kept, default=None)
+        keep_model = not missed and (best is None or receipt.importance_kept > best.receipt.importance_kept)
+        attempts.append(_Attempt(attempt, receipt, model if keep_model else None, where, values, report, not missed,
+                                 dict(limits), dict(dense_values)))
+        nxt = retargeted(plan_limits, limits, values, bounds)
+        if nxt == plan_limits or attempt == max_plans:
+            break
+        say(f"[yellow]{p.name}: plan {attempt} "
+            + (f"misses its budget on this machine ({history[-1]['missed']}); tightening"
+               if missed else "meets its budgets with room to spare; relaxing") + " and re-planning[/yellow]")
+        plan_limits = nxt
+    met = [a for a in attempts if a.met]
+    if not met:
+        raise BudgetError(f"{p.name}: budget not met on this machine after {len(attempts)} plans "
+                          f"(last: {history[-1]['missed']}); relax the budget or raise --max-plans")
+    chosen = max(met, key=lambda a: a.receipt.importance_kept)
+    for sub in ("checkpoint", "onnx"):
+        (chosen.folder / sub).replace(folder / sub)
+    for a in attempts:
+        shutil.rmtree(a.folder, ignore_errors=True)
+    if history:
+        history[chosen.plan - 1]["chosen"] = True
+    return chosen, history
+
+
 def run_profiles(cfg, profiles: list[Profile], max_plans: int = 3) -> list[DeviceResult]:
     """`edgesvd run --profile …`: importance once, then per device plan → compress → export →
     parity → (measure on this machine, re-plan while a budget is missed, at most `max_plans`
     plans) → bundle whose manifest holds budgets, receipt and measured values. `cfg` is the
     exporters' RunConfig (model, calibration, export options, output root, runs, session)."""
     from .bundle import pack
-    from .onnx_export import export_checkpoint, export_dense
+    from .onnx_export import export_dense
     from .parity import ParityConfig, verify
 
     if not profiles:
@@ -217,56 +352,23 @@ def run_profiles(cfg, profiles: list[Profile], max_plans: int = 3) -> list[Devic
             if local:  # relative budgets are relative to what the dense model measured
                 dense_values.update(dense_measured[key])
             limits = resolve_limits(p.budgets, dense_values)
-            plan_limits = dict(limits)
-            history: list[dict] = []
             folder = tmp / p.name
-            for attempt in range(1, max_plans + 1):
-                budgets = {k: Budget(k, absolute=v) for k, v in plan_limits.items()}
-                try:
-                    receipt = plan_ranks(layers, cost, budgets)
-                except BudgetError as exc:
-                    if not history:  # the first plan, now anchored to the measured dense model
-                        raise BudgetError(f"{exc} (dense model measured here: p50 "
-                                          f"{dense_values['latency_p50']:.2f} ms)") from exc
-                    raise BudgetError(f"{p.name}: plan {attempt - 1} missed on this machine ({history[-1]['missed']}) "
-                                      f"and no tighter plan exists: {exc}") from exc
-                receipt.budgets = [replace(b, budget=str(p.budgets[b.key]), limit=limits[b.key],
-                                           headroom=(limits[b.key] - b.value) / limits[b.key]) for b in receipt.budgets]
-                say(f"[bold]edgesvd run[/bold] · {p.name}: plan {attempt} "
-                    f"({sum(r.rank is not None for r in receipt.rows)}/{len(receipt.rows)} layers factorized, "
-                    f"estimated p50 {receipt.totals['latency_p50']:.2f} ms, {receipt.totals['model_bytes'] / 1e6:.2f} MB)")
-                model, records, entries = apply_ranks(dense, spectra, orders, receipt.ranks())
-                params_before = sum(l.params_before for l in records)
-                keep = sum(l.params_after for l in records) / params_before if params_before else 1.0
-                record = CompressionRecord(
-                    method="whiten", keep_requested=round(keep, 4), family=family, source_model=str(cfg.model),
-                    layers=records, rank_multiple=p.rank_multiple, calibration=prepared.calib.summary,
-                    details={"planner": "budget", "profile": p.name, "plan": attempt}, versions=library_versions())
-                save_compressed(model, prepared.tokenizer, record, folder / "checkpoint", entries, force=True)
-                export_checkpoint(folder / "checkpoint", folder / "onnx", _export_cfg(cfg.export, p, family), force=True)
-                if not local:  # latency and memory estimated; the size is the real file's
-                    values, prof_report = dict(receipt.totals), None
-                    values["model_bytes"] = float(_onnx_bytes(folder / "onnx"))
-                    break
-                values, prof_report = _measure(folder / "onnx", p, family, cfg.profile_runs, cfg.profile_warmup,
-                                               cfg.session)
-                missed = missed_budgets(limits, values)
-                history.append({"plan": attempt, "estimated": {k: receipt.totals[k] for k in limits},
-                                "measured": {k: values[k] for k in limits},
-                                "missed": "; ".join(f"{k} {_fmt(k, v)} > {_fmt(k, lim)}" for k, (v, lim) in missed.items())})
-                if not missed:
-                    break
-                say(f"[yellow]{p.name}: plan {attempt} misses its budget on this machine "
-                    f"({history[-1]['missed']}); tightening and re-planning[/yellow]")
-                if attempt == max_plans:
-                    raise BudgetError(f"{p.name}: budget not met on this machine after {max_plans} plans "
-                                      f"(last: {history[-1]['missed']}); relax the budget or raise --max-plans")
-                plan_limits = tightened(plan_limits, limits, values)
+            build = lambda receipt, where, attempt: _build_and_export(  # noqa: E731
+                receipt, where, attempt, p, cfg, dense, spectra, orders, prepared, family)
+            chosen, history = _closed_loop(p, layers, cost, limits, dense_values, build, folder, family, cfg,
+                                                   tmp / "onnx-dense", max_plans, say)
+            receipt, model, values, prof_report = chosen.receipt, chosen.model, chosen.values, chosen.report
+            limits, dense_values = chosen.limits, chosen.dense
+            if local:  # the dense model measured beside the chosen plan
+                receipt.dense = {**receipt.dense, **dense_values}
             parity = verify(folder / "checkpoint", folder / "onnx", ParityConfig(session=cfg.session))
             quality = agreement_with_dense(dense, model, held_out, family)
-            for b in receipt.budgets:
-                if local:
-                    b.measured = values[b.key]
+            for b in receipt.budgets:  # judged by measurement where there is one
+                b.limit, b.binding = limits[b.key], False
+                b.measured = values[b.key] if local else None
+                b.headroom = (b.limit - (b.value if b.measured is None else b.measured)) / b.limit
+            if receipt.budgets:
+                min(receipt.budgets, key=lambda b: b.headroom).binding = True
             extra = {"budgets": {
                 "profile": p.name, "profile_file": p.path, "device": p.device.name,
                 "execution_provider": p.runtime.execution_provider, "precision": p.runtime.precision,
@@ -342,12 +444,11 @@ def run_with_profiles(cfg, profile_refs: tuple[str, ...], budget_items: tuple[st
     for r in results:
         print_receipt(r.receipt, per_layer=False)
         for h in r.history:
-            if h.get("missed"):
-                out_console.print(f"  plan {h['plan']} missed on this machine: {h['missed']} → re-planned")
-        for b in r.receipt.budgets:
-            if b.measured is not None:
-                unit = (lambda v: f"{v:.2f} ms") if b.key.startswith("latency") else (lambda v: f"{v / 1e6:.2f} MB")
-                out_console.print(f"  measured {b.key}: {unit(b.measured)} (limit {unit(b.limit)}, {b.budget})")
+            shown = ", ".join(f"{k} {_fmt(k, v)} (limit {_fmt(k, h['limits'][k])}, estimated {_fmt(k, h['estimated'][k])})"
+                              for k, v in h["measured"].items())
+            out_console.print(f"  plan {h['plan']}: measured {shown}; importance kept {h['importance_kept']:.3f}; "
+                              + (f"missed: {h['missed']}" if h["missed"] else "met")
+                              + ("  ← chosen" if h.get("chosen") else ""))
     table = Table(title=f"edgesvd run — one importance pass, {len(results)} device(s)")
     for col in COMPARISON_COLUMNS:
         table.add_column(col, justify="left" if col in ("profile", "latency is", "binds") else "right")
