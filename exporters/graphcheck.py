@@ -73,7 +73,7 @@ def _dims_and_bytes(init) -> tuple[tuple[int, ...], int]:
     return dims, n * itemsize
 
 
-class _Graph:
+class GraphIndex:
     """Index of a loaded ONNX graph: initializer shapes, producers, weight MatMuls by normalized name."""
 
     def __init__(self, model) -> None:
@@ -109,7 +109,7 @@ class _Graph:
 
 def check_graph(model, record: CompressionRecord) -> GraphCheck:
     """Compare a loaded ONNX ModelProto with the checkpoint's ranks (no exception on failure)."""
-    graph = _Graph(model)
+    graph = GraphIndex(model)
     matmuls = list(graph.weight_matmuls())
     result = GraphCheck(initializer_bytes=sum(graph.init_bytes.values()))
     for layer in record.layers:

@@ -190,6 +190,8 @@ def _optimum_export(model: nn.Module, out: Path, task: str, opset: int | None) -
 def export_model(model: nn.Module, tokenizer, family: str, out: str | os.PathLike, cfg: ExportConfig,
                  record: CompressionRecord | None = None, source: str = "", force: bool = False) -> ExportResult:
     """Export an in-memory model to `out` (atomically); with a record, check the factorization."""
+    import onnx
+
     start = time.perf_counter()
     out = Path(out)
     task = TASKS[family]
@@ -213,8 +215,6 @@ def export_model(model: nn.Module, tokenizer, family: str, out: str | os.PathLik
         if record is not None:
             check = require_factorized(check_onnx_file(path, record), path)
         tokenizer.save_pretrained(tmp)
-        import onnx
-
         opset = opset_of(onnx.load(str(path), load_external_data=False))
         meta = {"kind": "dense" if record is None else "compressed", "source": source, "family": family,
                 "task": task, "model_type": model.config.model_type, "config": asdict(cfg),

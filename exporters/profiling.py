@@ -15,7 +15,7 @@ from pathlib import Path
 from edgesvd.errors import ConfigError
 
 from .errors import ExportError
-from .graphcheck import _Graph
+from .graphcheck import GraphIndex
 from .onnx_export import MODEL_FILE, onnx_files_bytes, read_export
 from .providers import CPU, SessionConfig
 
@@ -84,7 +84,7 @@ def graph_flops(onnx_dir: str | os.PathLike, context: int) -> dict[str, float]:
     import onnx
 
     onnx_dir = Path(onnx_dir)
-    graph = _Graph(onnx.load(str(onnx_dir / MODEL_FILE), load_external_data=False))
+    graph = GraphIndex(onnx.load(str(onnx_dir / MODEL_FILE), load_external_data=False))
     linear = 0.0
     for _norm, node, w in graph.weight_matmuls():
         dims = graph.inits[w]
