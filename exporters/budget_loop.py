@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from edgesvd.calibration import CalibrationConfig, sample_calibration
+from edgesvd.calibration import sample_calibration
 from edgesvd.checkpoint import CompressionRecord, LayerRecord, atomic_output_dir, check_output_dir, library_versions, save_compressed
 from edgesvd.compress import CompressConfig, prepare, replace_with_factors
 from edgesvd.costmodel import CostModel, ModelFacts, model_facts
@@ -21,7 +21,6 @@ from edgesvd.planner import Receipt, plan_ranks, resolve_limits
 from edgesvd.profiles import Budget, Profile
 from edgesvd.progress import console
 
-from .providers import CPU
 
 
 def is_local(profile: Profile) -> bool:

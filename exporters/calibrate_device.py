@@ -17,7 +17,6 @@ import datetime
 import os
 import platform
 import re
-import struct
 import sys
 import time
 from pathlib import Path

@@ -13,8 +13,7 @@ from click.testing import CliRunner
 
 from edgesvd.cli import main
 from edgesvd.errors import ConfigError
-from edgesvd.profiles import (BUDGET_KEYS, SCHEMA, builtin_dir, builtin_names, load_profile, parse_budget,
-                              profile_from_dict)
+from edgesvd.profiles import BUDGET_KEYS, SCHEMA, builtin_dir, builtin_names, load_profile, parse_budget
 
 REPO = Path(__file__).resolve().parents[1]
 BUILTIN = ["host", "raspberry-pi-5", "jetson-orin-nano", "intel-n100", "laptop-4core-x86", "nvidia-t4", "nvidia-l4",
