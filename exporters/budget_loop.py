@@ -237,9 +237,19 @@ def _closed_loop(p: Profile, layers, cost: CostModel, limits: dict[str, float], 
     local = is_local(p)
     relative = any(b.relative is not None for b in p.budgets.values())
     plan_limits, history, attempts, seen, bounds = dict(limits), [], [], [], {}
+    if local:  # sizes: what the estimate leaves out of the dense model (graph, runtime) is a constant
+        estimated = cost.dense()
+        for key in ("model_bytes", "peak_memory"):
+            if key in plan_limits:
+                plan_limits[key] -= dense_values[key] - estimated[key]
     for attempt in range(1, max_plans + 1):
         try:
             receipt = plan_ranks(layers, cost, {k: Budget(k, absolute=v) for k, v in plan_limits.items()})
+            for _ in range(20):  # a missed plan re-aimed to the same ranks: keep re-aiming until they change
+                if receipt.ranks() not in seen or not history or not history[-1]["missed"]:
+                    break
+                plan_limits = retargeted(plan_limits, limits, attempts[-1].values, bounds)
+                receipt = plan_ranks(layers, cost, {k: Budget(k, absolute=v) for k, v in plan_limits.items()})
         except BudgetError as exc:
             if not history:
                 extra = f" (dense model measured here: p50 {dense_values['latency_p50']:.2f} ms)" if local else ""
@@ -255,8 +265,8 @@ def _closed_loop(p: Profile, layers, cost: CostModel, limits: dict[str, float], 
             f"estimated p50 {receipt.totals['latency_p50']:.2f} ms, {receipt.totals['model_bytes'] / 1e6:.2f} MB)")
         where = folder / f"plan{attempt}"
         model = build(receipt, where, attempt)
-        if not local:  # latency and memory estimated; the size is the real file's
-            values = dict(receipt.totals, model_bytes=float(_onnx_bytes(where / "onnx")))
+        if not local:  # estimated, like the dense values the limits came from (the bundle's size is shown apart)
+            values = dict(receipt.totals)
             attempts.append(_Attempt(attempt, receipt, model, where, values, None, True, dict(limits),
                                      dict(dense_values)))
             break
@@ -379,7 +389,7 @@ def run_profiles(cfg, profiles: list[Profile], max_plans: int = 3) -> list[Devic
             pack(folder / "onnx", folder / "checkpoint", folder / "bundle", parity.to_json(), prof_report,
                  cfg.session.to_json(), extra=extra)
             results.append(DeviceResult(p.name, p.device.name, "measured" if local else cost.source, out / p.name / "bundle",
-                                        int(values["model_bytes"]), receipt,
+                                        _onnx_bytes(folder / "onnx"), receipt,
                                         values, local, limits, len(history) or 1, history, quality, parity.ok))
             say(f"[bold]edgesvd run[/bold] · {p.name} done in {time.perf_counter() - start:.0f}s")
         comparison = [r.to_json() for r in results]

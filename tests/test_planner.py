@@ -277,3 +277,21 @@ def test_closed_loop_fails_clearly_and_writes_nothing(tiny_bert_dir, tmp_path, m
     with pytest.raises(BudgetError, match="budget infeasible on host.*smallest achievable size"):
         run_profiles(_run_cfg(tiny_bert_dir, tmp_path / "out"), [host])
     assert not (tmp_path / "out" / tiny_bert_dir.name).exists()
+
+
+def test_budget_run_on_a_tiny_decoder(tiny_llama_dir, tmp_path, monkeypatch):
+    """Decoders: the prefill is what is timed, sizes are anchored to the measured dense ONNX model,
+    and a device not at hand gets estimated values, labelled so in the manifest."""
+    monkeypatch.setenv("EDGESVD_CACHE_DIR", str(tmp_path / "cache"))
+    from exporters.budget_loop import run_profiles
+
+    budgets = {"model_bytes": "97%", "latency_p50": "none", "peak_memory": "none"}
+    host = load_profile("host").with_workload(prompt_length=16, new_tokens=4).with_budgets(budgets)
+    pi = load_profile("raspberry-pi-5").with_budgets(budgets)
+    results = {r.profile: r for r in run_profiles(_run_cfg(tiny_llama_dir, tmp_path / "out"), [host, pi], max_plans=3)}
+    local, remote = results["host"], results["raspberry-pi-5"]
+    assert local.measured and local.values["model_bytes"] <= local.limits["model_bytes"]
+    assert "top1_agreement_vs_dense" in local.quality
+    assert not remote.measured and remote.values["model_bytes"] <= remote.limits["model_bytes"]
+    manifest = json.loads((remote.bundle / "manifest.json").read_text())
+    assert manifest["budgets"]["values_are"].startswith("estimated") and manifest["budgets"]["met"] is True
