@@ -321,6 +321,9 @@ def run_profiles(cfg, profiles: list[Profile], max_plans: int = 3) -> list[Devic
     check_output_dir(out, cfg.force)
     say = console.print if cfg.show_progress else (lambda *a, **k: None)
 
+    if cfg.method not in (None, "whiten"):  # said, not silently dropped
+        console.print(f"[yellow]note: --profile plans from whitened spectra; method '{cfg.method}' is not used "
+                      "for budget runs yet[/yellow]")
     # One importance pass for every device.
     say("[bold]edgesvd run[/bold] · importance (whitened spectra, once for all devices)")
     multiple = min(p.rank_multiple for p in profiles)
