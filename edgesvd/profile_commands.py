@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.markup import escape
 from rich.table import Table
 
 from .errors import ConfigError
-from .planner import Receipt
 from .profiles import BUDGET_KEYS, Profile, builtin_names, load_profile
+
+if TYPE_CHECKING:  # the planner pulls in torch: imported by the commands that plan, not by `--help`
+    from .planner import Receipt
 
 
 def _out_console():
@@ -99,7 +102,7 @@ def show_profile(name: str) -> None:
     _out_console().print(table)
 
 
-def print_receipt(receipt: Receipt, per_layer: bool = True) -> None:
+def print_receipt(receipt: "Receipt", per_layer: bool = True) -> None:
     """The budget receipt: per layer rank, bytes, time; each budget with headroom; which binds."""
     console = _out_console()
     if per_layer:
