@@ -6,7 +6,6 @@ import datetime as _dt
 import hashlib
 import json
 import os
-import platform
 import shutil
 import tarfile
 import tempfile
@@ -16,7 +15,7 @@ from edgesvd.checkpoint import atomic_output_dir, check_output_dir, read_record
 from edgesvd.loading import check_model_folder, embedded_model_path
 
 from .errors import BundleError
-from .onnx_export import META_FILE, MODEL_FILE, onnx_files_bytes, read_export
+from .onnx_export import MODEL_FILE, onnx_files_bytes, read_export
 from .report import write_report
 
 SCHEMA_VERSION = 1
@@ -56,17 +55,15 @@ def _source_info(source_model: str) -> dict:
 
 
 def library_versions() -> dict:
-    import onnx
+    """The core's library versions plus the ONNX side's (read from package metadata)."""
+    from importlib.metadata import version
+
     import onnxruntime
-    import optimum
-    import torch
-    import transformers
 
-    from edgesvd import __version__
+    from edgesvd.checkpoint import library_versions as core_versions
 
-    return {"edgesvd": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "optimum": getattr(optimum, "__version__", "unknown"), "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
+    return {**core_versions(), "optimum": version("optimum"), "optimum-onnx": version("optimum-onnx"),
+            "onnx": version("onnx"), "onnxruntime": onnxruntime.__version__}
 
 
 def _portable(report: dict | None) -> dict | None:
