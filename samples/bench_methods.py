@@ -41,7 +41,7 @@ ABLATIONS = {"learned-noft": {"finetune_steps": 0}, "learned-cap1": {"max_score"
              "learned-uniform": {"selection": "uniform"}}
 
 
-def stories_calibration(path: Path, sequences: int = 1024, tokens: int = 255, seed: int = 1234) -> Path:
+def stories_calibration(path: Path, sequences: int = 256, tokens: int = 255, seed: int = 1234) -> Path:
     """Text sampled from the dense stories260K (temperature 1 from BOS), written once to `path`.
 
     A model trained on TinyStories only has no other in-domain text at hand, and calibrating on
