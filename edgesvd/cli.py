@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .compress import ALL_METHODS, DEFAULT_METHOD
+from .cli_options import calibration_options
 from .errors import EdgesvdError
 from .learned import LearnedConfig
 
@@ -51,19 +52,6 @@ def _fmt_bytes(n: float) -> str:
 @click.version_option(package_name="edgesvd")
 def main() -> None:
     """edgesvd: compress transformer models by learned low-rank factorization for edge devices."""
-
-
-def calibration_options(f):
-    """Options shared by every command that calibrates."""
-    f = click.option("--calib", "calib", multiple=True, default=("builtin",), show_default=True,
-                     help="Calibration text: a .txt/.jsonl file (JSONL needs a 'text' field), a folder of "
-                          "them, or 'builtin' (English prose from Python's standard library). Repeatable.")(f)
-    f = click.option("--calib-samples", type=int, default=128, show_default=True,
-                     help="Number of calibration sequences sampled.")(f)
-    f = click.option("--calib-len", type=int, default=128, show_default=True,
-                     help="Tokens per calibration sequence.")(f)
-    f = click.option("--seed", type=int, default=0, show_default=True, help="Sampling (and training) seed.")(f)
-    return f
 
 
 def model_options(f):

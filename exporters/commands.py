@@ -8,6 +8,8 @@ from pathlib import Path
 
 import click
 
+from edgesvd.cli_options import calibration_options
+
 _PATH = click.Path(path_type=Path)
 
 
@@ -288,10 +290,7 @@ def pack(onnx_dir, checkpoint, out, parity_report, profile_report, runs, check_p
               help="Compression method (default: the best available, edgesvd.compress.DEFAULT_METHOD).")
 @click.option("--keep", type=float, default=0.5, show_default=True, help="Targeted parameters kept, in (0, 1].")
 @click.option("--rank-multiple", type=int, default=8, show_default=True, help="Round ranks to this multiple.")
-@click.option("--calib", "calib", multiple=True, default=("builtin",), show_default=True,
-              help="Calibration text: file, folder or 'builtin'. Repeatable.")
-@click.option("--calib-samples", type=int, default=64, show_default=True, help="Calibration sequences.")
-@click.option("--calib-len", type=int, default=128, show_default=True, help="Tokens per calibration sequence.")
+@calibration_options
 @click.option("--out-root", type=_PATH, default=Path("edgesvd-out"), show_default=True,
               help="Everything goes to OUT_ROOT/<model>/.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
@@ -313,7 +312,7 @@ def pack(onnx_dir, checkpoint, out, parity_report, profile_report, runs, check_p
               help="With --profile on this machine: plans tried while a measured budget is missed.")
 @click.option("--force", is_flag=True, help="Replace OUT_ROOT/<model>/ if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def run(model, method, keep, rank_multiple, calib, calib_samples, calib_len, out_root, dtype, quantize, eps,
+def run(model, method, keep, rank_multiple, calib, calib_samples, calib_len, seed, out_root, dtype, quantize, eps,
         allow_cpu_fallback, threads, inter_threads, opt_level, runs, batch, seq_len, device, force, quiet,
         profile_refs=(), budget_items=(), max_plans=3):
     """The whole job: compress MODEL, export, verify, profile dense vs compressed, pack a bundle."""
@@ -325,7 +324,7 @@ def run(model, method, keep, rank_multiple, calib, calib_samples, calib_len, out
     from .providers import resolve_eps
 
     cfg = RunConfig(model=model, method=method, keep=keep, rank_multiple=rank_multiple,
-                    calibration=CalibrationConfig(tuple(calib), calib_samples, calib_len),
+                    calibration=CalibrationConfig(tuple(calib), calib_samples, calib_len, seed),
                     out_root=out_root, force=force,
                     export=ExportConfig(dtype=dtype, quantize=quantize, pooled=True),
                     profile_runs=runs, batch=batch, seq_len=seq_len,

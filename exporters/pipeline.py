@@ -29,7 +29,7 @@ class RunConfig:
     method: str | None = None  # None: edgesvd.compress.DEFAULT_METHOD, read when the run starts
     keep: float = 0.5
     rank_multiple: int = 8
-    calibration: CalibrationConfig = field(default_factory=lambda: CalibrationConfig(num_sequences=64))
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     out_root: Path = Path("edgesvd-out")
     force: bool = False
     export: ExportConfig = field(default_factory=lambda: ExportConfig(pooled=True))
