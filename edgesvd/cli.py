@@ -13,6 +13,7 @@ from .compress import ALL_METHODS, DEFAULT_METHOD
 from .cli_options import calibration_options
 from .errors import EdgesvdError
 from .learned import LearnedConfig
+from .units import fmt_bytes
 
 # Wide when piped (rich would fall back to 80 columns and truncate layer names).
 out_console = Console() if sys.stdout.isatty() else Console(width=200)
@@ -38,14 +39,6 @@ class _Group(click.Group):
 
 def _fmt_int(n: int) -> str:
     return f"{n:,}"
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n} B"
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -134,13 +127,13 @@ def inspect(checkpoint):
         extra += [f"{row.mean_score:.2f}" if row.mean_score is not None else ""] * scores
         table.add_row(row.name, f"{row.shape[0]}×{row.shape[1]}", "dense" if row.rank is None else str(row.rank),
                       f"{row.break_even:.0f}", _fmt_int(row.params_before), _fmt_int(row.params_after),
-                      _fmt_bytes(row.bytes_after), *extra)
+                      fmt_bytes(row.bytes_after), *extra)
     before, after = sum(r.params_before for r in rows), sum(r.params_after for r in rows)
     table.add_row("[bold]total", "", f"{sum(r.rank is not None for r in rows)}/{len(rows)} low-rank", "",
-                  _fmt_int(before), _fmt_int(after), _fmt_bytes(4 * after), *([""] * (energy + scores)),
+                  _fmt_int(before), _fmt_int(after), fmt_bytes(4 * after), *([""] * (energy + scores)),
                   end_section=True)
     out_console.print(table)
-    out_console.print(f"model.safetensors: {_fmt_bytes(weight_bytes)}; targeted keep {after / before:.3f}")
+    out_console.print(f"model.safetensors: {fmt_bytes(weight_bytes)}; targeted keep {after / before:.3f}")
 
 
 from .profile_commands import calibrate_device, plan, profiles  # noqa: E402  (profiles, budgets)

@@ -10,6 +10,7 @@ import torch
 from .costmodel import CostModel, LayerShape, candidate_ranks
 from .errors import BudgetError
 from .profiles import BUDGET_KEYS, Budget
+from .units import fmt_bytes
 
 _LABEL = {"model_bytes": "model bytes", "peak_memory": "peak memory", "latency_p50": "p50 latency",
           "latency_p90": "p90 latency"}
@@ -97,17 +98,13 @@ class Receipt:
             return "no budgets: every layer dense"
         lines = []
         for b in self.budgets:
-            unit = _fmt_ms if b.key.startswith("latency") else _fmt_bytes
+            unit = _fmt_ms if b.key.startswith("latency") else fmt_bytes
             value = (unit(b.value) + f" ({self.latency_source})" if b.key.startswith("latency") else unit(b.value))
             if b.measured is not None:
                 value = f"{unit(b.measured)} measured (plan {unit(b.value)})"
             lines.append(f"{_LABEL[b.key]}: {value} of {unit(b.limit)} ({b.budget}), headroom "
                          f"{100 * b.headroom:.1f}%{'  ← binds' if b.binding else ''}")
         return "\n".join(lines)
-
-
-def _fmt_bytes(n: float) -> str:
-    return f"{n / 1e6:.2f} MB"
 
 
 def _fmt_ms(t: float) -> str:
@@ -156,10 +153,10 @@ def smallest_achievable(layers: list[LayerImportance], cost: CostModel, multiple
 def _infeasible_message(profile: str, limits: dict[str, float], low: dict[str, float], source: str) -> str:
     asked = []
     for k, lim in limits.items():
-        unit = _fmt_ms if k.startswith("latency") else _fmt_bytes
+        unit = _fmt_ms if k.startswith("latency") else fmt_bytes
         asked.append(f"{_LABEL[k]} ≤ {unit(lim)}{' (smallest achievable ' + unit(low[k]) + ')' if low[k] > lim else ''}")
     return (f"budget infeasible on {profile}: {'; '.join(asked)}; smallest achievable size "
-            f"{_fmt_bytes(low['model_bytes'])}, latency {_fmt_ms(low['latency_p50'])} ({source})")
+            f"{fmt_bytes(low['model_bytes'])}, latency {_fmt_ms(low['latency_p50'])} ({source})")
 
 
 def _fits(cost: CostModel, limits: dict[str, float], sum_b: float, sum_t: float) -> bool:

@@ -11,6 +11,7 @@ from rich.table import Table
 
 from .errors import ConfigError
 from .profiles import BUDGET_KEYS, Profile, builtin_names, load_profile
+from .units import fmt_bytes
 
 if TYPE_CHECKING:  # the planner pulls in torch: imported by the commands that plan, not by `--help`
     from .planner import Receipt
@@ -20,12 +21,6 @@ def _out_console():
     from .cli import out_console  # the CLI's console (wide when piped)
 
     return out_console
-
-
-def _bytes(n: float | None) -> str:
-    if n is None:
-        return "-"
-    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.2f} MB"
 
 
 def _latency_source(p: Profile) -> str:
@@ -80,13 +75,13 @@ def show_profile(name: str) -> None:
     table.add_column("value")
     rows = [
         ("description", p.description), ("device.name", d.name), ("device.kind", d.kind),
-        ("device.cores", str(d.cores)), ("device.memory", _bytes(d.memory_bytes)),
+        ("device.cores", str(d.cores)), ("device.memory", fmt_bytes(d.memory_bytes)),
         ("device.peak_gflops", f"{d.peak_gflops:g}" if d.peak_gflops else "-"),
         ("device.memory_bandwidth_gbs", f"{d.bandwidth_gbs:g}" if d.bandwidth_gbs else "-"),
         ("device.source", d.source), ("runtime.execution_provider", r.execution_provider),
         ("runtime.threads", str(r.threads or "all cores")), ("runtime.precision", r.precision),
         ("runtime.efficiency", f"{r.efficiency:g}"), ("runtime.op_overhead_us", f"{r.op_overhead_us:g}"),
-        ("runtime.overhead", _bytes(r.overhead_bytes)),
+        ("runtime.overhead", fmt_bytes(r.overhead_bytes)),
         ("workload", f"batch {w.batch}, sequence {w.sequence_length}"
                      + (f", prompt {w.prompt_length}, new tokens {w.new_tokens} (decoders)" if w.prompt_length else "")),
         ("rank_multiple", str(p.rank_multiple)),
@@ -111,12 +106,12 @@ def print_receipt(receipt: "Receipt", per_layer: bool = True) -> None:
             table.add_column(col, justify="left" if col == "layer" else "right")
         for row in receipt.rows:
             table.add_row(row.name, f"{row.shape[0]}×{row.shape[1]}", "dense" if row.rank is None else str(row.rank),
-                          _bytes(row.bytes), f"{row.ms:.3f}", f"{row.importance_kept:.3f}")
+                          fmt_bytes(row.bytes), f"{row.ms:.3f}", f"{row.importance_kept:.3f}")
         console.print(table)
     t, dn = receipt.totals, receipt.dense
-    console.print(f"{escape('[' + receipt.profile + ']')} model {_bytes(dn['model_bytes'])} → {_bytes(t['model_bytes'])}, "
+    console.print(f"{escape('[' + receipt.profile + ']')} model {fmt_bytes(dn['model_bytes'])} → {fmt_bytes(t['model_bytes'])}, "
                   f"p50 {dn['latency_p50']:.2f} → {t['latency_p50']:.2f} ms (planned, latency {receipt.latency_source}), "
-                  f"peak memory {_bytes(t['peak_memory'])}, importance kept {receipt.importance_kept:.3f}")
+                  f"peak memory {fmt_bytes(t['peak_memory'])}, importance kept {receipt.importance_kept:.3f}")
     for line in receipt.summary().splitlines():
         console.print(f"  {escape(line)}")
     for note in receipt.notes:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import ConfigError
+from .units import fmt_bytes
 
 SCHEMA_VERSION = 1
 BUDGET_KEYS = ("model_bytes", "peak_memory", "latency_p50", "latency_p90")
@@ -122,7 +123,7 @@ class Budget:
     def __str__(self) -> str:
         if self.relative is not None:
             return f"{100 * self.relative:g}% of dense"
-        return f"{self.absolute:g} ms" if self.key.startswith("latency") else _fmt_bytes(self.absolute)
+        return f"{self.absolute:g} ms" if self.key.startswith("latency") else fmt_bytes(self.absolute)
 
 
 @dataclass(frozen=True)
@@ -241,14 +242,6 @@ def parse_budget(key: str, value, where: str) -> Budget:
         raise ConfigError(f"{where}: budget '{key}' = {value!r} has the wrong unit "
                           f"({'ms or s' if is_latency else 'B, KB, MB, GB'} or %)")
     return Budget(key, absolute=number * _UNITS[unit])
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n} B"
 
 
 def _validate(data: dict, where: str) -> None:

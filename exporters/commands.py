@@ -89,7 +89,8 @@ def print_parity(report) -> None:
 
 def print_profile(report) -> None:
     """Latency per model/EP/mode, then dense → compressed ratios beside the FLOP bound."""
-    from edgesvd.cli import _fmt_bytes, out_console
+    from edgesvd.cli import out_console
+    from edgesvd.units import fmt_bytes
     from rich.table import Table
 
     c = report.config
@@ -101,7 +102,7 @@ def print_profile(report) -> None:
         for mode, s in m.modes.items():
             table.add_row(m.model, _short(m.provider), mode, f"{s['p50_ms']:.2f}", f"{s['p90_ms']:.2f}",
                           f"{s['p99_ms']:.2f}", f"{s['throughput_per_s']:.1f}", f"{m.session_create_s:.2f}",
-                          f"{m.peak_rss_mb:.0f}", _fmt_bytes(m.onnx_bytes))
+                          f"{m.peak_rss_mb:.0f}", fmt_bytes(m.onnx_bytes))
     out_console.print(table)
     if report.comparisons:
         ratio = Table(title="dense → compressed")
@@ -126,7 +127,8 @@ def print_profile(report) -> None:
 
 def print_summary(s) -> None:
     """The closing table of `edgesvd run`."""
-    from edgesvd.cli import _fmt_bytes, _fmt_int, out_console
+    from edgesvd.cli import _fmt_int, out_console
+    from edgesvd.units import fmt_bytes
     from rich.table import Table
 
     table = Table(title=f"edgesvd run — {s.model}, method {s.method}, keep {s.keep}")
@@ -134,7 +136,7 @@ def print_summary(s) -> None:
         table.add_column(col, justify="left" if not col else "right")
     table.add_row("parameters", _fmt_int(s.params_dense), _fmt_int(s.params_compressed),
                   f"{s.params_compressed / s.params_dense:.3f}")
-    table.add_row("ONNX bytes", _fmt_bytes(s.onnx_bytes_dense), _fmt_bytes(s.onnx_bytes_compressed),
+    table.add_row("ONNX bytes", fmt_bytes(s.onnx_bytes_dense), fmt_bytes(s.onnx_bytes_compressed),
                   f"{s.onnx_bytes_compressed / s.onnx_bytes_dense:.3f}")
     for lat in s.latency:
         table.add_row(f"p50 {lat['mode']} ({_short(lat['provider'])})", f"{lat['dense_p50_ms']:.2f} ms",

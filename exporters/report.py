@@ -9,6 +9,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from edgesvd.units import fmt_bytes
+
 from . import plots
 from .report_data import BudgetRow, ReportInputs, read_bundle
 
@@ -50,15 +52,6 @@ footer { margin-top: 2.5rem; font-size: .8rem; color: var(--muted); }
 
 def _e(value) -> str:
     return html.escape(str(value), quote=True)
-
-
-def fmt_bytes(n: float | None) -> str:
-    if n is None:
-        return "–"
-    for scale, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "KB")):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}"
-    return f"{n:.0f} B"
 
 
 def fmt_value(value: float | None, unit: str) -> str:

@@ -34,9 +34,10 @@ WIKI = SHARED / "data/calibration/wiki.utf8"
 # Learned-method settings per model (defaults for MiniLM; stories260K's tiny steps are cheap, so
 # it gets more of them: its layers are not low-rank and need the fine-tuning).
 LEARNED = {"minilm": {}, "stories260K": {"steps": 200, "finetune_steps": 400, "finetune_lr": 1e-3}}
-# Calibration sequences per model (same for every method): stories260K is tiny, so more of its
-# own text is cheap, and the fine-tuning overfits 128 sequences.
-SEQUENCES = {"minilm": 128, "stories260K": 512}
+# Calibration sequences per model (same for every method): MiniLM uses the encoder default
+# (512 sentences); stories260K is tiny, so more of its own text is cheap, and the fine-tuning
+# overfits the decoder default of 128 windows.
+SEQUENCES = {"minilm": None, "stories260K": 512}
 ABLATIONS = {"learned-noft": {"finetune_steps": 0}, "learned-cap1": {"max_score": 1.0},
              "learned-uniform": {"selection": "uniform"}}
 
@@ -104,6 +105,7 @@ def main() -> None:
     p.add_argument("--methods", default="plain,asvd,whiten,learned")
     p.add_argument("--minilm-keeps", default="0.8,0.5,0.3")
     p.add_argument("--stories-keeps", default="0.9,0.8")
+    p.add_argument("--models", default="minilm,stories260K", help="which models' rows to run")
     p.add_argument("--ablations", default=",".join(ABLATIONS), help="learned ablations (comma list, '' for none)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per configuration (1: robust when the cores are shared)")
@@ -128,6 +130,7 @@ def main() -> None:
     plan += [("minilm", a, 0.5) for a in ablations]
     plan += [("stories260K", "dense", 1.0)] + [("stories260K", m, float(k)) for k in args.stories_keeps.split(",") if k for m in methods]
     plan += [("stories260K", a, 0.8) for a in ablations]
+    plan = [item for item in plan if item[0] in args.models.split(",")]
 
     def launch(item):
         model, method, keep = item

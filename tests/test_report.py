@@ -22,7 +22,8 @@ from exporters.onnx_export import ExportConfig, export_checkpoint, export_dense
 from exporters.parity import ParityConfig, verify
 from exporters.profiling import ProfileConfig, profile
 from exporters.providers import CPU
-from exporters.report import REPORT_FILE, fmt_bytes
+from edgesvd.units import fmt_bytes
+from exporters.report import REPORT_FILE
 from exporters.report_data import read_bundle
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "samples"))
@@ -125,7 +126,7 @@ def test_budgets_measured_on_the_host_are_in_the_summary(bundles):
     assert budget.measured == manifest["budgets"]["values"]["model_bytes"]
     assert budget.verdict == ("pass" if budget.measured <= budget.limit else "fail")
     summary = page.split('id="layers"')[0]
-    assert "model bytes" in summary and "20.0 MB" in summary and fmt_bytes(budget.measured) in summary
+    assert "model bytes" in summary and "20.00 MB" in summary and fmt_bytes(budget.measured) in summary
     assert "host" in summary and f">{budget.verdict.upper()}<" in summary
     # The planner's latency is an estimate and is labelled so, beside the measured rows.
     assert any(r.source.startswith("estimated") for r in inputs.latency)
@@ -203,7 +204,7 @@ def test_report_renders_in_headless_chromium(bundles, browser, tmp_path):
     assert _foreign(seen, page) == []
     assert len(seen["images"]) >= 3 and all(i["complete"] and i["w"] > 0 and i["h"] > 0 for i in seen["images"])
     text = seen["text"]
-    assert "Budgets vs measured" in text and "model bytes" in text and "20.0 MB" in text
+    assert "Budgets vs measured" in text and "model bytes" in text and "20.00 MB" in text
     # The checks can fail: a page that reaches for the network is caught by the same helpers.
     bad = tmp_path / "bad.html"
     bad.write_text('<!DOCTYPE html><html><body><img src="http://127.0.0.1:9/x.png">'
