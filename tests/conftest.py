@@ -67,36 +67,40 @@ def _save(model, tokenizer, path: Path) -> Path:
     return path
 
 
+# Llama-style decoders share one tiny shape; Llama unties, Qwen2 ties embedding and LM head.
+_TINY_DECODER = dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                     bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def _tiny(model_cls, config, tokenizer, folder: Path) -> Path:
+    torch.manual_seed(0)
+    return _save(model_cls(config).eval(), tokenizer, folder)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory, bpe_tokenizer) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
-    return _save(LlamaForCausalLM(cfg).eval(), bpe_tokenizer, tmp_path_factory.mktemp("tiny-llama"))
+    return _tiny(LlamaForCausalLM, LlamaConfig(**_TINY_DECODER, tie_word_embeddings=False), bpe_tokenizer,
+                 tmp_path_factory.mktemp("tiny-llama"))
 
 
 @pytest.fixture(scope="session")
 def tiny_gpt2_dir(tmp_path_factory, bpe_tokenizer) -> Path:
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=256,
                      bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    return _save(GPT2LMHeadModel(cfg).eval(), bpe_tokenizer, tmp_path_factory.mktemp("tiny-gpt2"))
+    return _tiny(GPT2LMHeadModel, cfg, bpe_tokenizer, tmp_path_factory.mktemp("tiny-gpt2"))
 
 
 @pytest.fixture(scope="session")
 def tiny_qwen2_dir(tmp_path_factory, bpe_tokenizer) -> Path:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=True)
-    return _save(Qwen2ForCausalLM(cfg).eval(), bpe_tokenizer, tmp_path_factory.mktemp("tiny-qwen2"))
+    return _tiny(Qwen2ForCausalLM, Qwen2Config(**_TINY_DECODER, tie_word_embeddings=True), bpe_tokenizer,
+                 tmp_path_factory.mktemp("tiny-qwen2"))
 
 
 @pytest.fixture(scope="session")
