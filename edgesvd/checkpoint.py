@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
-from .errors import CheckpointError, OutputExistsError
+from .errors import CheckpointError, OutputExistsError, first_line
 from .lowrank import LowRankLinear
 from .targets import linearize_conv1d, set_submodule
 
@@ -215,7 +215,7 @@ def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu",
     try:
         state = load_file(str(weights), device=str(device))
     except Exception as exc:
-        raise CheckpointError(f"corrupt {weights}: {str(exc).splitlines()[0]}") from exc
+        raise CheckpointError(f"corrupt {weights}: {first_line(exc)}") from exc
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     with _parameters_on_meta():
         model = auto_class(record.family).from_config(config, trust_remote_code=trust_remote_code,
@@ -228,7 +228,7 @@ def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu",
     try:
         result = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as exc:  # size mismatches between config ranks and saved tensors
-        first = next((l.strip() for l in str(exc).splitlines() if "size mismatch" in l), str(exc).splitlines()[0])
+        first = next((l.strip() for l in str(exc).splitlines() if "size mismatch" in l), first_line(exc))
         raise CheckpointError(f"{weights} does not match its config: {first}") from exc
     if result.unexpected_keys:
         raise CheckpointError(f"{weights} holds tensors the architecture lacks: {result.unexpected_keys[:3]}")

@@ -45,3 +45,10 @@ class ParityError(EdgesvdError):
     """The exported model disagrees with the PyTorch model beyond the tolerances."""
 
     exit_code = 1
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type name when the message is empty), for
+    wrapping a library's multi-line error into edgesvd's one-line messages."""
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:limit]

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ModelLoadError
+from .errors import ModelLoadError, first_line
 
 DEFAULT_MODEL = "minilm"
 
@@ -69,9 +69,8 @@ def _download_from_hub(repo_id: str) -> Path:
             )
         )
     except Exception as exc:  # network errors, missing repos, offline mode: all one message
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ModelLoadError(
-            f"'{repo_id}' is not a local folder and could not be fetched from the hub ({reason})"
+            f"'{repo_id}' is not a local folder and could not be fetched from the hub ({first_line(exc)})"
         ) from exc
 
 
@@ -109,7 +108,7 @@ def resolve_model(ref: str | os.PathLike | None = None) -> ModelSource:
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
     except Exception as exc:
-        raise ModelLoadError(f"cannot read {path / 'config.json'}: {str(exc).splitlines()[0]}") from exc
+        raise ModelLoadError(f"cannot read {path / 'config.json'}: {first_line(exc)}") from exc
     return ModelSource(path=path, name=name, family=family_of(config), model_type=config.model_type)
 
 
@@ -130,7 +129,7 @@ def load_model(source: ModelSource, trust_remote_code: bool = False) -> nn.Modul
             dtype=torch.float32,
         )
     except Exception as exc:
-        raise ModelLoadError(f"cannot load model from {source.path}: {str(exc).splitlines()[0]}") from exc
+        raise ModelLoadError(f"cannot load model from {source.path}: {first_line(exc)}") from exc
     return model.eval()
 
 
@@ -141,7 +140,7 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as exc:
-        raise ModelLoadError(f"cannot load a tokenizer from {path}: {str(exc).splitlines()[0]}") from exc
+        raise ModelLoadError(f"cannot load a tokenizer from {path}: {first_line(exc)}") from exc
     if tok.pad_token is None:
         # Decoders often have no pad token; padding positions are masked out everywhere anyway.
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token

@@ -14,7 +14,7 @@ from pathlib import Path
 from torch import nn
 
 from edgesvd.checkpoint import CompressionRecord, atomic_output_dir, check_output_dir, load_compressed, read_record
-from edgesvd.errors import ConfigError
+from edgesvd.errors import ConfigError, first_line
 from edgesvd.loading import load_model, load_tokenizer, resolve_model
 
 from .errors import ExportError
@@ -184,7 +184,7 @@ def _optimum_export(model: nn.Module, out: Path, task: str, opset: int | None) -
             onnx_export_from_model(model, output=out, task=task, opset=opset, do_validation=False)
         except Exception as exc:  # optimum raises many types (ValueError, KeyError, RuntimeError)
             raise ExportError(f"optimum could not export {model.config.model_type} as {task}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from exc
+                              f"{first_line(exc)}") from exc
 
 
 def export_model(model: nn.Module, tokenizer, family: str, out: str | os.PathLike, cfg: ExportConfig,

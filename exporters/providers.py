@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from edgesvd.errors import ConfigError, DeviceError
+from edgesvd.errors import ConfigError, DeviceError, first_line
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -78,7 +78,7 @@ def cuda_status() -> tuple[bool, str]:
     try:
         sess = ort.InferenceSession(model.SerializeToString(), so, providers=[CUDA, CPU])
     except Exception as exc:
-        return False, f"the CUDA execution provider failed to start ({str(exc).splitlines()[0][:120]})"
+        return False, f"the CUDA execution provider failed to start ({first_line(exc, 120)})"
     if sess.get_providers()[0] != CUDA:
         return False, "onnxruntime lists the CUDA execution provider but no usable GPU is present"
     return True, "GPU present"
@@ -120,4 +120,4 @@ def create_session(path, cfg: SessionConfig, provider: str, profile_prefix: str 
     try:
         return ort.InferenceSession(str(path), session_options(cfg, profile_prefix), providers=[provider])
     except Exception as exc:
-        raise ExportError(f"onnxruntime cannot load {path} on {provider}: {str(exc).splitlines()[0][:300]}") from exc
+        raise ExportError(f"onnxruntime cannot load {path} on {provider}: {first_line(exc)}") from exc
