@@ -27,6 +27,10 @@ class ScoredLowRank(nn.Module):
         self.scores = nn.Parameter(torch.ones(a.shape[0], dtype=a.dtype, device=a.device))
         self.register_buffer("alive", torch.ones_like(self.scores))
         self.register_buffer("importance", torch.zeros_like(self.scores))
+        # What a component was worth when it was pruned (its importance then decays with no
+        # gradient): the budget planner ranks components of several budgets from one learning pass.
+        self.register_buffer("pruned_importance", torch.zeros_like(self.scores))
+        self.register_buffer("pruned_scores", torch.ones_like(self.scores))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = (x @ self.a.T) * (self.scores * self.alive)
@@ -46,9 +50,21 @@ class ScoredLowRank(nn.Module):
     @torch.no_grad()
     def keep_only(self, rank: int | None) -> None:
         """Prune all but the `rank` most important alive components (None: keep all, i.e. dense)."""
+        before = self.alive.clone()
         self.alive.fill_(1.0 if rank is None else 0.0)
         if rank is not None:
             self.alive[top_components(self.importance, rank)] = 1.0
+        pruned = (before > 0) & (self.alive == 0)
+        self.pruned_importance[pruned] = self.importance[pruned]
+        self.pruned_scores[pruned] = self.scores.detach()[pruned]
+
+    @torch.no_grad()
+    def path_importance(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(importance, score) of every candidate along the pruning path: the current values for
+        the survivors, the values at the moment of pruning for the others."""
+        alive = self.alive > 0
+        return (torch.where(alive, self.importance, self.pruned_importance),
+                torch.where(alive, self.scores.detach(), self.pruned_scores))
 
 
 @dataclass(frozen=True)
@@ -126,7 +142,11 @@ def select_uniform(layers: list[LayerCandidates], ranks: dict[str, int | None]) 
     return {l.name: (None if ranks[l.name] is None else min(ranks[l.name], l.importance.numel())) for l in layers}
 
 
+def importance_order(importance: torch.Tensor) -> torch.Tensor:
+    """Candidate indices, most important first (ties keep σ order)."""
+    return importance.detach().float().sort(descending=True, stable=True).indices
+
+
 def top_components(importance: torch.Tensor, rank: int) -> torch.Tensor:
     """Indices of the `rank` most important candidates, in their original (σ-descending) order."""
-    order = importance.detach().float().sort(descending=True, stable=True).indices[:rank]
-    return order.sort().values
+    return importance_order(importance)[:rank].sort().values

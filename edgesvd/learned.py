@@ -17,6 +17,7 @@ and gradually inside stage 2, with the final rank multiple, makes the switch a n
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -28,7 +29,7 @@ from torch import nn
 from .checkpoint import LayerRecord
 from .distill import Teacher, distill_loss
 from .errors import ConfigError
-from .importance import LayerCandidates, ScoredLowRank, select_global, select_uniform, top_components
+from .importance import LayerCandidates, ScoredLowRank, importance_order, select_global, select_uniform
 from .lowrank import LowRankLinear, break_even_rank
 from .methods import Spectrum
 from .progress import progress_bar
@@ -210,15 +211,49 @@ def _finetune(model: nn.Module, factored: list[LowRankLinear], teacher: Teacher,
     return losses
 
 
-def learned_compress(prepared: Prepared, keep: float, multiple: int, cfg: LearnedConfig, seed: int = 0,
-                     show_progress: bool = True) -> tuple[list[LayerRecord], dict[str, dict[str, torch.Tensor]], dict]:
-    """Run the three stages on `prepared.model` in place.
+@dataclass
+class LearnedState:
+    """Stages 1–2 done: `model` holds scored layers; stage 3 can finish it for any rank plan.
 
-    Returns the per-layer records (ranks; None = left dense), the per-layer spectra
-    (`sigma`, learned `scores`, `kept` mask, all over the full whitened spectrum) and the details
-    (configuration, losses before/after the soft-to-hard switch, timings, per-stage loss curves).
+    `dense` holds the original Linears (frozen, shared by every finished copy), `spectra` their
+    whitened spectra, `scored` the scored layers inside `model`.
     """
-    from .compress import layer_spectrum, replace_with_factors
+
+    model: nn.Module
+    family: str
+    targets: list[str]
+    dense: dict[str, nn.Linear]
+    spectra: dict[str, Spectrum]
+    scored: dict[str, ScoredLowRank]
+    teacher: Teacher
+    probe: list[torch.Tensor]
+    stage2_batches: _Batches
+    cfg: LearnedConfig
+    seed: int
+    keep: float
+    losses: dict[str, float]
+    curve2: list[float]
+    timings: dict[str, float]
+
+    @property
+    def shapes(self) -> dict[str, tuple[int, int]]:
+        return {n: tuple(self.dense[n].weight.shape) for n in self.targets}
+
+    @property
+    def total_dense(self) -> int:
+        return sum(l.weight.numel() for l in self.dense.values())
+
+    def batches(self) -> _Batches:
+        """Stage 3's mini-batches: stage 2's sequence continued, the same for every finished copy."""
+        return copy.deepcopy(self.stage2_batches)
+
+
+def learn_importance(prepared: Prepared, keep: float, multiple: int, cfg: LearnedConfig, seed: int = 0,
+                     show_progress: bool = True, spectra: dict[str, Spectrum] | None = None) -> LearnedState:
+    """Stages 1 and 2 on `prepared.model` in place: whitened candidates, then scores learned while
+    pruning gradually down to `keep` of the targeted parameters. `spectra`: the targets' whitened
+    spectra when the caller has them already (saves one SVD per layer)."""
+    from .compress import layer_spectrum
 
     torch.manual_seed(seed)
     model, family, stats = prepared.model, prepared.source.family, prepared.stats
@@ -233,14 +268,14 @@ def learned_compress(prepared: Prepared, keep: float, multiple: int, cfg: Learne
 
     # Stage 1: whitened candidates.
     t0 = time.perf_counter()
-    spectra: dict[str, Spectrum] = {}
+    spectra = dict(spectra or {})
     dense: dict[str, nn.Linear] = {}
     scored: dict[str, ScoredLowRank] = {}
     with progress_bar("stage 1: whitened candidates", total=len(prepared.targets), enabled=show_progress) as bar:
         for name in prepared.targets:
             linear = model.get_submodule(name)
             out_f, in_f = linear.weight.shape
-            spec = layer_spectrum(model, name, "whiten", stats)
+            spec = spectra[name] if name in spectra else layer_spectrum(model, name, "whiten", stats)
             k = candidate_rank(out_f, in_f, keep, cfg.margin, multiple)
             a, b = spec.factors(k)
             layer = ScoredLowRank(a.to(linear.weight), b.to(linear.weight),
@@ -250,55 +285,89 @@ def learned_compress(prepared: Prepared, keep: float, multiple: int, cfg: Learne
             bar.advance()
     timings["stage1_s"] = time.perf_counter() - t0
     total_dense = sum(l.weight.numel() for l in dense.values())
-    target = keep * total_dense
 
-    batches = _Batches(prepared.calib.input_ids.shape[0], cfg.batch_size, seed)
-    probe_gen = _Batches(prepared.calib.input_ids.shape[0], cfg.batch_size, seed + 1)
-    probe = [probe_gen.next() for _ in range(min(4, max(1, prepared.calib.input_ids.shape[0] // cfg.batch_size)))]
+    n = prepared.calib.input_ids.shape[0]
+    batches = _Batches(n, cfg.batch_size, seed)
+    probe_gen = _Batches(n, cfg.batch_size, seed + 1)
+    probe = [probe_gen.next() for _ in range(min(4, max(1, n // cfg.batch_size)))]
     losses: dict[str, float] = {"stage1": _probe_loss(model, teacher, family, probe)}
 
     # Stage 2: learn the scores.
     t0 = time.perf_counter()
-    shapes = {n: tuple(dense[n].weight.shape) for n in prepared.targets}
-    curve2 = _learn_scores(model, scored, shapes, teacher, family, target, multiple, cfg, batches,
+    shapes = {name: tuple(dense[name].weight.shape) for name in prepared.targets}
+    curve2 = _learn_scores(model, scored, shapes, teacher, family, keep * total_dense, multiple, cfg, batches,
                            show_progress, total_dense)
     timings["stage2_s"] = time.perf_counter() - t0
     losses["before_switch"] = _probe_loss(model, teacher, family, probe)
+    return LearnedState(model, family, list(prepared.targets), dense, spectra, scored, teacher, probe, batches, cfg, seed,
+                        keep, losses, curve2, timings)
 
-    # Stage 3: select, fold, fine-tune.
+
+def finish(state: LearnedState, ranks: dict[str, int | None], orders: dict[str, torch.Tensor],
+           scores: dict[str, torch.Tensor], model: nn.Module | None = None, show_progress: bool = True
+           ) -> tuple[nn.Module, list[LayerRecord], dict[str, dict[str, torch.Tensor]], dict]:
+    """Stage 3 for one rank plan: keep each layer's first `rank` candidates of `orders`, fold
+    `scores` into their factors, fine-tune the factors.
+
+    Works on `model` (a copy of `state.model`, so one learning pass can finish several plans) or
+    on `state.model` itself. Returns the model, the per-layer records (None = left dense), the
+    spectra (`sigma`, `scores`, `kept` over the full whitened spectrum) and the details.
+    """
+    from .compress import replace_with_factors
+
+    model = state.model if model is None else model
     t0 = time.perf_counter()
-    ranks = _select(_candidates(scored, shapes), target, total_dense, multiple, cfg.selection)
     layers, out_spectra, factored = [], {}, []
-    for name in prepared.targets:
-        linear, spec, layer = dense[name], spectra[name], scored[name]
-        scores = (layer.scores * layer.alive).detach()
+    for name in state.targets:
+        linear, spec = state.dense[name], state.spectra[name]
         out_f, in_f = linear.weight.shape
         full_scores = torch.zeros_like(spec.sigma)
-        full_scores[: scores.numel()] = scores.to(full_scores)
+        full_scores[: scores[name].numel()] = scores[name].to(full_scores)
         kept = torch.zeros_like(spec.sigma)
         rank = ranks[name]
-        set_submodule(model, name, linear)  # back to dense; stays so when break-even was reached
+        # Back to dense (stays so when break-even was reached); a copy gets its own Linear, so
+        # moving one finished model between devices leaves the shared originals alone.
+        set_submodule(model, name, linear if model is state.model else copy.deepcopy(linear))
         if rank is None:
             kept[:] = 1
         else:
-            index = top_components(layer.importance, rank).to(spec.sigma.device)
+            index = orders[name][:rank].sort().values.to(spec.sigma.device)
             a, b = spec.factors(rank, full_scores, index)
             factored.append(replace_with_factors(model, name, a, b))
             kept[index] = 1
         layers.append(LayerRecord(name, in_f, out_f, rank, linear.bias is not None))
         out_spectra[name] = {"sigma": spec.sigma, "scores": full_scores, "kept": kept}
-    del scored, spectra
-    losses["after_switch"] = _probe_loss(model, teacher, family, probe)
-    curve3 = _finetune(model, factored, teacher, family, cfg, batches, show_progress) if cfg.finetune_steps else []
-    losses["after_finetune"] = _probe_loss(model, teacher, family, probe)
-    timings["stage3_s"] = time.perf_counter() - t0
-
+    losses = dict(state.losses)
+    losses["after_switch"] = _probe_loss(model, state.teacher, state.family, state.probe)
+    curve3 = (_finetune(model, factored, state.teacher, state.family, state.cfg, state.batches(), show_progress)
+              if state.cfg.finetune_steps and factored else [])
+    losses["after_finetune"] = _probe_loss(model, state.teacher, state.family, state.probe)
+    timings = {**state.timings, "stage3_s": time.perf_counter() - t0}
     details = {
-        "learned": asdict(cfg),
+        "learned": asdict(state.cfg),
+        "importance_keep": state.keep,
         "losses": {k: round(v, 6) for k, v in losses.items()},
-        "stage2_curve": [round(v, 5) for v in curve2[:: max(1, len(curve2) // 20)]],
+        "stage2_curve": [round(v, 5) for v in state.curve2[:: max(1, len(state.curve2) // 20)]],
         "stage3_curve": [round(v, 5) for v in curve3[:: max(1, len(curve3) // 20)]],
         "timings": {k: round(v, 2) for k, v in timings.items()},
-        "teacher_cached": teacher.cache is not None,
+        "teacher_cached": state.teacher.cache is not None,
     }
-    return layers, out_spectra, details
+    return model, layers, out_spectra, details
+
+
+def learned_compress(prepared: Prepared, keep: float, multiple: int, cfg: LearnedConfig, seed: int = 0,
+                     show_progress: bool = True) -> tuple[list[LayerRecord], dict[str, dict[str, torch.Tensor]], dict]:
+    """Run the three stages on `prepared.model` in place at one keep.
+
+    Returns the per-layer records (ranks; None = left dense), the per-layer spectra
+    (`sigma`, learned `scores`, `kept` mask, all over the full whitened spectrum) and the details
+    (configuration, losses before/after the soft-to-hard switch, timings, per-stage loss curves).
+    """
+    state = learn_importance(prepared, keep, multiple, cfg, seed, show_progress)
+    candidates = _candidates(state.scored, state.shapes)
+    ranks = _select(candidates, keep * state.total_dense, state.total_dense, multiple, cfg.selection)
+    orders = {c.name: importance_order(c.importance) for c in candidates}
+    scores = {n: (layer.scores * layer.alive).detach() for n, layer in state.scored.items()}
+    state.scored = {}  # the scored layers leave the model in stage 3; nothing else needs them
+    _, layers, spectra, details = finish(state, ranks, orders, scores, show_progress=show_progress)
+    return layers, spectra, details

@@ -16,18 +16,15 @@ _LABEL = {"model_bytes": "model bytes", "peak_memory": "peak memory", "latency_p
           "latency_p90": "p90 latency"}
 
 
-def component_importance(sigma: torch.Tensor | np.ndarray, scores: torch.Tensor | np.ndarray | None = None
-                         ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-component importance of one layer and the order that sorts it (most important first).
+def component_importance(sigma: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-component importance of one layer from its whitened spectrum, and the order that sorts
+    it (most important first).
 
-    Importance is the component's share of the layer's output energy, (σ·s)² / Σ(σ·s)²: for the
-    whitened spectrum, truncating component i raises the layer's calibration output error by σᵢ²,
-    and learned scores s rescale the component. Shares make layers of different scale comparable.
+    Importance is the component's share of the layer's output energy, σ² / Σσ²: truncating
+    component i raises the layer's calibration output error by σᵢ². Shares make layers of
+    different scale comparable. (Learned importance comes from layer_importance.learned_importances.)
     """
     sig = np.asarray(sigma.detach().cpu().double() if isinstance(sigma, torch.Tensor) else sigma, dtype=np.float64)
-    if scores is not None:
-        s = scores.detach().cpu().double().numpy() if isinstance(scores, torch.Tensor) else np.asarray(scores, float)
-        sig = sig * s
     energy = sig ** 2
     order = np.argsort(-energy, kind="stable")
     total = energy.sum()

@@ -147,3 +147,22 @@ def test_minilm_learned_not_worse_than_whiten(minilm_dir, stsb_file):
     whiten = run("whiten")
     learned = run("learned", steps=8, finetune_steps=4, batch_size=4)
     assert learned >= whiten - 0.005, (learned, whiten)
+
+
+def test_pruned_components_keep_their_importance_and_score_on_the_path():
+    """What the budget planner reads from one learning pass: survivors at their current importance,
+    pruned components at the importance (and score) they had when they were pruned."""
+    from edgesvd.importance import ScoredLowRank
+
+    layer = ScoredLowRank(torch.randn(4, 6), torch.randn(5, 4), None)
+    with torch.no_grad():
+        layer.importance.copy_(torch.tensor([4.0, 1.0, 3.0, 2.0]))
+        layer.scores.copy_(torch.tensor([1.1, 0.2, 0.9, 0.5]))
+    layer.keep_only(2)  # components 1 and 3 go
+    with torch.no_grad():
+        layer.importance.mul_(0.5)  # what decay does afterwards (a pruned component has no gradient)
+        layer.scores.copy_(torch.tensor([1.2, 9.0, 0.8, 9.0]))
+    importance, scores = layer.path_importance()
+    assert torch.equal(layer.alive, torch.tensor([1.0, 0.0, 1.0, 0.0]))
+    assert torch.allclose(importance, torch.tensor([2.0, 1.0, 1.5, 2.0]))
+    assert torch.allclose(scores, torch.tensor([1.2, 0.2, 0.8, 0.5]))
