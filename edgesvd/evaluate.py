@@ -11,7 +11,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import CalibrationError
+from .errors import CalibrationError, ConfigError
+
+# What `--eval FILE` measures per family (STS-B: higher is better; perplexity: lower).
+TASK_SCORES = {"encoder": "stsb_spearman", "decoder": "perplexity"}
 
 
 def read_stsb(path: str | os.PathLike, limit: int | None = None) -> tuple[list[str], list[str], np.ndarray]:
@@ -116,3 +119,22 @@ def perplexity(model: nn.Module, tokenizer, text_path: str | os.PathLike, max_ch
         total_nll += float(nll[valid].sum())
         total_tokens += int(valid.sum())
     return math.exp(total_nll / total_tokens)
+
+
+def check_eval_file(path: str | os.PathLike) -> Path:
+    """`--eval` input: an existing file (STS-B .tsv/.csv for encoders, plain text for decoders)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--eval file does not exist: {path}")
+    return path
+
+
+def task_score(model: nn.Module, tokenizer, family: str, path: str | os.PathLike) -> tuple[str, float]:
+    """(name, value) of the task score of `model` on `path`: STS-B Spearman of mean-pooled
+    embeddings for encoders (an STS-B tab-separated file), perplexity for decoders (plain text,
+    blank-line separated chunks)."""
+    name = TASK_SCORES[family]
+    model = model.eval()
+    if family == "encoder":
+        return name, round(stsb_spearman(model, tokenizer, path), 4)
+    return name, round(perplexity(model, tokenizer, path), 4)

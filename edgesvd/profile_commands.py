@@ -133,7 +133,8 @@ def plan(model, profile_refs, budget_items, calib_samples, calib_len, per_layer,
     """Plan per-layer ranks of MODEL for each --profile's budgets and print the budget receipt.
 
     Importance is the whitened singular spectrum on calibration data; nothing is trained or
-    written. Infeasible budgets fail here, with the smallest achievable size and latency.
+    written (a preview: `run --profile` learns importance by default and its ranks differ).
+    Infeasible budgets fail here, with the smallest achievable size and latency.
     """
     from exporters.budget_loop import cost_model_for
 

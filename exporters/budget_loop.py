@@ -15,6 +15,7 @@ from edgesvd.checkpoint import CompressionRecord, LayerRecord, atomic_output_dir
 from edgesvd.compress import CompressConfig, prepare, replace_with_factors
 from edgesvd.costmodel import CostModel, ModelFacts, model_facts
 from edgesvd.errors import BudgetError
+from edgesvd.evaluate import task_score
 from edgesvd.layer_importance import whitened_importances
 from edgesvd.loading import resolve_model
 from edgesvd.planner import Receipt, plan_ranks, resolve_limits
@@ -52,12 +53,13 @@ def missed_budgets(limits: dict[str, float], measured: dict[str, float]) -> dict
 
 def retargeted(plan_limits: dict[str, float], limits: dict[str, float], measured: dict[str, float],
                bounds: dict[str, tuple] | None = None, margin: float = 0.97, relax_above: float = 0.10,
-               max_relax: float = 1.25) -> dict[str, float]:
+               max_relax: float = 1.25, binding: str | None = None) -> dict[str, float]:
     """Planning limits for the next plan, from what the last one measured.
 
     Latency: a missed budget is re-aimed by the ratio the measurement was off (limit ÷ measured,
     times `margin`: timing errors are relative); one met with more than `relax_above` headroom
-    is re-aimed up (by at most `max_relax`), since a plan far under its budget gave quality away.
+    is re-aimed up (by at most `max_relax`), since a plan far under its budget gave quality away —
+    unless the plan is bound by another budget (`binding`), which relaxing it would not change.
     Once one planning limit has met and another missed, the next is their midpoint (bisection;
     `bounds` holds key → (highest that met, lowest that missed) across calls). A missed size is
     lowered by 1.25 × the overshoot: what its estimate misses (graph structure, runtime memory)
@@ -76,7 +78,7 @@ def retargeted(plan_limits: dict[str, float], limits: dict[str, float], measured
         lo, hi = bounds.get(key, (None, None))
         if value > limit:
             hi = aim if hi is None else min(hi, aim)
-        elif (limit - value) / limit > relax_above:
+        elif (limit - value) / limit > relax_above and binding in (None, key):
             lo = aim if lo is None else max(lo, aim)
         else:
             continue
@@ -135,7 +137,8 @@ def agreement_with_dense(dense: torch.nn.Module, model: torch.nn.Module, batch, 
 # -- one run over many devices ------------------------------------------------------------------
 @dataclass
 class DeviceResult:
-    """What one profile got: its bundle, plan, measured or estimated values and the quality proxy."""
+    """What one profile got: its bundle, plan, measured or estimated values and its quality (the
+    --eval task score first when there is one, then the proxy)."""
 
     profile: str
     device: str
@@ -207,21 +210,100 @@ class _Attempt:
     dense: dict[str, float]
 
 
-def _build_and_export(receipt: Receipt, where: Path, attempt: int, p: Profile, cfg, dense, spectra, orders,
+@dataclass
+class Importance:
+    """One importance pass shared by every device: what the planner ranks and how a plan becomes a model.
+
+    `method` 'whiten': components ordered by whitened σ², a plan is cut from the spectra.
+    `method` 'learned': components ordered by learned importance along the pruning path, a plan is
+    finished by stage 3 of the learned method (scores folded, factors fine-tuned) on a copy.
+    """
+
+    method: str
+    layers: list                      # LayerImportance per target, for the planner
+    orders: dict[str, torch.Tensor]   # component indices, most important first
+    dense: torch.nn.Module            # the dense model on the CPU (quality reference, whitened cuts)
+    spectra: dict | None = None       # whitened spectra ('whiten')
+    state: object | None = None       # LearnedState ('learned')
+    scores: dict[str, torch.Tensor] | None = None
+    show_progress: bool = True
+
+    def model_for(self, ranks: dict[str, int | None]) -> tuple[torch.nn.Module, list[LayerRecord], dict, dict]:
+        """The compressed model for one plan (CPU), its layer records, spectrum entries and details."""
+        if self.method == "whiten":
+            model, records, entries = apply_ranks(self.dense, self.spectra, self.orders, ranks)
+            return model, records, entries, {}
+        from edgesvd.learned import finish
+
+        model, records, entries, details = finish(self.state, ranks, self.orders, self.scores,
+                                                  model=copy.deepcopy(self.state.model),
+                                                  show_progress=self.show_progress)
+        return model.cpu().eval(), records, entries, details
+
+
+def _build_and_export(receipt: Receipt, where: Path, attempt: int, p: Profile, cfg, importance: Importance,
                       prepared, family: str) -> torch.nn.Module:
-    """Apply the plan's ranks, save the checkpoint and export it into `where`."""
+    """Turn the plan's ranks into a model, save the checkpoint and export it into `where`."""
     from .onnx_export import export_checkpoint
 
-    model, records, entries = apply_ranks(dense, spectra, orders, receipt.ranks())
+    model, records, entries, details = importance.model_for(receipt.ranks())
     params_before = sum(l.params_before for l in records)
     keep = sum(l.params_after for l in records) / params_before if params_before else 1.0
     record = CompressionRecord(
-        method="whiten", keep_requested=round(keep, 4), family=family, source_model=str(cfg.model),
+        method=importance.method, keep_requested=round(keep, 4), family=family, source_model=str(cfg.model),
         layers=records, rank_multiple=p.rank_multiple, calibration=prepared.calib.summary,
-        details={"planner": "budget", "profile": p.name, "plan": attempt}, versions=library_versions())
+        details={"planner": "budget", "profile": p.name, "plan": attempt, **details}, versions=library_versions())
     save_compressed(model, prepared.tokenizer, record, where / "checkpoint", entries, force=True)
     export_checkpoint(where / "checkpoint", where / "onnx", _export_cfg(cfg.export, p, family), force=True)
     return model
+
+
+def _plan_keep(receipt: Receipt) -> float:
+    """Targeted parameters a plan keeps (dense layers count whole)."""
+    before = sum(r.shape[0] * r.shape[1] for r in receipt.rows)
+    after = sum(r.shape[0] * r.shape[1] if r.rank is None else r.rank * (r.shape[0] + r.shape[1]) for r in receipt.rows)
+    return after / before if before else 1.0
+
+
+BUDGET_METHODS = ("learned", "whiten")
+
+
+def shared_importance(cfg, profiles: list[Profile], say) -> tuple[Importance, object, ModelFacts, dict]:
+    """Load, calibrate, and rank components once for every device.
+
+    Every profile is planned on the whitened spectra first, so an infeasible budget fails before
+    any training. With 'learned' the scores are then learned once, pruning down to the smallest
+    keep any of those plans needs (a looser device keeps more of the pruning path). Returns the
+    importance, the prepared model, the model's facts and the cost model per profile.
+    """
+    from edgesvd.compress import DEFAULT_METHOD
+    from edgesvd.errors import ConfigError
+    from edgesvd.layer_importance import learned_importances
+    from edgesvd.learned import learn_importance
+
+    method = cfg.method or DEFAULT_METHOD
+    if method not in BUDGET_METHODS:
+        raise ConfigError(f"--profile plans with method {' or '.join(BUDGET_METHODS)}, not '{method}'")
+    multiple = min(p.rank_multiple for p in profiles)
+    prepared = prepare(CompressConfig(model=cfg.model, method=method, rank_multiple=multiple,
+                                      calibration=cfg.calibration, device=cfg.device,
+                                      show_progress=cfg.show_progress))
+    dense = copy.deepcopy(prepared.model).cpu().eval() if method == "learned" else prepared.model.cpu().eval()
+    facts = model_facts(dense, prepared.targets, prepared.source.family)
+    layers, spectra, orders = whitened_importances(dense, prepared.targets, prepared.stats, cfg.show_progress)
+    spectra = {k: replace(s, left=s.left.cpu(), sigma=s.sigma.cpu(), right=s.right.cpu()) for k, s in spectra.items()}
+    costs = {p.name: cost_model_for(p, facts, log=say if cfg.show_progress else None) for p in profiles}
+    keeps = [_plan_keep(plan_ranks(layers, costs[p.name])) for p in profiles]  # infeasible budgets fail here
+    if method == "whiten":
+        return Importance("whiten", layers, orders, dense, spectra=spectra), prepared, facts, costs
+    keep = min(keeps)
+    say(f"[bold]edgesvd run[/bold] · learning importance once for {len(profiles)} device(s), pruning to keep "
+        f"{keep:.3f} (the tightest whitened plan)")
+    state = learn_importance(prepared, keep, multiple, cfg.learned, cfg.calibration.seed, cfg.show_progress,
+                             spectra=spectra)
+    layers, orders, scores = learned_importances(state)
+    return (Importance("learned", layers, orders, dense, state=state, scores=scores, show_progress=cfg.show_progress),
+            prepared, facts, costs)
 
 
 def _closed_loop(p: Profile, layers, cost: CostModel, limits: dict[str, float], dense_values: dict[str, float],
@@ -284,7 +366,7 @@ def _closed_loop(p: Profile, layers, cost: CostModel, limits: dict[str, float], 
         keep_model = not missed and (best is None or receipt.importance_kept > best.receipt.importance_kept)
         attempts.append(_Attempt(attempt, receipt, model if keep_model else None, where, values, report, not missed,
                                  dict(limits), dict(dense_values)))
-        nxt = retargeted(plan_limits, limits, values, bounds)
+        nxt = retargeted(plan_limits, limits, values, bounds, binding=receipt.binding)
         if nxt == plan_limits or attempt == max_plans:
             break
         say(f"[yellow]{p.name}: plan {attempt} "
@@ -306,13 +388,14 @@ def _closed_loop(p: Profile, layers, cost: CostModel, limits: dict[str, float], 
 
 
 def run_profiles(cfg, profiles: list[Profile], max_plans: int = 3) -> list[DeviceResult]:
-    """`edgesvd run --profile …`: importance once, then per device plan → compress → export →
+    """`edgesvd run --profile …`: importance once (learned by default), then per device plan → compress → export →
     parity → (measure on this machine, re-plan while a budget is missed, at most `max_plans`
     plans) → bundle whose manifest holds budgets, receipt and measured values. `cfg` is the
     exporters' RunConfig (model, calibration, export options, output root, runs, session)."""
     from .bundle import pack
     from .onnx_export import export_dense
     from .parity import ParityConfig, verify
+    from .pipeline import dense_and_compressed_scores
 
     if not profiles:
         raise BudgetError("no profile given")
@@ -321,27 +404,17 @@ def run_profiles(cfg, profiles: list[Profile], max_plans: int = 3) -> list[Devic
     check_output_dir(out, cfg.force)
     say = console.print if cfg.show_progress else (lambda *a, **k: None)
 
-    if cfg.method not in (None, "whiten"):  # said, not silently dropped
-        console.print(f"[yellow]note: --profile plans from whitened spectra; method '{cfg.method}' is not used "
-                      "for budget runs yet[/yellow]")
-    # One importance pass for every device.
-    say("[bold]edgesvd run[/bold] · importance (whitened spectra, once for all devices)")
-    multiple = min(p.rank_multiple for p in profiles)
-    prepared = prepare(CompressConfig(model=cfg.model, method="whiten", rank_multiple=multiple,
-                                      calibration=cfg.calibration, device=cfg.device,
-                                      show_progress=cfg.show_progress))
-    dense = prepared.model.cpu().eval()
-    facts = model_facts(dense, prepared.targets, prepared.source.family)
-    layers, spectra, orders = whitened_importances(dense, prepared.targets, prepared.stats, cfg.show_progress)
-    spectra = {k: replace(s, left=s.left.cpu(), sigma=s.sigma.cpu(), right=s.right.cpu()) for k, s in spectra.items()}
-    family = prepared.source.family
+    say("[bold]edgesvd run[/bold] · component importance (once for all devices)")
+    importance, prepared, facts, costs = shared_importance(cfg, profiles, say)
+    dense, family = importance.dense, prepared.source.family
     held_out = sample_calibration(prepared.tokenizer, replace(cfg.calibration, num_sequences=32,
                                                               seed=cfg.calibration.seed + 1), family)
-
-    # Every plan first: an infeasible budget fails here, before any export.
-    costs = {p.name: cost_model_for(p, facts, log=say if cfg.show_progress else None) for p in profiles}
-    for p in profiles:
-        plan_ranks(layers, costs[p.name])
+    for p in profiles:  # learned importance plans differently: check again before exporting anything
+        plan_ranks(importance.layers, costs[p.name])
+    dense_score = None
+    if cfg.eval_file is not None:
+        say(f"[bold]edgesvd run[/bold] · dense task score on {cfg.eval_file}")
+        dense_score = task_score(dense, prepared.tokenizer, family, cfg.eval_file)
 
     results: list[DeviceResult] = []
     with atomic_output_dir(out, cfg.force) as tmp:
@@ -366,15 +439,20 @@ def run_profiles(cfg, profiles: list[Profile], max_plans: int = 3) -> list[Devic
             limits = resolve_limits(p.budgets, dense_values)
             folder = tmp / p.name
             build = lambda receipt, where, attempt: _build_and_export(  # noqa: E731
-                receipt, where, attempt, p, cfg, dense, spectra, orders, prepared, family)
-            chosen, history = _closed_loop(p, layers, cost, limits, dense_values, build, folder, family, cfg,
+                receipt, where, attempt, p, cfg, importance, prepared, family)
+            chosen, history = _closed_loop(p, importance.layers, cost, limits, dense_values, build, folder, family, cfg,
                                                    tmp / "onnx-dense", max_plans, say)
             receipt, model, values, prof_report = chosen.receipt, chosen.model, chosen.values, chosen.report
             limits, dense_values = chosen.limits, chosen.dense
             if local:  # the dense model measured beside the chosen plan
                 receipt.dense = {**receipt.dense, **dense_values}
             parity = verify(folder / "checkpoint", folder / "onnx", ParityConfig(session=cfg.session))
-            quality = agreement_with_dense(dense, model, held_out, family)
+            proxy = agreement_with_dense(dense, model, held_out, family)
+            quality, task = dict(proxy), {}
+            if cfg.eval_file is not None:  # the task score first: the comparison and the chart show it
+                task = dense_and_compressed_scores(prepared.source, model, prepared.tokenizer, cfg.eval_file,
+                                                   dense_score)
+                quality = {**{k: v["compressed"] for k, v in task.items()}, **quality}
             for b in receipt.budgets:  # judged by measurement where there is one
                 b.limit, b.binding = limits[b.key], False
                 b.measured = values[b.key] if local else None
@@ -388,7 +466,9 @@ def run_profiles(cfg, profiles: list[Profile], max_plans: int = 3) -> list[Devic
                 "as_written": {k: str(b) for k, b in p.budgets.items()},
                 "values": values, "values_are": "measured on this machine" if local else f"{cost.source} (not measured)",
                 "dense": dense_values, "met": not missed_budgets(limits, values), "plans": history or [{"plan": 1}],
-                "quality_proxy": quality, "receipt": receipt.to_json()}}
+                "quality_proxy": proxy, "receipt": receipt.to_json()}}
+            if task:
+                extra["quality"] = task
             pack(folder / "onnx", folder / "checkpoint", folder / "bundle", parity.to_json(), prof_report,
                  cfg.session.to_json(), extra=extra)
             results.append(DeviceResult(p.name, p.device.name, "measured" if local else cost.source, out / p.name / "bundle",
@@ -412,7 +492,7 @@ def _onnx_bytes(folder: Path) -> int:
 
 
 def comparison_rows(results: list[DeviceResult]) -> list[list[str]]:
-    """Rows of the per-device comparison: size, latency (with its label), quality proxy, binding budget."""
+    """Rows of the per-device comparison: size, latency (with its label), quality, binding budget."""
     rows = []
     for r in results:
         q = next(iter(r.quality.items()), ("", float("nan")))
@@ -426,14 +506,21 @@ def comparison_rows(results: list[DeviceResult]) -> list[list[str]]:
 
 
 COMPARISON_COLUMNS = ["profile", "latency is", "factorized", "ONNX size", "dense p50", "p50", "p50 ratio",
-                      "importance kept", "quality proxy", "binds", "budgets met", "plans"]
+                      "importance kept", "quality", "binds", "budgets met", "plans"]
+
+
+def quality_legend(results: list[DeviceResult]) -> str:
+    """What the comparison's quality column is: the --eval task score, else the proxy."""
+    name = next((k for r in results for k in r.quality), "")
+    if name.startswith("similarity_spearman") or name.startswith("top1_agreement"):
+        return f"quality: {name.replace('_', ' ')} on held-out calibration text (a proxy; --eval FILE gives a task score)"
+    return f"quality: {name.replace('_', ' ')} of the compressed PyTorch model on the --eval file"
 
 
 def comparison_markdown(results: list[DeviceResult]) -> str:
     lines = ["| " + " | ".join(COMPARISON_COLUMNS) + " |", "|" + "---|" * len(COMPARISON_COLUMNS)]
     lines += ["| " + " | ".join(row) + " |" for row in comparison_rows(results)]
-    proxy = next((k for r in results for k in r.quality), "")
-    return "\n".join(lines) + f"\n\nquality proxy: {proxy.replace('_', ' ')} (held-out calibration text)"
+    return "\n".join(lines) + "\n\n" + quality_legend(results)
 
 
 def run_with_profiles(cfg, profile_refs: tuple[str, ...], budget_items: tuple[str, ...], max_plans: int = 3
@@ -467,8 +554,6 @@ def run_with_profiles(cfg, profile_refs: tuple[str, ...], budget_items: tuple[st
     for row in comparison_rows(results):
         table.add_row(*row)
     out_console.print(table)
-    proxy = next((k for r in results for k in r.quality), "")
-    out_console.print(f"quality proxy: {proxy.replace('_', ' ')} on held-out calibration text; "
-                      f"bundles: {', '.join(str(r.bundle) for r in results)}")
+    out_console.print(f"{quality_legend(results)}; bundles: {', '.join(str(r.bundle) for r in results)}")
     out_console.print(f"reports: {', '.join(str(r.bundle / 'report.html') for r in results)}")
     return results

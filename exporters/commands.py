@@ -142,6 +142,9 @@ def print_summary(s) -> None:
         table.add_row(f"p50 {lat['mode']} ({_short(lat['provider'])})", f"{lat['dense_p50_ms']:.2f} ms",
                       f"{lat['compressed_p50_ms']:.2f} ms", f"{lat['speedup']:.2f}× faster "
                       f"(FLOP bound {lat['flop_bound_speedup']:.2f}×)")
+    for name, q in s.quality.items():
+        table.add_row(name.replace("_", " "), f"{q['dense']:.4f}", f"{q['compressed']:.4f}",
+                      f"{q['compressed'] - q['dense']:+.4f} ({Path(q['dataset']).name})")
     table.add_row("parity", "", "passed" if s.parity_ok else "FAILED", s.parity_detail, end_section=True)
     table.add_row("bundle", "", str(s.tarball), "")
     out_console.print(table)
@@ -312,11 +315,15 @@ def pack(onnx_dir, checkpoint, out, parity_report, profile_report, runs, check_p
                    "model_bytes, peak_memory, latency_p50, latency_p90 = '60%', '40 MB', '20 ms' or 'none'.")
 @click.option("--max-plans", type=int, default=3, show_default=True,
               help="With --profile on this machine: plans tried while a measured budget is missed.")
+@click.option("--eval", "eval_file", type=_PATH, default=None, metavar="FILE",
+              help="Also score dense and compressed PyTorch models on a task: STS-B Spearman for encoders "
+                   "(an STS-B tab-separated file, e.g. sts-dev.csv), perplexity for decoders (a text file). "
+                   "Shown in the summary, recorded in the manifest and the report.")
 @click.option("--force", is_flag=True, help="Replace OUT_ROOT/<model>/ if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def run(model, method, keep, rank_multiple, calib, calib_samples, calib_len, seed, out_root, dtype, quantize, eps,
         allow_cpu_fallback, threads, inter_threads, opt_level, runs, batch, seq_len, device, force, quiet,
-        profile_refs=(), budget_items=(), max_plans=3):
+        profile_refs=(), budget_items=(), max_plans=3, eval_file=None):
     """The whole job: compress MODEL, export, verify, profile dense vs compressed, pack a bundle."""
     _exit_cleanly_on_sigterm()
     from edgesvd.calibration import CalibrationConfig
@@ -331,7 +338,8 @@ def run(model, method, keep, rank_multiple, calib, calib_samples, calib_len, see
                     export=ExportConfig(dtype=dtype, quantize=quantize, pooled=True),
                     profile_runs=runs, batch=batch, seq_len=seq_len,
                     eps=tuple(resolve_eps(tuple(eps), allow_cpu_fallback)),
-                    session=_session(threads, inter_threads, opt_level), device=device, show_progress=not quiet)
+                    session=_session(threads, inter_threads, opt_level), device=device, show_progress=not quiet,
+                    eval_file=eval_file)
     if profile_refs or budget_items:  # budgets → ranks per device: exporters/budget_loop.py
         from .budget_loop import run_with_profiles
 

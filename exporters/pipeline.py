@@ -11,6 +11,8 @@ from pathlib import Path
 from edgesvd.calibration import CalibrationConfig
 from edgesvd.checkpoint import atomic_output_dir, check_output_dir, save_compressed
 from edgesvd.errors import ConfigError
+from edgesvd.evaluate import check_eval_file, task_score
+from edgesvd.learned import LearnedConfig
 from edgesvd.loading import DEFAULT_MODEL, resolve_model
 from edgesvd.progress import console
 
@@ -41,10 +43,14 @@ class RunConfig:
     session: SessionConfig = SessionConfig()
     device: str = "auto"
     show_progress: bool = True
+    learned: LearnedConfig = field(default_factory=LearnedConfig)  # method 'learned' only
+    eval_file: Path | None = None  # task score of dense and compressed (edgesvd.evaluate.task_score)
 
     def __post_init__(self) -> None:
         if self.profile_runs < 1:
             raise ConfigError(f"profile runs must be >= 1, got {self.profile_runs}")
+        if self.eval_file is not None:
+            check_eval_file(self.eval_file)
 
 
 @dataclass
@@ -65,6 +71,7 @@ class RunSummary:
     parity_detail: str
     latency: list[dict]  # per EP and mode: dense/compressed p50 and speedup
     seconds: dict[str, float]
+    quality: dict = field(default_factory=dict)  # with --eval: {score: {dense, compressed, dataset}}
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -92,6 +99,18 @@ def _parity_detail(report) -> str:
     return "; ".join(parts)
 
 
+def dense_and_compressed_scores(source, model, tokenizer, eval_file: Path,
+                                dense_score: tuple[str, float] | None = None) -> dict:
+    """`--eval`: the task score of `model` and of the dense model (`dense_score` when already
+    known, else the source loaded again), as the bundle manifest's `quality` section records it."""
+    from edgesvd.loading import load_model
+
+    name, compressed = task_score(model, tokenizer, source.family, eval_file)
+    if dense_score is None:
+        dense_score = task_score(load_model(source), tokenizer, source.family, eval_file)
+    return {name: {"dense": dense_score[1], "compressed": compressed, "dataset": str(Path(eval_file).resolve())}}
+
+
 def run(cfg: RunConfig = RunConfig()) -> RunSummary:
     """Run the whole job into `cfg.out_root/<model>/` (atomically: nothing is left on failure)."""
     # The module, not the function `edgesvd.compress`: DEFAULT_METHOD is read now, at call time.
@@ -115,12 +134,18 @@ def run(cfg: RunConfig = RunConfig()) -> RunSummary:
         step("compress")
         ccfg = compress_mod.CompressConfig(model=cfg.model, method=method, keep=cfg.keep,
                                            rank_multiple=cfg.rank_multiple, calibration=cfg.calibration,
-                                           device=cfg.device, show_progress=cfg.show_progress)
+                                           device=cfg.device, show_progress=cfg.show_progress,
+                                           learned=cfg.learned)
         result = compress_mod.compress(ccfg)
         save_compressed(result.model, result.tokenizer, result.record, tmp / "checkpoint", result.spectra)
         params_dense, params_comp = _params(result.record, result.model)
-        del result
         done("compress")
+        quality = {}
+        if cfg.eval_file is not None:
+            step("evaluate")
+            quality = dense_and_compressed_scores(source, result.model, result.tokenizer, cfg.eval_file)
+            done("evaluate")
+        del result
         step("export")
         comp = export_checkpoint(tmp / "checkpoint", tmp / "onnx", export_cfg)
         dense = export_dense(cfg.model, tmp / "onnx-dense", export_cfg)
@@ -136,7 +161,7 @@ def run(cfg: RunConfig = RunConfig()) -> RunSummary:
         done("profile")
         step("pack")
         pack(tmp / "onnx", tmp / "checkpoint", tmp / "bundle", parity.to_json(), prof.to_json(),
-             cfg.session.to_json())
+             cfg.session.to_json(), extra={"quality": quality} if quality else None)
         done("pack")
         summary = RunSummary(
             model=source.name, method=method, keep=cfg.keep, out=out, bundle=out / "bundle",
@@ -145,6 +170,6 @@ def run(cfg: RunConfig = RunConfig()) -> RunSummary:
             parity_ok=parity.ok, parity_detail=_parity_detail(parity),
             latency=[{k: c[k] for k in ("provider", "mode", "dense_p50_ms", "compressed_p50_ms", "speedup",
                                         "flop_bound_speedup")} for c in prof.comparisons],
-            seconds=seconds)
+            seconds=seconds, quality=quality)
         (tmp / "summary.json").write_text(json.dumps(summary.to_json(), indent=2) + "\n")
     return summary

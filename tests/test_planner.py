@@ -194,12 +194,12 @@ def test_calibrated_profile_fits_its_table(tmp_path):
     assert cost.matmul_ms(128, 512, 384) == pytest.approx(t * 1e3, rel=1e-3)
 
 
-def test_component_importance_shares_and_scores():
+def test_component_importance_shares():
     sigma = np.array([4.0, 3.0, 2.0, 1.0])
     imp, order = component_importance(sigma)
     assert imp.sum() == pytest.approx(1.0) and list(order) == [0, 1, 2, 3] and imp[0] == pytest.approx(16 / 30)
-    imp, order = component_importance(sigma, np.array([0.0, 1.0, 3.0, 1.0]))  # learned scores reorder
-    assert list(order[:2]) == [2, 1] and imp[-1] == 0.0
+    imp, order = component_importance(np.array([1.0, 3.0, 2.0]))
+    assert list(order) == [1, 2, 0] and imp[0] == pytest.approx(9 / 14)
 
 
 def test_microbench_measures_real_onnxruntime_and_caches(tmp_path, monkeypatch):
@@ -231,6 +231,7 @@ def test_retargeting_arithmetic():
     bounds = {}
     relaxed = retargeted(dict(limits), limits, {"latency_p50": 5.0}, bounds)  # far under budget: aim higher
     assert relaxed["latency_p50"] == pytest.approx(12.5)  # by at most 1.25×
+    assert retargeted(dict(limits), limits, {"latency_p50": 5.0}, {}, binding="model_bytes") == limits  # not binding
     after_miss = retargeted(relaxed, limits, {"latency_p50": 11.0}, bounds)  # that missed: bisect
     assert bounds["latency_p50"] == (10.0, 12.5) and after_miss["latency_p50"] == pytest.approx(11.25)
 
@@ -279,16 +280,33 @@ def test_closed_loop_fails_clearly_and_writes_nothing(tiny_bert_dir, tmp_path, m
     assert not (tmp_path / "out" / tiny_bert_dir.name).exists()
 
 
-def test_budget_run_on_a_tiny_decoder(tiny_llama_dir, tmp_path, monkeypatch):
+def test_budget_run_on_a_tiny_decoder(tiny_llama_dir, tinystories_file, tmp_path, monkeypatch):
     """Decoders: the prefill is what is timed, sizes are anchored to the measured dense ONNX model,
-    and a device not at hand gets estimated values, labelled so in the manifest."""
+    a device not at hand gets estimated values, labelled so in the manifest; one learning pass
+    serves both devices; --eval puts the task score in the comparison and the manifests."""
+    from dataclasses import replace
+
     monkeypatch.setenv("EDGESVD_CACHE_DIR", str(tmp_path / "cache"))
     from exporters.budget_loop import run_profiles
 
+    import edgesvd.learned as learned
+
+    passes = []
+    real = learned.learn_importance
+    monkeypatch.setattr(learned, "learn_importance", lambda *a, **k: passes.append(a[1]) or real(*a, **k))
     budgets = {"model_bytes": "97%", "latency_p50": "none", "peak_memory": "none"}
     host = load_profile("host").with_workload(prompt_length=16, new_tokens=4).with_budgets(budgets)
     pi = load_profile("raspberry-pi-5").with_budgets(budgets)
-    results = {r.profile: r for r in run_profiles(_run_cfg(tiny_llama_dir, tmp_path / "out"), [host, pi], max_plans=3)}
+    cfg = replace(_run_cfg(tiny_llama_dir, tmp_path / "out"), eval_file=tinystories_file)
+    results = {r.profile: r for r in run_profiles(cfg, [host, pi], max_plans=3)}
+    assert len(passes) == 1  # one learning pass (the real one) for both devices
+    for r in results.values():  # each plan finished from it: learned scores folded, recorded per layer
+        record = json.loads((r.bundle / "manifest.json").read_text())["compression"]
+        assert record["method"] == "learned"
+        q = json.loads((r.bundle / "manifest.json").read_text())["quality"]["perplexity"]
+        assert next(iter(r.quality.items())) == ("perplexity", q["compressed"]) and q["dense"] > 1
+    comparison = (tmp_path / "out" / tiny_llama_dir.name / "comparison.md").read_text()
+    assert "quality: perplexity of the compressed PyTorch model on the --eval file" in comparison
     local, remote = results["host"], results["raspberry-pi-5"]
     assert local.measured and local.values["model_bytes"] <= local.limits["model_bytes"]
     assert "top1_agreement_vs_dense" in local.quality

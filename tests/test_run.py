@@ -55,3 +55,34 @@ def test_run_bad_model_is_one_line(tmp_path):
     r = CliRunner().invoke(main, ["run", str(tmp_path / "missing"), "--out-root", str(tmp_path / "o")])
     assert r.exit_code == 2 and r.output.startswith("error: model path does not exist")
     assert not (tmp_path / "o").exists()
+
+
+def test_budget_run_refuses_a_method_it_cannot_plan_with(tiny_bert_dir, tmp_path):
+    r = CliRunner().invoke(main, ["run", str(tiny_bert_dir), "--profile", "host", "--method", "asvd",
+                                  "--out-root", str(tmp_path / "o"), "--quiet"])
+    assert r.exit_code == 2 and r.output.strip() == "error: --profile plans with method learned or whiten, not 'asvd'"
+    assert not (tmp_path / "o").exists()
+
+
+def test_run_eval_scores_dense_and_compressed_into_summary_and_manifest(tiny_llama_dir, tinystories_file, tmp_path):
+    from edgesvd.checkpoint import load_compressed
+    from edgesvd.evaluate import perplexity
+    from edgesvd.loading import load_tokenizer
+
+    args = ["run", str(tiny_llama_dir), "--method", "whiten", "--out-root", str(tmp_path), "--eval",
+            str(tinystories_file), *FAST]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    out = tmp_path / tiny_llama_dir.name
+    q = json.loads((out / "bundle" / "manifest.json").read_text())["quality"]["perplexity"]
+    assert json.loads((out / "summary.json").read_text())["quality"]["perplexity"] == q
+    model, _ = load_compressed(out / "checkpoint")  # the recorded score is this model's, recomputed
+    assert q["compressed"] == round(perplexity(model, load_tokenizer(out / "checkpoint"), tinystories_file), 4)
+    assert q["dense"] != q["compressed"] and q["dense"] > 1 and "perplexity" in r.output
+
+
+def test_run_eval_missing_file_is_one_line(tiny_llama_dir, tmp_path):
+    r = CliRunner().invoke(main, ["run", str(tiny_llama_dir), "--eval", str(tmp_path / "none.csv"),
+                                  "--out-root", str(tmp_path / "o"), *FAST])
+    assert r.exit_code == 2 and r.output.strip() == f"error: --eval file does not exist: {tmp_path / 'none.csv'}"
+    assert not (tmp_path / "o").exists()
