@@ -121,3 +121,33 @@ def test_minilm_pack_cli_and_runner_embeddings(minilm_dir, root, tmp_path):
     assert torch.nn.functional.cosine_similarity(got, ref).min() > 0.9999
     r = CliRunner().invoke(main, ["pack", "--check", str(out)])
     assert r.exit_code == 0
+
+
+@pytest.mark.parametrize("dtype,quantize", [("fp16", None), ("fp32", "int8")])
+def test_external_data_path_end_to_end(tiny_llama_dir, root, tmp_path, monkeypatch, dtype, quantize):
+    """The path models over protobuf's 2 GB limit take when edgesvd rewrites the graph (fp16 here;
+    pooling and int8 alike), on a tiny model with the threshold lowered: weights in model.onnx_data, the factorization check reads them, onnxruntime and optimum load
+    them, parity holds, and the bundle lists and re-verifies the data file (tampering is caught)."""
+    import exporters.onnx_export as onnx_export
+    from exporters.onnx_export import ExportConfig, export_checkpoint, read_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 1)
+    ck = checkpoint(tiny_llama_dir, root)
+    onnx_dir = tmp_path / "onnx"
+    export_checkpoint(ck, onnx_dir, ExportConfig(dtype=dtype, quantize=quantize))
+    [data] = [p for p in onnx_dir.iterdir() if p.name.startswith("model.") and "data" in p.name]
+    assert data.stat().st_size > (onnx_dir / "model.onnx").stat().st_size
+    _, record = load_compressed(ck)
+    assert read_export(onnx_dir)["graph_check"]["factorized"] == sum(l.rank is not None for l in record.layers)
+    parity = verify(ck, onnx_dir, ParityConfig(batch=2, seq_len=16, new_tokens=4))
+    assert parity.ok
+    prof = profile(onnx_dir, None, ProfileConfig(seq_len=8, warmup=1, runs=2)).to_json()
+    bundle = pack(onnx_dir, ck, tmp_path / "bundle", parity.to_json(), prof)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert any(name.endswith(data.name) for name in manifest["files"])
+    check_bundle(bundle)
+    with open(next(bundle.rglob(data.name)), "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(BundleError):
+        check_bundle(bundle)
