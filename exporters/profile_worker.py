@@ -118,7 +118,7 @@ def measure(spec: dict) -> dict:
     for mode, new, past, items in modes:
         feed = feeds(sess, b, new, past, rng)
         results[mode] = _stats(_time(_runner(sess, feed, provider), spec["warmup"], spec["runs"]), items)
-    out = {"provider": sess.get_providers()[0], "profile_runs": _PROFILE_RUNS, "session_create_s": create_s, "modes": results,
+    out = {"provider": sess.get_providers()[0], "profile_runs": _profile_runs(spec), "session_create_s": create_s, "modes": results,
            "peak_rss_mb": _rss_mb() - rss0}
     if spec.get("profile_prefix"):
         out["node_profile"] = _node_profile(spec, modes[0])
@@ -126,6 +126,11 @@ def measure(spec: dict) -> dict:
 
 
 _PROFILE_RUNS = 5
+
+
+def _profile_runs(spec: dict) -> int:
+    """Runs recorded in the node-level trace: as many as were timed, at least _PROFILE_RUNS."""
+    return max(_PROFILE_RUNS, spec["runs"])
 
 
 def measure_pair(spec: dict) -> dict:
@@ -156,7 +161,7 @@ def _node_profile(spec: dict, mode: tuple) -> str:
     _, new, past, _ = mode
     feed = feeds(sess, spec["batch"], new, past, np.random.default_rng(0))
     sess.run(None, feed)  # the first run includes one-off allocations; it is dropped from the totals
-    for _ in range(_PROFILE_RUNS):
+    for _ in range(_profile_runs(spec)):
         sess.run(None, feed)
     return sess.end_profiling()
 

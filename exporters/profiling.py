@@ -9,8 +9,10 @@ import subprocess
 import sys
 import tempfile
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+
+import numpy as np
 
 from edgesvd.errors import ConfigError
 
@@ -118,23 +120,43 @@ def _run_worker(path: Path, provider: str, cfg: ProfileConfig, profile_prefix: s
 _BLOCK = re.compile(r"(?:^|/)(layers?|h|block|blocks)\.(\d+)/")
 
 
-def aggregate_trace(trace_file: str | os.PathLike, runs: int) -> dict[str, float]:
-    """Milliseconds per run for each transformer block (and 'other') from an onnxruntime trace
-    that recorded one untimed first run followed by `runs` runs."""
+def _node_events(trace_file: str | os.PathLike):
+    """Kernel events (node name, event) of an onnxruntime trace, the untimed first run left out."""
     events = json.loads(Path(trace_file).read_text())
-    per_layer: dict[str, float] = defaultdict(float)
     model_runs = sorted(ev["ts"] for ev in events if ev.get("name") == "model_run")
     first_end = model_runs[1] if len(model_runs) > 1 else -1
     for ev in events:
-        if ev.get("ts", 0) < first_end:
-            continue
-        if ev.get("cat") != "Node" or not ev.get("name", "").endswith("_kernel_time"):
-            continue
-        name = ev["name"][: -len("_kernel_time")]
+        if ev.get("ts", 0) >= first_end and ev.get("cat") == "Node" and ev.get("name", "").endswith("_kernel_time"):
+            yield ev["name"][: -len("_kernel_time")], ev
+
+
+def aggregate_trace(trace_file: str | os.PathLike, runs: int) -> dict[str, float]:
+    """Milliseconds per run for each transformer block (and 'other') from an onnxruntime trace
+    that recorded one untimed first run followed by `runs` runs."""
+    per_layer: dict[str, float] = defaultdict(float)
+    for name, ev in _node_events(trace_file):
         m = _BLOCK.search(name)
         per_layer[f"{m.group(1)}.{m.group(2)}" if m else "other"] += ev.get("dur", 0) / 1000.0 / runs
     return dict(sorted(per_layer.items(), key=lambda kv: (kv[0] == "other", int(kv[0].split(".")[-1])
                                                            if kv[0] != "other" else 0)))
+
+
+def weight_matmul_split(onnx_dir: str | os.PathLike, cfg: ProfileConfig, provider: str = CPU) -> dict[str, float]:
+    """Milliseconds per run of all kernels and of the weight MatMuls (the kernels factorization
+    changes), from a node-level trace of a separate, untimed session.
+    What the FLOP bound leaves out shows here: kernels that factorization does not shrink."""
+    with tempfile.TemporaryDirectory(prefix="edgesvd-split-") as tmp:
+        r = _run_worker(Path(onnx_dir) / MODEL_FILE, provider, replace(cfg, warmup=1), str(Path(tmp) / "t"))
+        durations: dict[str, list[float]] = defaultdict(list)
+        weights = set()
+        for name, ev in _node_events(r["node_profile"]):
+            durations[name].append(ev.get("dur", 0) / 1000.0)
+            # The trace lists a kernel's non-constant inputs only: a MatMul by a weight shows one.
+            if ev.get("args", {}).get("op_name") == "MatMul" and len(ev["args"].get("input_type_shape", [])) == 1:
+                weights.add(name)
+    # Per node the median over runs: one preempted run on a shared machine does not move it.
+    median = {name: float(np.median(d)) for name, d in durations.items()}
+    return {"total_ms": sum(median.values()), "weight_matmul_ms": sum(median[n] for n in weights)}
 
 
 def profile(compressed_dir: str | os.PathLike, dense_dir: str | os.PathLike | None = None,

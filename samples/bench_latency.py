@@ -7,8 +7,15 @@ Checkpoints use `whiten` (latency does not depend on the method); statistics and
 once per model and every (keep, multiple) variant is cut from them. Dense and compressed run in one
 process with interleaved runs, so other load on the machine hits both alike.
 
+The FLOP bound counts MatMul FLOPs only. With --split every pair is also profiled per node: the share
+of the dense time spent in weight MatMuls (the only kernels factorization shrinks), their own speedup
+against their FLOP ratio, and the time bound dense ÷ (rest + weight MatMuls × FLOP ratio): the
+speedup a perfect factorized MatMul would give, with LayerNorm, GELU, softmax, adds and transposes
+unchanged.
+
     python samples/bench_latency.py                       # full table (~10-15 min on 2 cores)
     python samples/bench_latency.py --runs 5 --skip-llama # quick look
+    python samples/bench_latency.py --keeps 0.5 --multiples 8 32 64 --split   # where the time goes
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from edgesvd.checkpoint import CompressionRecord, LayerRecord
 from edgesvd.compress import CompressConfig, layer_spectrum, prepare, replace_with_factors
 from edgesvd.ranks import uniform_rank
 from exporters.onnx_export import ExportConfig, export_model
-from exporters.profiling import ProfileConfig, graph_flops, paired_latency
+from exporters.profiling import ProfileConfig, graph_flops, paired_latency, weight_matmul_split
 from exporters.providers import CPU, SessionConfig
 
 STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
@@ -99,25 +106,44 @@ def bench(name: str, model_ref: str, shapes: list[tuple[int, int]], keeps, multi
             cfg = ProfileConfig(batch=batch, seq_len=seq, warmup=args.warmup, runs=args.runs, eps=(CPU,),
                                 session=SessionConfig(intra_op_threads=args.threads))
             pair = paired_latency(dense_dir, onnx_dir, cfg)
-            ratio = graph_flops(onnx_dir, seq)["total_per_token"] / graph_flops(dense_dir, seq)["total_per_token"]
+            fd, fc = graph_flops(dense_dir, seq), graph_flops(onnx_dir, seq)
+            ratio = fc["total_per_token"] / fd["total_per_token"]
+            split = {}
+            if args.split:  # where the time goes: weight MatMuls (what factorization shrinks) vs the rest
+                sd, sc = weight_matmul_split(dense_dir, cfg), weight_matmul_split(onnx_dir, cfg)
+                lin = fc["linear_per_token"] / fd["linear_per_token"]
+                rest = sd["total_ms"] - sd["weight_matmul_ms"]
+                split = {"matmul_share": sd["weight_matmul_ms"] / sd["total_ms"],
+                         "matmul_speedup": sd["weight_matmul_ms"] / sc["weight_matmul_ms"], "matmul_bound": 1 / lin,
+                         "time_bound": sd["total_ms"] / (rest + sd["weight_matmul_ms"] * lin)}
             for mode, stats in pair["compressed"].items():
                 d, ms = pair["dense"][mode]["p50_ms"], stats["p50_ms"]
                 row = {"model": name, "keep": keep, "keep_actual": keep_actual, "multiple": multiple, "batch": batch,
                        "seq": seq, "mode": mode, "dense_ms": d, "compressed_ms": ms, "speedup": d / ms,
-                       "flop_bound": 1 / ratio, "of_bound": d / ms * ratio}
+                       "flop_bound": 1 / ratio, "of_bound": d / ms * ratio, **split}
                 rows.append(row)
+                extra = (f"; weight MatMuls {split['matmul_share']:.0%} of dense time, {split['matmul_speedup']:.2f}× "
+                         f"of {split['matmul_bound']:.2f}×; time bound {split['time_bound']:.2f}×") if split else ""
                 print(f"{name} keep {keep} ×{multiple} b{batch} s{seq} {mode}: {d:.2f} → {ms:.2f} ms "
-                      f"speedup {d / ms:.2f}× (bound {1 / ratio:.2f}×, {row['of_bound']:.0%})", flush=True)
+                      f"speedup {d / ms:.2f}× (bound {1 / ratio:.2f}×, {row['of_bound']:.0%}{extra})", flush=True)
         shutil.rmtree(onnx_dir)  # disk: the Llama variants are ~0.3-0.6 GB each
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| model | keep (actual) | rank multiple | batch × seq | mode | dense p50 ms | compressed p50 ms "
-             "| speedup | FLOP bound | of bound |", "|---|---|---|---|---|---|---|---|---|---|"]
+    split = any("time_bound" in r for r in rows)
+    head = ("| model | keep (actual) | rank multiple | batch × seq | mode | dense p50 ms | compressed p50 ms "
+            "| speedup | FLOP bound | of bound |")
+    if split:
+        head += " weight-MatMul share of dense | weight-MatMul speedup (bound) | time bound | of time bound |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['keep']} ({r['keep_actual']:.3f}) | {r['multiple']} | {r['batch']}×{r['seq']} "
-                     f"| {r['mode']} | {r['dense_ms']:.2f} | {r['compressed_ms']:.2f} | {r['speedup']:.2f}× "
-                     f"| {r['flop_bound']:.2f}× | {r['of_bound']:.0%} |")
+        line = (f"| {r['model']} | {r['keep']} ({r['keep_actual']:.3f}) | {r['multiple']} | {r['batch']}×{r['seq']} "
+                f"| {r['mode']} | {r['dense_ms']:.2f} | {r['compressed_ms']:.2f} | {r['speedup']:.2f}× "
+                f"| {r['flop_bound']:.2f}× | {r['of_bound']:.0%} |")
+        if "time_bound" in r:
+            line += (f" {r['matmul_share']:.0%} | {r['matmul_speedup']:.2f}× ({r['matmul_bound']:.2f}×) "
+                     f"| {r['time_bound']:.2f}× | {r['speedup'] / r['time_bound']:.0%} |")
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -134,6 +160,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
     ap.add_argument("--skip-minilm", action="store_true")
     ap.add_argument("--skip-llama", action="store_true")
+    ap.add_argument("--split", action="store_true",
+                    help="also profile every pair per node: weight-MatMul share of the time and the time bound")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     rows: list[dict] = []
