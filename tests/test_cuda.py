@@ -1,0 +1,93 @@
+"""The CUDA paths, where a GPU works: learned compression on the GPU (alone and in a budget run),
+parity and IOBinding latency on onnxruntime's CUDA execution provider, fp16 on the GPU.
+
+Skipped, with the reason, on machines without a usable NVIDIA GPU (this project's CI). On a GPU
+machine: `python -m pytest tests/test_cuda.py -v` (samples/check_cuda.sh runs it with a MiniLM
+latency comparison on the CUDA EP).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from edgesvd import CalibrationConfig, CompressConfig, compress, load_compressed, save_compressed
+from edgesvd.learned import LearnedConfig
+from exporters.onnx_export import ExportConfig, export_checkpoint
+from exporters.parity import ParityConfig, verify
+from exporters.profiling import ProfileConfig, profile
+from exporters.providers import CUDA, cuda_status
+from test_export_helpers import checkpoint, exported, exported_dense, work_root
+
+_ORT_OK, _ORT_WHY = cuda_status()
+pytestmark = pytest.mark.skipif(not (_ORT_OK and torch.cuda.is_available()),
+                                reason="CUDA paths need a usable NVIDIA GPU: "
+                                       + (_ORT_WHY if not _ORT_OK else "torch sees no CUDA device"))
+FAST = LearnedConfig(steps=6, finetune_steps=4, batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    return work_root(tmp_path_factory)
+
+
+def test_learned_compression_runs_on_the_gpu_and_reloads_on_the_cpu(tiny_llama_dir, tmp_path):
+    cfg = CompressConfig(model=str(tiny_llama_dir), method="learned", keep=0.5, rank_multiple=1,
+                         calibration=CalibrationConfig("builtin", 8, 32, 0), device="cuda", show_progress=False,
+                         learned=FAST)
+    result = compress(cfg)
+    assert result.record.details["device"].startswith("cuda")
+    assert abs(result.record.keep_actual / 0.5 - 1) <= 0.01
+    assert next(result.model.parameters()).device.type == "cpu"  # returned on the CPU, ready to save
+    save_compressed(result.model, result.tokenizer, result.record, tmp_path / "ck", result.spectra)
+    loaded, _ = load_compressed(tmp_path / "ck")
+    ids = torch.randint(3, 500, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, result.model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("family_fixture", ["tiny_llama_dir", "tiny_bert_dir"])
+def test_parity_passes_on_the_cuda_ep(family_fixture, request, root):
+    ck = checkpoint(request.getfixturevalue(family_fixture), root)
+    report = verify(ck, exported(ck, root), ParityConfig(batch=2, seq_len=16, new_tokens=4, eps=(CUDA,)))
+    [result] = report.results
+    assert result.provider == CUDA and result.status == "passed", result.failures
+
+
+def test_fp16_export_passes_parity_on_the_cuda_ep(tiny_bert_dir, root, tmp_path):
+    ck = checkpoint(tiny_bert_dir, root)
+    export_checkpoint(ck, tmp_path / "fp16", ExportConfig(dtype="fp16"))
+    report = verify(ck, tmp_path / "fp16", ParityConfig(batch=2, seq_len=16, eps=(CUDA,)))
+    assert report.ok and report.results[0].status == "passed"
+
+
+def test_profile_on_the_cuda_ep_with_iobinding(tiny_llama_dir, root):
+    ck = checkpoint(tiny_llama_dir, root)
+    report = profile(exported(ck, root), exported_dense(tiny_llama_dir, root),
+                     ProfileConfig(seq_len=16, warmup=2, runs=5, eps=(CUDA,)))
+    assert {m.provider for m in report.measurements} == {CUDA}
+    for m in report.measurements:
+        assert {"prefill", "decode"} <= set(m.modes) and all(s["p50_ms"] > 0 for s in m.modes.values())
+    assert report.comparisons and all(c["provider"] == CUDA for c in report.comparisons)
+
+
+def test_budget_run_learns_importance_on_the_gpu(tiny_llama_dir, tmp_path, monkeypatch):
+    """One learning pass on the GPU, finished per plan on GPU copies, exported and measured on the CPU."""
+    from edgesvd.profiles import load_profile
+    from exporters.budget_loop import run_profiles
+    from exporters.pipeline import RunConfig
+
+    monkeypatch.setenv("EDGESVD_CACHE_DIR", str(tmp_path / "cache"))
+    budgets = {"model_bytes": "97%", "latency_p50": "none", "peak_memory": "none"}
+    host = load_profile("host").with_workload(prompt_length=16, new_tokens=4).with_budgets(budgets)
+    pi = load_profile("raspberry-pi-5").with_budgets(budgets)
+    cfg = RunConfig(model=str(tiny_llama_dir), calibration=CalibrationConfig(num_sequences=8, seq_len=32),
+                    out_root=tmp_path / "out", profile_runs=3, profile_warmup=1, show_progress=False,
+                    device="cuda", learned=FAST)
+    results = run_profiles(cfg, [host, pi], max_plans=2)
+    for r in results:
+        manifest = json.loads((r.bundle / "manifest.json").read_text())
+        assert manifest["compression"]["method"] == "learned" and r.parity_ok
+        assert r.values["model_bytes"] <= r.limits["model_bytes"]
