@@ -136,7 +136,7 @@ def plan(model, profile_refs, budget_items, calib_samples, calib_len, per_layer,
     written (a preview: `run --profile` learns importance by default and its ranks differ).
     Infeasible budgets fail here, with the smallest achievable size and latency.
     """
-    from exporters.budget_loop import cost_model_for
+    from exporters.budget_loop import cost_model_for, require_measurable
 
     from .calibration import CalibrationConfig
     from .compress import CompressConfig, prepare
@@ -146,6 +146,7 @@ def plan(model, profile_refs, budget_items, calib_samples, calib_len, per_layer,
 
     overrides = parse_budget_options(budget_items)
     chosen = [load_profile(ref).with_budgets(overrides) for ref in profile_refs]  # all errors before work
+    require_measurable(chosen)
     cfg = CompressConfig(model=model, method="whiten", calibration=CalibrationConfig(("builtin",), calib_samples, calib_len),
                          show_progress=not quiet)
     prepared = prepare(cfg)

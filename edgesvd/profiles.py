@@ -384,9 +384,42 @@ def _copy_bandwidth_gbs(nbytes: int = 64 * 2**20, repeats: int = 5) -> float:
     return 2 * nbytes / best / 1e9
 
 
+def _measure_host_gpu(device: Device) -> Device:
+    """This machine's first CUDA GPU: name, SMs and memory from torch, peak fp16 matrix throughput
+    and bandwidth from a timed matmul and copy. Without one the profile keeps its file's fields and
+    its source says so (a run that must measure it then fails with that reason)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return replace(device, source=f"{device.source}; no CUDA GPU on this machine")
+    props = torch.cuda.get_device_properties(0)
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.float16)
+    buf = torch.empty(256 * 2**20, device="cuda", dtype=torch.uint8)
+
+    def best(fn, repeats: int = 5) -> float:
+        fn()
+        times = []
+        for _ in range(repeats):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    peak = 2 * 4096 ** 3 / best(lambda: a @ a) / 1e9
+    bandwidth = 2 * buf.numel() / best(lambda: buf.clone()) / 1e9
+    return replace(device, name=f"{device.name} ({props.name})", cores=props.multi_processor_count,
+                   memory_bytes=float(props.total_memory), peak_gflops=round(peak, 1),
+                   bandwidth_gbs=round(bandwidth, 1),
+                   source=f"{device.source}; measured {datetime.date.today().isoformat()}")
+
+
 def measure_host_device(device: Device) -> Device:
     """This machine's cores and memory (read), peak fp32 compute (cores × clock × ISA width) and
-    memory bandwidth (timed array copy)."""
+    memory bandwidth (timed array copy); for a `gpu` device, its first CUDA GPU."""
+    if device.kind == "gpu":
+        return _measure_host_gpu(device)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     peak = cores * _cpu_ghz() * _cpu_flops_per_cycle()

@@ -29,6 +29,21 @@ def is_local(profile: Profile) -> bool:
     return profile.device.measure
 
 
+def require_measurable(profiles: list[Profile]) -> None:
+    """A profile that measures this machine's GPU needs one that works; a one-line DeviceError
+    before any work otherwise."""
+    from edgesvd.errors import DeviceError
+
+    from .providers import CUDA, cuda_status
+
+    for p in profiles:
+        if is_local(p) and p.runtime.execution_provider == CUDA:
+            usable, reason = cuda_status()
+            if not usable:
+                raise DeviceError(f"profile {p.name} measures this machine's GPU with the CUDA execution provider, "
+                                  f"but {reason}")
+
+
 def cost_model_for(profile: Profile, facts: ModelFacts, measure: bool = True, log=None) -> CostModel:
     """The CostModel for `profile`: on the host, latency of every layer shape at every candidate
     rank is timed under onnxruntime (cached); elsewhere it is calibrated or estimated."""
@@ -162,12 +177,18 @@ class DeviceResult:
 
 
 def _values(report, label: str, folder: Path) -> dict[str, float]:
+    """Size, latency and (on the CPU) peak memory measured for one model. On the CUDA EP the
+    process's RSS is not the GPU's memory, so peak memory is left to the estimate."""
     from .onnx_export import onnx_files_bytes
+    from .providers import CUDA
 
     m = next(x for x in report.measurements if x.model == label)
     stats = m.modes["prefill" if "prefill" in m.modes else next(iter(m.modes))]
-    return {"model_bytes": float(onnx_files_bytes(folder)), "peak_memory": m.peak_rss_mb * 1e6,
-            "latency_p50": stats["p50_ms"], "latency_p90": stats["p90_ms"]}
+    values = {"model_bytes": float(onnx_files_bytes(folder)), "latency_p50": stats["p50_ms"],
+              "latency_p90": stats["p90_ms"]}
+    if m.provider != CUDA:
+        values["peak_memory"] = m.peak_rss_mb * 1e6
+    return values
 
 
 def _measure(onnx_dir: Path, profile: Profile, family: str, runs: int, warmup: int, session,
@@ -307,7 +328,7 @@ def shared_importance(cfg, profiles: list[Profile], say) -> tuple[Importance, ob
 
 
 def _closed_loop(p: Profile, layers, cost: CostModel, limits: dict[str, float], dense_values: dict[str, float],
-                 build, folder: Path, family: str, cfg, dense_dir: Path, max_plans: int, say
+                 build, folder: Path, family: str, cfg, dense_dir: Path | None, max_plans: int, say
                  ) -> tuple[_Attempt, list[dict]]:
     """Plan, build, measure (on this machine), re-aim, at most `max_plans` times; keep the plan that
     meets every measured budget with the most importance. Elsewhere one plan, values estimated.
@@ -354,6 +375,7 @@ def _closed_loop(p: Profile, layers, cost: CostModel, limits: dict[str, float], 
             break
         values, dense_now, report = _measure(where / "onnx", p, family, cfg.profile_runs, cfg.profile_warmup,
                                              cfg.session, dense_dir if relative else None)
+        values.setdefault("peak_memory", receipt.totals["peak_memory"])  # GPU: estimated (see _values)
         if dense_now is not None:  # relative budgets against the dense model measured just now
             dense_values.update(dense_now)
             limits = resolve_limits(p.budgets, dense_values)
@@ -399,6 +421,7 @@ def run_profiles(cfg, profiles: list[Profile], max_plans: int = 3) -> list[Devic
 
     if not profiles:
         raise BudgetError("no profile given")
+    require_measurable(profiles)
     source = resolve_model(cfg.model)
     out = Path(cfg.out_root) / source.name
     check_output_dir(out, cfg.force)
@@ -419,17 +442,24 @@ def run_profiles(cfg, profiles: list[Profile], max_plans: int = 3) -> list[Devic
     results: list[DeviceResult] = []
     with atomic_output_dir(out, cfg.force) as tmp:
         dense_measured: dict[tuple, dict] = {}
-        if any(is_local(p) for p in profiles):
-            say("[bold]edgesvd run[/bold] · dense baseline (export and measure on this machine)")
-            export_dense(cfg.model, tmp / "onnx-dense", replace(cfg.export, pooled=cfg.export.pooled and family == "encoder"))
+
+        def dense_dir(p: Profile) -> Path:
+            """The dense baseline exported at the profile's precision (once per precision)."""
+            ecfg = _export_cfg(cfg.export, p, family)
+            where = tmp / ("onnx-dense" if ecfg.precision == "fp32" else f"onnx-dense-{ecfg.precision}")
+            if not where.exists():
+                say(f"[bold]edgesvd run[/bold] · dense baseline ({ecfg.precision}), exported to measure on this machine")
+                export_dense(cfg.model, where, ecfg)
+            return where
+
         for p in profiles:
             start = time.perf_counter()
             cost = costs[p.name]
             local = is_local(p)
             if local:
-                key = (p.workload, p.runtime.execution_provider)
+                key = (p.workload, p.runtime.execution_provider, p.runtime.precision)
                 if key not in dense_measured:
-                    dense_measured[key] = _measure(tmp / "onnx-dense", p, family, cfg.profile_runs, cfg.profile_warmup,
+                    dense_measured[key] = _measure(dense_dir(p), p, family, cfg.profile_runs, cfg.profile_warmup,
                                                    cfg.session)[0]
                 dm = dense_measured[key]
                 cost = cost.anchored_to(dm["latency_p50"], dm["latency_p90"])
@@ -441,7 +471,7 @@ def run_profiles(cfg, profiles: list[Profile], max_plans: int = 3) -> list[Devic
             build = lambda receipt, where, attempt: _build_and_export(  # noqa: E731
                 receipt, where, attempt, p, cfg, importance, prepared, family)
             chosen, history = _closed_loop(p, importance.layers, cost, limits, dense_values, build, folder, family, cfg,
-                                                   tmp / "onnx-dense", max_plans, say)
+                                           dense_dir(p) if local else None, max_plans, say)
             receipt, model, values, prof_report = chosen.receipt, chosen.model, chosen.values, chosen.report
             limits, dense_values = chosen.limits, chosen.dense
             if local:  # the dense model measured beside the chosen plan
@@ -464,7 +494,7 @@ def run_profiles(cfg, profiles: list[Profile], max_plans: int = 3) -> list[Devic
                 "execution_provider": p.runtime.execution_provider, "precision": p.runtime.precision,
                 "workload": asdict(p.workload), "limits": limits,
                 "as_written": {k: str(b) for k, b in p.budgets.items()},
-                "values": values, "values_are": "measured on this machine" if local else f"{cost.source} (not measured)",
+                "values": values, "values_are": _values_are(p, local, cost.source),
                 "dense": dense_values, "met": not missed_budgets(limits, values), "plans": history or [{"plan": 1}],
                 "quality_proxy": proxy, "receipt": receipt.to_json()}}
             if task:
@@ -483,6 +513,16 @@ def run_profiles(cfg, profiles: list[Profile], max_plans: int = 3) -> list[Devic
         for r in results:  # comparison.json exists now: every device's report gets the trade-off chart
             write_report(tmp / r.profile / "bundle")
     return results
+
+
+def _values_are(p: Profile, local: bool, source: str) -> str:
+    from .providers import CUDA
+
+    if not local:
+        return f"{source} (not measured)"
+    if p.runtime.execution_provider == CUDA:
+        return "measured on this machine (peak memory estimated: GPU memory is not measured)"
+    return "measured on this machine"
 
 
 def _onnx_bytes(folder: Path) -> int:

@@ -2,8 +2,8 @@
 # The GPU check, for a machine with an NVIDIA GPU and edgesvd's dependencies installed (torch with
 # CUDA, onnxruntime-gpu, transformers, optimum-onnx; PYTHON names that interpreter): the CUDA tests,
 # then MiniLM end to end with compression on the GPU and parity + IOBinding latency on the CUDA and
-# CPU execution providers, then a budget run for the host and the H200 profile with importance
-# learned on the GPU. Prints everything and tees the logs into ${OUT:-/tmp/edgesvd-cuda}.
+# CPU execution providers, then a budget run measured on this GPU (host-gpu: closed loop on the
+# CUDA EP) beside the H200 profile's estimate, with importance learned on the GPU. Prints everything and tees the logs into ${OUT:-/tmp/edgesvd-cuda}.
 # A few minutes on an H200.
 set -euo pipefail
 PYTHON=${PYTHON:-python3}
@@ -15,5 +15,5 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 "$PYTHON" -m pytest -v -rs tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log"
 "$PYTHON" -m edgesvd.cli run minilm --device cuda --ep cpu --ep cuda --out-root "$OUT/run" --force --quiet \
     2>&1 | tee "$OUT/run.log"
-"$PYTHON" -m edgesvd.cli run minilm --profile host --profile nvidia-h200 --device cuda --out-root "$OUT/budget" \
+"$PYTHON" -m edgesvd.cli run minilm --profile host-gpu --profile nvidia-h200 --device cuda --out-root "$OUT/budget" \
     --force --quiet 2>&1 | tee "$OUT/budget.log"

@@ -91,3 +91,25 @@ def test_budget_run_learns_importance_on_the_gpu(tiny_llama_dir, tmp_path, monke
         manifest = json.loads((r.bundle / "manifest.json").read_text())
         assert manifest["compression"]["method"] == "learned" and r.parity_ok
         assert r.values["model_bytes"] <= r.limits["model_bytes"]
+
+
+def test_closed_loop_measures_on_this_gpu(tiny_bert_dir, tmp_path, monkeypatch):
+    """`run --profile host-gpu`: plans timed with onnxruntime on the CUDA EP (IOBinding), exported
+    in fp16, measured beside the fp16 dense model on the GPU, and labelled measured."""
+    from edgesvd.profiles import load_profile
+    from exporters.budget_loop import run_profiles
+    from exporters.pipeline import RunConfig
+
+    monkeypatch.setenv("EDGESVD_CACHE_DIR", str(tmp_path / "cache"))
+    gpu = load_profile("host-gpu").with_workload(batch=2, sequence_length=32).with_budgets(
+        {"model_bytes": "99%", "latency_p50": "400%"})
+    assert gpu.device.cores and gpu.device.peak_gflops > 0  # read from this GPU
+    cfg = RunConfig(model=str(tiny_bert_dir), calibration=CalibrationConfig(num_sequences=8, seq_len=32),
+                    out_root=tmp_path / "out", profile_runs=5, profile_warmup=2, show_progress=False, learned=FAST)
+    [result] = run_profiles(cfg, [gpu], max_plans=2)
+    assert result.measured and result.latency_source == "measured"
+    manifest = json.loads((result.bundle / "manifest.json").read_text())
+    assert manifest["budgets"]["values_are"].startswith("measured on this machine (peak memory estimated")
+    assert manifest["budgets"]["execution_provider"] == CUDA and manifest["budgets"]["precision"] == "fp16"
+    assert result.values["latency_p50"] <= result.limits["latency_p50"]
+    assert (tmp_path / "out" / tiny_bert_dir.name / "host-gpu").is_dir()

@@ -86,3 +86,18 @@ def test_run_eval_missing_file_is_one_line(tiny_llama_dir, tmp_path):
                                   "--out-root", str(tmp_path / "o"), *FAST])
     assert r.exit_code == 2 and r.output.strip() == f"error: --eval file does not exist: {tmp_path / 'none.csv'}"
     assert not (tmp_path / "o").exists()
+
+
+def test_host_gpu_profile_without_a_gpu_is_one_line_before_any_work(tiny_bert_dir, tmp_path):
+    from exporters.providers import cuda_status
+
+    if cuda_status()[0]:
+        import pytest
+
+        pytest.skip("a GPU works here: the no-GPU message cannot be exercised")
+    for args in (["run", str(tiny_bert_dir), "--profile", "host-gpu", "--out-root", str(tmp_path / "o"), "--quiet"],
+                 ["plan", str(tiny_bert_dir), "--profile", "host-gpu", "--quiet"]):
+        r = CliRunner().invoke(main, args)
+        assert r.exit_code == 2, r.output
+        assert r.output.startswith("error: profile host-gpu measures this machine's GPU") and r.output.count("\n") == 1
+    assert not (tmp_path / "o").exists()
