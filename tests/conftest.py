@@ -37,6 +37,17 @@ def tinystories_file() -> Path:
 
 
 @pytest.fixture(scope="session")
+def prose_file(tmp_path_factory) -> Path:
+    """Real English text without ../shared: built-in corpus documents, blank-line separated (what
+    `--eval` reads for a decoder's perplexity)."""
+    from edgesvd.calibration import builtin_documents
+
+    path = tmp_path_factory.mktemp("prose") / "prose.txt"
+    path.write_text("\n\n".join(builtin_documents()[-40:]) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
 def minilm_dir() -> Path:
     from edgesvd.loading import embedded_model_path
 

@@ -280,7 +280,7 @@ def test_closed_loop_fails_clearly_and_writes_nothing(tiny_bert_dir, tmp_path, m
     assert not (tmp_path / "out" / tiny_bert_dir.name).exists()
 
 
-def test_budget_run_on_a_tiny_decoder(tiny_llama_dir, tinystories_file, tmp_path, monkeypatch):
+def test_budget_run_on_a_tiny_decoder(tiny_llama_dir, prose_file, tmp_path, monkeypatch):
     """Decoders: the prefill is what is timed, sizes are anchored to the measured dense ONNX model,
     a device not at hand gets estimated values, labelled so in the manifest; one learning pass
     serves both devices; --eval puts the task score in the comparison and the manifests."""
@@ -297,7 +297,7 @@ def test_budget_run_on_a_tiny_decoder(tiny_llama_dir, tinystories_file, tmp_path
     budgets = {"model_bytes": "97%", "latency_p50": "none", "peak_memory": "none"}
     host = load_profile("host").with_workload(prompt_length=16, new_tokens=4).with_budgets(budgets)
     pi = load_profile("raspberry-pi-5").with_budgets(budgets)
-    cfg = replace(_run_cfg(tiny_llama_dir, tmp_path / "out"), eval_file=tinystories_file)
+    cfg = replace(_run_cfg(tiny_llama_dir, tmp_path / "out"), eval_file=prose_file)
     results = {r.profile: r for r in run_profiles(cfg, [host, pi], max_plans=3)}
     assert len(passes) == 1  # one learning pass (the real one) for both devices
     for r in results.values():  # each plan finished from it: learned scores folded, recorded per layer

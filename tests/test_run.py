@@ -64,20 +64,20 @@ def test_budget_run_refuses_a_method_it_cannot_plan_with(tiny_bert_dir, tmp_path
     assert not (tmp_path / "o").exists()
 
 
-def test_run_eval_scores_dense_and_compressed_into_summary_and_manifest(tiny_llama_dir, tinystories_file, tmp_path):
+def test_run_eval_scores_dense_and_compressed_into_summary_and_manifest(tiny_llama_dir, prose_file, tmp_path):
     from edgesvd.checkpoint import load_compressed
     from edgesvd.evaluate import perplexity
     from edgesvd.loading import load_tokenizer
 
     args = ["run", str(tiny_llama_dir), "--method", "whiten", "--out-root", str(tmp_path), "--eval",
-            str(tinystories_file), *FAST]
+            str(prose_file), *FAST]
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     out = tmp_path / tiny_llama_dir.name
     q = json.loads((out / "bundle" / "manifest.json").read_text())["quality"]["perplexity"]
     assert json.loads((out / "summary.json").read_text())["quality"]["perplexity"] == q
     model, _ = load_compressed(out / "checkpoint")  # the recorded score is this model's, recomputed
-    assert q["compressed"] == round(perplexity(model, load_tokenizer(out / "checkpoint"), tinystories_file), 4)
+    assert q["compressed"] == round(perplexity(model, load_tokenizer(out / "checkpoint"), prose_file), 4)
     assert q["dense"] != q["compressed"] and q["dense"] > 1 and "perplexity" in r.output
 
 
