@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import platform
@@ -99,11 +100,17 @@ def check_output_dir(out: Path, force: bool) -> None:
 
 @contextmanager
 def atomic_output_dir(out: Path, force: bool):
-    """Yield a temporary sibling folder; it replaces `out` only if the block succeeds."""
+    """Yield a temporary sibling folder; it replaces `out` only if the block succeeds.
+
+    The folder is named `.<out>.<pid>.<random>`: a run killed with SIGKILL cannot clean up after
+    itself, so the next run for the same output removes the folders of processes that no longer
+    exist (a live process's folder, e.g. a concurrent run, is left alone).
+    """
     out = Path(out)
     check_output_dir(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    _remove_stale_temporaries(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", dir=out.parent))
     try:
         yield tmp
         if out.exists():
@@ -112,6 +119,20 @@ def atomic_output_dir(out: Path, force: bool):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _remove_stale_temporaries(out: Path) -> None:
+    """Delete `.<out>.<pid>.*` siblings whose process is gone (left by a killed run)."""
+    for path in out.parent.glob(f".{glob.escape(out.name)}.*"):
+        pid = path.name[len(out.name) + 2 :].split(".", 1)[0]
+        if not (path.is_dir() and pid.isdigit()):
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except (PermissionError, OverflowError):  # alive under another user / not a pid: leave it
+            pass
 
 
 def save_compressed(model: nn.Module, tokenizer, record: CompressionRecord, out: str | os.PathLike,

@@ -154,3 +154,27 @@ def test_whiten_beats_plain_on_real_minilm(minilm_dir, stsb_file):
                                     calibration=CalibrationConfig(num_sequences=256, seq_len=64)))
         cos[method] = torch.nn.functional.cosine_similarity(embed(r.model, r.tokenizer, sentences), dense).mean().item()
     assert cos["whiten"] > cos["plain"] + 0.02, cos
+
+
+def test_a_killed_runs_temporary_folder_is_removed_by_the_next_run(tmp_path):
+    """SIGKILL leaves `.<out>.<pid>.*` behind; the next write to the same output removes it, and
+    leaves a live process's folder (a concurrent run) alone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from edgesvd.checkpoint import atomic_output_dir
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    stale = tmp_path / f".out.{proc.pid}.abc123"
+    live = tmp_path / f".out.{os.getpid()}.def456"
+    for folder in (stale, live):
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"half-written")
+    with atomic_output_dir(tmp_path / "out", force=False) as tmp:
+        (tmp / "done.txt").write_text("ok")
+    assert not stale.exists() and live.exists()
+    assert (tmp_path / "out" / "done.txt").read_text() == "ok"
