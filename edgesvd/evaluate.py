@@ -34,7 +34,8 @@ def read_stsb(path: str | os.PathLike, limit: int | None = None) -> tuple[list[s
             if limit is not None and len(gold) >= limit:
                 break
     if not gold:
-        raise CalibrationError(f"no scored sentence pairs in {path}")
+        raise CalibrationError(f"no scored sentence pairs in {path} (an STS-B file has tab-separated "
+                               "columns with the score in the 5th and the two sentences in the 6th and 7th)")
     return s1, s2, np.asarray(gold)
 
 
@@ -127,6 +128,15 @@ def check_eval_file(path: str | os.PathLike) -> Path:
     if not path.is_file():
         raise ConfigError(f"--eval file does not exist: {path}")
     return path
+
+
+def check_eval_data(path: str | os.PathLike, family: str) -> None:
+    """Read `--eval` data once before any work, so a wrong file fails in a second, not after
+    compression: encoders need scored STS-B pairs, decoders non-empty text."""
+    if family == "encoder":
+        read_stsb(path)
+    elif not read_chunks(path, 1):
+        raise CalibrationError(f"no text to score in {path}")
 
 
 def task_score(model: nn.Module, tokenizer, family: str, path: str | os.PathLike) -> tuple[str, float]:

@@ -15,7 +15,7 @@ from edgesvd.checkpoint import CompressionRecord, LayerRecord, atomic_output_dir
 from edgesvd.compress import CompressConfig, prepare, replace_with_factors
 from edgesvd.costmodel import CostModel, ModelFacts, model_facts
 from edgesvd.errors import BudgetError
-from edgesvd.evaluate import task_score
+from edgesvd.evaluate import check_eval_data, task_score
 from edgesvd.layer_importance import whitened_importances
 from edgesvd.loading import resolve_model
 from edgesvd.planner import Receipt, plan_ranks, resolve_limits
@@ -425,6 +425,8 @@ def run_profiles(cfg, profiles: list[Profile], max_plans: int = 3) -> list[Devic
     source = resolve_model(cfg.model)
     out = Path(cfg.out_root) / source.name
     check_output_dir(out, cfg.force)
+    if cfg.eval_file is not None:
+        check_eval_data(cfg.eval_file, source.family)
     say = console.print if cfg.show_progress else (lambda *a, **k: None)
 
     say("[bold]edgesvd run[/bold] · component importance (once for all devices)")

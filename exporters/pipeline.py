@@ -11,7 +11,7 @@ from pathlib import Path
 from edgesvd.calibration import CalibrationConfig
 from edgesvd.checkpoint import atomic_output_dir, check_output_dir, save_compressed
 from edgesvd.errors import ConfigError
-from edgesvd.evaluate import check_eval_file, task_score
+from edgesvd.evaluate import check_eval_data, check_eval_file, task_score
 from edgesvd.learned import LearnedConfig
 from edgesvd.loading import DEFAULT_MODEL, resolve_model
 from edgesvd.progress import console
@@ -119,6 +119,8 @@ def run(cfg: RunConfig = RunConfig()) -> RunSummary:
     source = resolve_model(cfg.model)
     out = Path(cfg.out_root) / source.name
     check_output_dir(out, cfg.force)
+    if cfg.eval_file is not None:
+        check_eval_data(cfg.eval_file, source.family)
     # The pooled sentence-embedding output exists for encoders only.
     export_cfg = replace(cfg.export, pooled=cfg.export.pooled and source.family == "encoder")
     seconds: dict[str, float] = {}

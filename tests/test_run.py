@@ -101,3 +101,11 @@ def test_host_gpu_profile_without_a_gpu_is_one_line_before_any_work(tiny_bert_di
         assert r.exit_code == 2, r.output
         assert r.output.startswith("error: profile host-gpu measures this machine's GPU") and r.output.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_run_eval_file_of_the_wrong_kind_fails_before_any_work(tiny_bert_dir, prose_file, tmp_path):
+    for extra in ([], ["--profile", "host"]):  # an encoder needs STS-B pairs, not prose
+        r = CliRunner().invoke(main, ["run", str(tiny_bert_dir), "--eval", str(prose_file),
+                                      "--out-root", str(tmp_path / "o"), *FAST, *extra])
+        assert r.exit_code == 2 and r.output.startswith(f"error: no scored sentence pairs in {prose_file}")
+        assert r.output.count("\n") == 1 and not (tmp_path / "o").exists()
