@@ -46,6 +46,12 @@ class LayerRecord:
         return self.rank * (self.out_features + self.in_features)
 
 
+def keep_of(layers: list[LayerRecord]) -> float:
+    """Parameters of the targeted layers after ÷ before (dense layers count whole)."""
+    before = sum(l.params_before for l in layers)
+    return sum(l.params_after for l in layers) / before if before else 1.0
+
+
 @dataclass
 class CompressionRecord:
     """Everything the `edgesvd` section of config.json says about how a model was compressed."""
@@ -63,8 +69,7 @@ class CompressionRecord:
 
     @property
     def keep_actual(self) -> float:
-        before = sum(l.params_before for l in self.layers)
-        return sum(l.params_after for l in self.layers) / before if before else 1.0
+        return keep_of(self.layers)
 
     def ranks(self) -> dict[str, int | None]:
         return {l.name: l.rank for l in self.layers}

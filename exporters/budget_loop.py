@@ -11,11 +11,12 @@ from pathlib import Path
 import torch
 
 from edgesvd.calibration import sample_calibration
-from edgesvd.checkpoint import CompressionRecord, LayerRecord, atomic_output_dir, check_output_dir, library_versions, save_compressed
+from edgesvd.checkpoint import (CompressionRecord, LayerRecord, atomic_output_dir, check_output_dir, keep_of,
+                                library_versions, save_compressed)
 from edgesvd.compress import CompressConfig, prepare, replace_with_factors
 from edgesvd.costmodel import CostModel, ModelFacts, model_facts
 from edgesvd.errors import BudgetError
-from edgesvd.evaluate import check_eval_data, task_score
+from edgesvd.evaluate import TASK_SCORES, check_eval_data, task_score
 from edgesvd.layer_importance import whitened_importances
 from edgesvd.loading import resolve_model
 from edgesvd.planner import Receipt, plan_ranks, resolve_limits
@@ -268,10 +269,8 @@ def _build_and_export(receipt: Receipt, where: Path, attempt: int, p: Profile, c
     from .onnx_export import export_checkpoint
 
     model, records, entries, details = importance.model_for(receipt.ranks())
-    params_before = sum(l.params_before for l in records)
-    keep = sum(l.params_after for l in records) / params_before if params_before else 1.0
     record = CompressionRecord(
-        method=importance.method, keep_requested=round(keep, 4), family=family, source_model=str(cfg.model),
+        method=importance.method, keep_requested=round(keep_of(records), 4), family=family, source_model=str(cfg.model),
         layers=records, rank_multiple=p.rank_multiple, calibration=prepared.calib.summary,
         details={"planner": "budget", "profile": p.name, "plan": attempt, **details}, versions=library_versions())
     save_compressed(model, prepared.tokenizer, record, where / "checkpoint", entries, force=True)
@@ -281,9 +280,7 @@ def _build_and_export(receipt: Receipt, where: Path, attempt: int, p: Profile, c
 
 def _plan_keep(receipt: Receipt) -> float:
     """Targeted parameters a plan keeps (dense layers count whole)."""
-    before = sum(r.shape[0] * r.shape[1] for r in receipt.rows)
-    after = sum(r.shape[0] * r.shape[1] if r.rank is None else r.rank * (r.shape[0] + r.shape[1]) for r in receipt.rows)
-    return after / before if before else 1.0
+    return keep_of([LayerRecord(r.name, r.shape[1], r.shape[0], r.rank, False) for r in receipt.rows])
 
 
 BUDGET_METHODS = ("learned", "whiten")
@@ -434,8 +431,9 @@ def run_profiles(cfg, profiles: list[Profile], max_plans: int = 3) -> list[Devic
     dense, family = importance.dense, prepared.source.family
     held_out = sample_calibration(prepared.tokenizer, replace(cfg.calibration, num_sequences=32,
                                                               seed=cfg.calibration.seed + 1), family)
-    for p in profiles:  # learned importance plans differently: check again before exporting anything
-        plan_ranks(importance.layers, costs[p.name])
+    if importance.method == "learned":  # it plans differently from the whitened check: again, before any export
+        for p in profiles:
+            plan_ranks(importance.layers, costs[p.name])
     dense_score = None
     if cfg.eval_file is not None:
         say(f"[bold]edgesvd run[/bold] · dense task score on {cfg.eval_file}")
@@ -554,9 +552,9 @@ COMPARISON_COLUMNS = ["profile", "latency is", "factorized", "ONNX size", "dense
 def quality_legend(results: list[DeviceResult]) -> str:
     """What the comparison's quality column is: the --eval task score, else the proxy."""
     name = next((k for r in results for k in r.quality), "")
-    if name.startswith("similarity_spearman") or name.startswith("top1_agreement"):
-        return f"quality: {name.replace('_', ' ')} on held-out calibration text (a proxy; --eval FILE gives a task score)"
-    return f"quality: {name.replace('_', ' ')} of the compressed PyTorch model on the --eval file"
+    if name in TASK_SCORES.values():
+        return f"quality: {name.replace('_', ' ')} of the compressed PyTorch model on the --eval file"
+    return f"quality: {name.replace('_', ' ')} on held-out calibration text (a proxy; --eval FILE gives a task score)"
 
 
 def comparison_markdown(results: list[DeviceResult]) -> str:
