@@ -1,10 +1,11 @@
-"""Calibration text: read files/folders or the built-in corpus, and sample token sequences."""
+"""Calibration text: read files, folders or the built-in corpus, and sample token sequences from it."""
 
 from __future__ import annotations
 
 import importlib
 import inspect
 import json
+import os
 import random
 import re
 import warnings
@@ -15,6 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import CalibrationError
+from .families import Family
 
 BUILTIN = "builtin"
 _TEXT_SUFFIXES = {".txt", ".text", ".md", ".tokens", ".utf8", ".raw", ""}
@@ -35,17 +37,12 @@ _BUILTIN_MODULES = (
 ).split()
 
 
-# Encoders calibrate on sentences (short), decoders on windows of seq_len tokens: 512 sentences
-# and 128 windows are both about 15 k tokens of MiniLM / Llama text.
-DEFAULT_SEQUENCES = {"encoder": 512, "decoder": 128}
-
-
 @dataclass(frozen=True)
 class CalibrationConfig:
     """How many sequences of how many tokens to sample, from where, with which seed."""
 
     source: str | Sequence[str] = BUILTIN
-    num_sequences: int | None = None  # None: DEFAULT_SEQUENCES of the model's family
+    num_sequences: int | None = None  # None: the family's default_calibration
     seq_len: int = 128
     seed: int = 0
 
@@ -54,6 +51,16 @@ class CalibrationConfig:
             raise CalibrationError(f"number of calibration sequences must be >= 1, got {self.num_sequences}")
         if self.seq_len < 4:
             raise CalibrationError(f"calibration sequence length must be >= 4, got {self.seq_len}")
+
+
+def calibration_config(calib: "CalibrationConfig | str | os.PathLike | Sequence[str]") -> "CalibrationConfig":
+    """A CalibrationConfig from what a caller passes: a config, one source ('builtin', a file or
+    folder) or several sources (default sampling)."""
+    if isinstance(calib, CalibrationConfig):
+        return calib
+    if isinstance(calib, (str, os.PathLike)):
+        return CalibrationConfig(str(calib))
+    return CalibrationConfig(tuple(str(c) for c in calib))
 
 
 @dataclass
@@ -153,42 +160,48 @@ def sentences(docs: list[str], min_words: int = 4) -> list[str]:
     return long_enough or pieces
 
 
-def sample_calibration(tokenizer, config: CalibrationConfig, family: str) -> CalibrationBatch:
-    """Sample `num_sequences` sequences of at most `seq_len` tokens.
+def _windows(tokenizer, docs: list[str], count: int, seq_len: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+    """Windows of `seq_len` tokens cut at random from the concatenated token stream (documents
+    in random order, BOS before and EOS after each): what a decoder sees in training."""
+    stream: list[int] = []
+    order = list(range(len(docs)))
+    rng.shuffle(order)
+    sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    needed = count * seq_len * 2
+    for i in order:
+        stream.extend(bos + tokenizer(docs[i], add_special_tokens=False)["input_ids"] + sep)
+        if len(stream) >= needed:
+            break
+    if len(stream) < 2:
+        raise CalibrationError("calibration text tokenizes to fewer than 2 tokens")
+    length = min(seq_len, len(stream))
+    starts = [rng.randrange(0, len(stream) - length + 1) for _ in range(count)]
+    ids = torch.tensor([stream[s : s + length] for s in starts], dtype=torch.long)
+    return ids, torch.ones_like(ids)
 
-    Decoders get windows cut from the concatenated token stream (what they see in training);
-    encoders get single sentences, truncated and padded (what a sentence encoder sees: on
-    MiniLM, whitening calibrated on sentences scores 0.838 on STS-B at keep 0.5, against 0.813
-    when calibrated on the first 128 tokens of whole paragraphs).
-    """
+
+def _sentences(tokenizer, docs: list[str], count: int, seq_len: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
+    """Single sentences, truncated and padded: what a sentence encoder sees (on MiniLM, whitening
+    calibrated on sentences scores 0.838 on STS-B at keep 0.5, against 0.813 when calibrated on
+    the first 128 tokens of whole paragraphs)."""
+    units = sentences(docs)
+    picks = [units[rng.randrange(len(units))] for _ in range(count)]
+    enc = tokenizer(picks, truncation=True, max_length=seq_len, padding="longest", return_tensors="pt")
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return ids.masked_fill(mask == 0, pad_id), mask
+
+
+_SAMPLERS = {"window": _windows, "sentence": _sentences}
+
+
+def sample_calibration(tokenizer, config: CalibrationConfig, family: Family) -> CalibrationBatch:
+    """Sample `num_sequences` sequences of at most `seq_len` tokens, in the family's unit."""
     docs = read_documents(config.source)
     rng = random.Random(config.seed)
-    count = config.num_sequences or DEFAULT_SEQUENCES[family]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    if family == "decoder":
-        stream: list[int] = []
-        order = list(range(len(docs)))
-        rng.shuffle(order)
-        sep = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-        needed = count * config.seq_len * 2
-        for i in order:
-            stream.extend(bos + tokenizer(docs[i], add_special_tokens=False)["input_ids"] + sep)
-            if len(stream) >= needed:
-                break
-        if len(stream) < 2:
-            raise CalibrationError("calibration text tokenizes to fewer than 2 tokens")
-        L = min(config.seq_len, len(stream))
-        starts = [rng.randrange(0, len(stream) - L + 1) for _ in range(count)]
-        ids = torch.tensor([stream[s : s + L] for s in starts], dtype=torch.long)
-        mask = torch.ones_like(ids)
-    else:
-        units = sentences(docs)
-        picks = [units[rng.randrange(len(units))] for _ in range(count)]
-        enc = tokenizer(picks, truncation=True, max_length=config.seq_len, padding="longest", return_tensors="pt")
-        ids, mask = enc["input_ids"], enc["attention_mask"]
-        if pad_id is not None:
-            ids = ids.masked_fill(mask == 0, pad_id)
+    count = config.num_sequences or family.default_calibration
+    ids, mask = _SAMPLERS[family.calibration_unit](tokenizer, docs, count, config.seq_len, rng)
     summary = {
         "source": config.source if isinstance(config.source, str) else list(config.source),
         "documents": len(docs),

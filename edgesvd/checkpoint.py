@@ -1,55 +1,28 @@
-"""Save and rebuild compressed checkpoints (safetensors factors + config with an `edgesvd` section)."""
+"""Checkpoints: save and rebuild compressed models (safetensors factors + config with an `edgesvd` section)."""
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 import platform
-import shutil
-import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
-from .errors import CheckpointError, OutputExistsError, first_line
-from .lowrank import LowRankLinear
-from .targets import linearize_conv1d, set_submodule
+from .errors import CheckpointError, first_line
+from .factorize import LayerRecord, LowRankLinear, keep_of
+from .families import family_named
+from .loading import linearize_conv1d, set_submodule
+from .outputs import atomic_output_dir
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 SPECTRUM = "spectrum.safetensors"
-
-
-@dataclass
-class LayerRecord:
-    """One targeted Linear: its shape and the rank it was given (None: left dense)."""
-
-    name: str
-    in_features: int
-    out_features: int
-    rank: int | None
-    bias: bool
-
-    @property
-    def params_before(self) -> int:
-        return self.out_features * self.in_features
-
-    @property
-    def params_after(self) -> int:
-        if self.rank is None:
-            return self.params_before
-        return self.rank * (self.out_features + self.in_features)
-
-
-def keep_of(layers: list[LayerRecord]) -> float:
-    """Parameters of the targeted layers after ÷ before (dense layers count whole)."""
-    before = sum(l.params_before for l in layers)
-    return sum(l.params_after for l in layers) / before if before else 1.0
 
 
 @dataclass
@@ -88,56 +61,9 @@ class CompressionRecord:
 
 
 def library_versions() -> dict:
-    import safetensors
-    import transformers
-
-    from . import __version__
-
-    return {"edgesvd": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "safetensors": safetensors.__version__, "python": platform.python_version()}
-
-
-def check_output_dir(out: Path, force: bool) -> None:
-    """Refuse an existing output folder unless `force`; called before any heavy work."""
-    if out.exists() and not force:
-        raise OutputExistsError(f"output folder exists: {out} (use --force to replace it)")
-
-
-@contextmanager
-def atomic_output_dir(out: Path, force: bool):
-    """Yield a temporary sibling folder; it replaces `out` only if the block succeeds.
-
-    The folder is named `.<out>.<pid>.<random>`: a run killed with SIGKILL cannot clean up after
-    itself, so the next run for the same output removes the folders of processes that no longer
-    exist (a live process's folder, e.g. a concurrent run, is left alone).
-    """
-    out = Path(out)
-    check_output_dir(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_temporaries(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _remove_stale_temporaries(out: Path) -> None:
-    """Delete `.<out>.<pid>.*` siblings whose process is gone (left by a killed run)."""
-    for path in out.parent.glob(f".{glob.escape(out.name)}.*"):
-        pid = path.name[len(out.name) + 2 :].split(".", 1)[0]
-        if not (path.is_dir() and pid.isdigit()):
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(path, ignore_errors=True)
-        except (PermissionError, OverflowError):  # alive under another user / not a pid: leave it
-            pass
+    """Versions of the libraries a checkpoint depends on (from package metadata)."""
+    return {"edgesvd": version("edgesvd"), "torch": torch.__version__, "transformers": version("transformers"),
+            "safetensors": version("safetensors"), "python": platform.python_version()}
 
 
 def save_compressed(model: nn.Module, tokenizer, record: CompressionRecord, out: str | os.PathLike,
@@ -151,7 +77,7 @@ def save_compressed(model: nn.Module, tokenizer, record: CompressionRecord, out:
         config["edgesvd"] = record.to_json()
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         gen = getattr(model, "generation_config", None)
-        if gen is not None and record.family == "decoder":
+        if gen is not None and family_named(record.family).causal:
             gen.save_pretrained(tmp)
         # save_model de-duplicates tied tensors (embedding / LM head), which save_file refuses.
         save_model(model, str(tmp / WEIGHTS))
@@ -231,8 +157,6 @@ def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu",
     """
     from transformers import AutoConfig
 
-    from .loading import auto_class
-
     path = Path(path)
     raw, record = read_record(path)
     weights = path / WEIGHTS
@@ -244,8 +168,8 @@ def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu",
         raise CheckpointError(f"corrupt {weights}: {first_line(exc)}") from exc
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     with _parameters_on_meta():
-        model = auto_class(record.family).from_config(config, trust_remote_code=trust_remote_code,
-                                                      dtype=torch.float32)
+        model = family_named(record.family).auto_model().from_config(config, trust_remote_code=trust_remote_code,
+                                                                     dtype=torch.float32)
     linearize_conv1d(model)
     for layer in record.layers:
         if layer.rank is not None:

@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from torch import nn
 
-from .lowrank import break_even_rank
+from .factorize import break_even_rank, params_at
+from .families import Family
 from .profiles import Profile
 
 # Labels shown next to every latency number, so nobody mistakes an estimate for a measurement.
@@ -31,16 +33,14 @@ class LayerShape:
 
     def params(self, rank: int | None) -> int:
         """Weight parameters at `rank` (None: dense); the bias is counted separately."""
-        if rank is None:
-            return self.out_features * self.in_features
-        return rank * (self.out_features + self.in_features)
+        return params_at(self.out_features, self.in_features, rank)
 
 
 @dataclass(frozen=True)
 class ModelFacts:
     """What the cost model needs to know about a model: its Linear layers and transformer shape."""
 
-    family: str
+    family: Family
     total_params: int
     layers: tuple[LayerShape, ...]          # targeted Linear layers
     other_linears: tuple[LayerShape, ...]   # Linear layers left alone (e.g. lm_head, pooler)
@@ -57,10 +57,8 @@ class ModelFacts:
         return sum(l.params(None) for l in self.layers)
 
 
-def model_facts(model, targets: list[str], family: str) -> ModelFacts:
+def model_facts(model, targets: list[str], family: Family) -> ModelFacts:
     """ModelFacts of a (dense) Hugging Face model whose targeted Linear layers are `targets`."""
-    from torch import nn
-
     cfg = model.config
     get = lambda *names, default=None: next((getattr(cfg, n) for n in names if getattr(cfg, n, None) is not None), default)
     hidden = get("hidden_size", "n_embd", "d_model")
@@ -228,11 +226,11 @@ class CostModel:
     def activation_bytes(self) -> float:
         """Live activations of one forward pass at the workload, plus the KV cache for decoders."""
         f, w = self.facts, self.profile.workload
-        seq = (w.prompt_length or w.sequence_length) if f.family == "decoder" else w.sequence_length
+        seq = w.seq_len(f.family)
         tokens = w.batch * seq
         per_layer = tokens * (3 * f.hidden + f.intermediate) + 2 * w.batch * f.num_heads * seq * seq
         total = per_layer * self.act_bytes
-        if f.family == "decoder":
+        if f.family.causal:
             total += tokens * f.vocab * self.act_bytes  # prefill logits
             total += 2 * f.num_layers * w.batch * (seq + w.new_tokens) * f.num_kv_heads * f.head_dim * self.act_bytes
         return float(total)
@@ -248,7 +246,7 @@ class CostModel:
         if self._fixed_ms is not None:
             return self._fixed_ms
         f, w = self.facts, self.profile.workload
-        seq = (w.prompt_length or w.sequence_length) if f.family == "decoder" else w.sequence_length
+        seq = w.seq_len(f.family)
         tokens = w.batch * seq
         # QKᵀ and AV: one batched MatMul each over batch × heads (activations on both sides)
         flops = 2.0 * w.batch * f.num_heads * seq * seq * f.head_dim

@@ -1,10 +1,10 @@
-"""Typed errors raised where a problem is detected; the CLI turns each into a one-line message."""
+"""Typed errors raised where a problem is detected; the CLI turns each into one `error: …` line."""
 
 from __future__ import annotations
 
 
 class EdgesvdError(Exception):
-    """Base class. `exit_code` is what the CLI exits with (2: bad input or usage)."""
+    """Base class. `exit_code` is what the CLI exits with (2: bad input or usage; 1: a check failed)."""
 
     exit_code = 2
 
@@ -41,8 +41,24 @@ class DeviceError(EdgesvdError):
     """A requested device or execution provider is not available."""
 
 
+class ExportError(EdgesvdError):
+    """The ONNX export (or its post-processing: fp16, int8, pooling) failed or is not possible."""
+
+
 class ParityError(EdgesvdError):
     """The exported model disagrees with the PyTorch model beyond the tolerances."""
+
+    exit_code = 1
+
+
+class FactorizationError(EdgesvdError):
+    """A compressed layer is not two MatMuls of the checkpoint's rank in the graph (it was folded)."""
+
+    exit_code = 1
+
+
+class BundleError(EdgesvdError):
+    """A bundle is incomplete, or a file's sha256 does not match its manifest."""
 
     exit_code = 1
 

@@ -1,4 +1,4 @@
-"""Task scores for quality claims: STS-B Spearman for encoders, perplexity for causal LMs."""
+"""Quality: task scores (STS-B Spearman for encoders, perplexity for causal LMs) and agreement with the dense model."""
 
 from __future__ import annotations
 
@@ -12,9 +12,7 @@ import torch
 from torch import nn
 
 from .errors import CalibrationError, ConfigError
-
-# What `--eval FILE` measures per family (STS-B: higher is better; perplexity: lower).
-TASK_SCORES = {"encoder": "stsb_spearman", "decoder": "perplexity"}
+from .families import Family
 
 
 def read_stsb(path: str | os.PathLike, limit: int | None = None) -> tuple[list[str], list[str], np.ndarray]:
@@ -130,21 +128,42 @@ def check_eval_file(path: str | os.PathLike) -> Path:
     return path
 
 
-def check_eval_data(path: str | os.PathLike, family: str) -> None:
+def check_eval_data(path: str | os.PathLike, family: Family) -> None:
     """Read `--eval` data once before any work, so a wrong file fails in a second, not after
     compression: encoders need scored STS-B pairs, decoders non-empty text."""
-    if family == "encoder":
+    if family.causal:
+        if not read_chunks(path, 1):
+            raise CalibrationError(f"no text to score in {path}")
+    else:
         read_stsb(path)
-    elif not read_chunks(path, 1):
-        raise CalibrationError(f"no text to score in {path}")
 
 
-def task_score(model: nn.Module, tokenizer, family: str, path: str | os.PathLike) -> tuple[str, float]:
-    """(name, value) of the task score of `model` on `path`: STS-B Spearman of mean-pooled
+def task_score(model: nn.Module, tokenizer, family: Family, path: str | os.PathLike) -> tuple[str, float]:
+    """(name, value) of the family's task score of `model` on `path`: STS-B Spearman of mean-pooled
     embeddings for encoders (an STS-B tab-separated file), perplexity for decoders (plain text,
     blank-line separated chunks)."""
-    name = TASK_SCORES[family]
     model = model.eval()
-    if family == "encoder":
-        return name, round(stsb_spearman(model, tokenizer, path), 4)
-    return name, round(perplexity(model, tokenizer, path), 4)
+    score = perplexity(model, tokenizer, path) if family.causal else stsb_spearman(model, tokenizer, path)
+    return family.task_score, round(score, 4)
+
+
+@torch.no_grad()
+def agreement_with_dense(dense: nn.Module, model: nn.Module, batch, family: Family) -> dict[str, float]:
+    """Quality proxy on held-out calibration text, named by the family's `quality_proxy`. Encoders:
+    Spearman correlation between the dense and the compressed model's pairwise cosine similarities
+    of mean-pooled embeddings (what an embedding model is used for; raw embedding cosine is
+    dominated by a shared direction). Decoders: agreement of the next-token argmax with the dense model."""
+    ids, mask = batch.input_ids, batch.attention_mask
+    if family.causal:
+        a = dense(input_ids=ids, attention_mask=mask).logits.argmax(-1)
+        b = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
+        return {family.quality_proxy: round(float((a == b)[mask.bool()].float().mean()), 4)}
+
+    def similarities(m):
+        h = m(input_ids=ids, attention_mask=mask).last_hidden_state
+        w = mask.unsqueeze(-1).to(h)
+        e = torch.nn.functional.normalize((h * w).sum(1) / w.sum(1).clamp_min(1), dim=-1)
+        iu = torch.triu_indices(len(e), len(e), offset=1)
+        return (e @ e.T)[iu[0], iu[1]].double().numpy()
+
+    return {family.quality_proxy: round(float(spearman(similarities(dense), similarities(model))), 4)}

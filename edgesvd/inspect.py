@@ -1,4 +1,4 @@
-"""Summarise a compressed checkpoint per layer: shape, rank, break-even, parameters, bytes."""
+"""Inspect a compressed checkpoint per layer: shape, rank, break-even, parameters, bytes, where the budget went."""
 
 from __future__ import annotations
 
@@ -6,31 +6,51 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import CompressionRecord, load_spectra, read_record
-from .lowrank import break_even_rank
+from .checkpoint import WEIGHTS, CompressionRecord, load_spectra, read_record
+from .factorize import break_even_rank, params_at
 
 
 @dataclass
 class LayerRow:
+    """One targeted Linear as tables and charts show it: shape, rank kept (None: dense), bytes at
+    a precision, and — when the spectrum was saved — the share of σ² kept and the mean learned score."""
+
     name: str
-    shape: tuple[int, int]
+    out_features: int
+    in_features: int
     rank: int | None
-    break_even: float
-    params_before: int
-    params_after: int
+    bytes_per_param: int = 4
     energy_kept: float | None = None  # share of Σσ² (whitened spectrum) in the kept components
     mean_score: float | None = None  # mean learned score of the kept components (method 'learned')
 
     @property
-    def bytes_after(self) -> int:  # float32 factors (biases excluded: they are untouched)
-        return 4 * self.params_after
+    def shape(self) -> tuple[int, int]:
+        return (self.out_features, self.in_features)
+
+    @property
+    def break_even(self) -> float:
+        return break_even_rank(self.out_features, self.in_features)
+
+    @property
+    def params_before(self) -> int:
+        return params_at(self.out_features, self.in_features, None)
+
+    @property
+    def params_after(self) -> int:
+        return params_at(self.out_features, self.in_features, self.rank)
+
+    @property
+    def bytes_dense(self) -> int:
+        return self.params_before * self.bytes_per_param
+
+    @property
+    def bytes_after(self) -> int:  # weights only (biases are untouched)
+        return self.params_after * self.bytes_per_param
 
 
-def layer_rows(record: CompressionRecord) -> list[LayerRow]:
+def layer_rows(record: CompressionRecord, bytes_per_param: int = 4) -> list[LayerRow]:
     """One row per targeted layer, in model order."""
-    return [LayerRow(l.name, (l.out_features, l.in_features), l.rank,
-                     break_even_rank(l.out_features, l.in_features), l.params_before, l.params_after)
-            for l in record.layers]
+    return [LayerRow(l.name, l.out_features, l.in_features, l.rank, bytes_per_param) for l in record.layers]
 
 
 def add_spectrum_columns(rows: list[LayerRow], spectra: dict) -> None:
@@ -46,10 +66,19 @@ def add_spectrum_columns(rows: list[LayerRow], spectra: dict) -> None:
             row.mean_score = float(entry["scores"][kept].abs().mean())
 
 
-def checkpoint_summary(path: str | os.PathLike) -> tuple[CompressionRecord, list[LayerRow], int]:
+@dataclass
+class CheckpointSummary:
+    """What `edgesvd inspect` shows: the record, one row per targeted layer, the weights file's size."""
+
+    record: CompressionRecord
+    rows: list[LayerRow]
+    weight_bytes: int
+
+
+def checkpoint_summary(path: str | os.PathLike) -> CheckpointSummary:
     """Record, per-layer rows (with spectrum columns when saved) and the weights file size in bytes."""
     _, record = read_record(path)
-    weights = Path(path) / "model.safetensors"
+    weights = Path(path) / WEIGHTS
     rows = layer_rows(record)
     add_spectrum_columns(rows, load_spectra(path))
-    return record, rows, weights.stat().st_size if weights.is_file() else 0
+    return CheckpointSummary(record, rows, weights.stat().st_size if weights.is_file() else 0)

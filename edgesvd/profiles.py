@@ -4,21 +4,22 @@ from __future__ import annotations
 
 import datetime
 import os
-import platform
 import re
-import time
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import ConfigError
-from .units import fmt_bytes
+from .families import Family
+from .host import this_cpu, this_gpu
+from .units import BYTES_PER_PARAM, PRECISIONS, fmt_bytes
 
 SCHEMA_VERSION = 1
 BUDGET_KEYS = ("model_bytes", "peak_memory", "latency_p50", "latency_p90")
+BUDGET_LABELS = {"model_bytes": "model bytes", "peak_memory": "peak memory", "latency_p50": "p50 latency",
+                 "latency_p90": "p90 latency"}
 PROVIDERS = ("CPUExecutionProvider", "CUDAExecutionProvider")
-PRECISIONS = ("fp32", "fp16", "int8")
-BYTES_PER_PARAM = {"fp32": 4, "fp16": 2, "int8": 1}
 
 _NUM = {"type": "number", "exclusiveMinimum": 0}
 _BUDGET = {"oneOf": [{"type": "number", "exclusiveMinimum": 0},
@@ -159,10 +160,13 @@ class Workload:
     prompt_length: int | None = None
     new_tokens: int = 0
 
-    def tokens(self, family: str) -> int:
-        """Tokens in one timed forward pass (decoders: the prompt's prefill)."""
-        seq = self.prompt_length if family == "decoder" and self.prompt_length else self.sequence_length
-        return self.batch * seq
+    def seq_len(self, family: Family) -> int:
+        """Tokens per sequence of the timed pass (decoders: the prompt's prefill)."""
+        return family.timed_length(self.sequence_length, self.prompt_length)
+
+    def tokens(self, family: Family) -> int:
+        """Tokens in one timed forward pass."""
+        return self.batch * self.seq_len(family)
 
 
 @dataclass(frozen=True)
@@ -297,17 +301,13 @@ def profile_from_dict(data: dict, where: str) -> Profile:
 
 
 def builtin_dir() -> Path:
-    """The folder of built-in profile files shipped in the `profiles` package."""
-    import profiles
+    """The folder of built-in profile files, shipped as package data (`edgesvd.builtin_profiles`)."""
+    from importlib.resources import files
 
-    # A regular package has __file__; an editable install made before profiles/__init__.py existed
-    # sees a namespace package, so look through its path entries too.
-    candidates = [Path(profiles.__file__).parent] if getattr(profiles, "__file__", None) else []
-    candidates += [Path(p) for p in getattr(profiles, "__path__", []) if Path(p).is_dir()]
-    for folder in candidates:
-        if any(folder.glob("*.toml")):
-            return folder
-    raise ConfigError("the built-in profiles are missing from this installation (package 'profiles')")
+    folder = Path(str(files("edgesvd.builtin_profiles")))
+    if not any(folder.glob("*.toml")):
+        raise ConfigError("the built-in profiles are missing from this installation (package edgesvd.builtin_profiles)")
+    return folder
 
 
 def builtin_names() -> list[str]:
@@ -344,86 +344,36 @@ def load_profile(name_or_path: str | os.PathLike, measure_host: bool = True) -> 
     return profile
 
 
-def _cpu_flops_per_cycle() -> int:
-    """fp32 FLOP per cycle per core from the CPU's vector ISA (FMA counts two)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        flags = ""
-    if platform.machine().lower() in ("arm64", "aarch64"):
-        return 16  # two 128-bit NEON FMA pipes (Cortex-A76 class)
-    if " avx512f" in flags:
-        return 64
-    if " fma" in flags and " avx2" in flags:
-        return 32
-    return 8
-
-
-def _cpu_ghz() -> float:
-    try:
-        mhz = [float(line.split(":")[1]) for line in Path("/proc/cpuinfo").read_text().splitlines()
-               if line.lower().startswith("cpu mhz")]
-        if mhz:
-            return max(mhz) / 1000
-    except (OSError, ValueError):
-        pass
-    return 2.0
-
-
-def _copy_bandwidth_gbs(nbytes: int = 64 * 2**20, repeats: int = 5) -> float:
-    """Memory bandwidth from the best of a few large array copies (read + write counted)."""
-    import numpy as np
-
-    src = np.ones(nbytes // 8, dtype=np.float64)
-    dst = np.empty_like(src)
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        np.copyto(dst, src)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * nbytes / best / 1e9
-
-
-def _measure_host_gpu(device: Device) -> Device:
-    """This machine's first CUDA GPU: name, SMs and memory from torch, peak fp16 matrix throughput
-    and bandwidth from a timed matmul and copy. Without one the profile keeps its file's fields and
-    its source says so (a run that must measure it then fails with that reason)."""
-    import torch
-
-    if not torch.cuda.is_available():
-        return replace(device, source=f"{device.source}; no CUDA GPU on this machine")
-    props = torch.cuda.get_device_properties(0)
-    a = torch.randn(4096, 4096, device="cuda", dtype=torch.float16)
-    buf = torch.empty(256 * 2**20, device="cuda", dtype=torch.uint8)
-
-    def best(fn, repeats: int = 5) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            fn()
-            torch.cuda.synchronize()
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    peak = 2 * 4096 ** 3 / best(lambda: a @ a) / 1e9
-    bandwidth = 2 * buf.numel() / best(lambda: buf.clone()) / 1e9
-    return replace(device, name=f"{device.name} ({props.name})", cores=props.multi_processor_count,
-                   memory_bytes=float(props.total_memory), peak_gflops=round(peak, 1),
-                   bandwidth_gbs=round(bandwidth, 1),
-                   source=f"{device.source}; measured {datetime.date.today().isoformat()}")
-
-
 def measure_host_device(device: Device) -> Device:
-    """This machine's cores and memory (read), peak fp32 compute (cores × clock × ISA width) and
-    memory bandwidth (timed array copy); for a `gpu` device, its first CUDA GPU."""
-    if device.kind == "gpu":
-        return _measure_host_gpu(device)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    peak = cores * _cpu_ghz() * _cpu_flops_per_cycle()
-    return replace(device, name=f"{device.name} ({platform.node()}, {platform.processor() or platform.machine()})",
-                   cores=cores, memory_bytes=float(memory), peak_gflops=round(peak, 1),
-                   bandwidth_gbs=round(_copy_bandwidth_gbs(), 1),
-                   source=f"{device.source}; measured {datetime.date.today().isoformat()}")
+    """The profile's device filled in from this machine (see edgesvd.host): its CPU, or for a `gpu`
+    device its first CUDA GPU; without one the file's fields stay and the source says so (a run
+    that must measure it then fails with that reason)."""
+    today = datetime.date.today().isoformat()
+    found = this_gpu() if device.kind == "gpu" else this_cpu()
+    if found is None:
+        return replace(device, source=f"{device.source}; no CUDA GPU on this machine")
+    return replace(device, name=f"{device.name} ({found.name})", cores=found.cores, memory_bytes=found.memory_bytes,
+                   peak_gflops=found.peak_gflops, bandwidth_gbs=found.bandwidth_gbs,
+                   source=f"{device.source}; measured {today}")
+
+
+def parse_budget_overrides(items: Sequence[str]) -> dict[str, str]:
+    """`--budget latency_p50=60%` options → {key: value} (values are parsed by Profile.with_budgets)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not value.strip():
+            raise ConfigError(f"--budget wants KEY=VALUE (e.g. latency_p50=60%), got {item!r}")
+        if key.strip() not in BUDGET_KEYS:
+            raise ConfigError(f"--budget: unknown key '{key.strip()}' (choose from {', '.join(BUDGET_KEYS)})")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def load_profiles(refs: Sequence["str | os.PathLike | Profile"], budgets: dict[str, str] | None = None) -> list[Profile]:
+    """Profiles by name, path or object, each with `budgets` overriding its own (see
+    Profile.with_budgets); the same profile twice is an error."""
+    profiles = [(r if isinstance(r, Profile) else load_profile(r)).with_budgets(budgets or {}) for r in refs]
+    if len({p.name for p in profiles}) != len(profiles):
+        raise ConfigError("the same profile was given twice")
+    return profiles

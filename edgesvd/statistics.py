@@ -1,4 +1,4 @@
-"""Stream XᵀX (the input Gram matrix) of every targeted Linear over calibration data."""
+"""Activation statistics: XᵀX (the input Gram matrix) of every targeted Linear, streamed over calibration data."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from .calibration import CalibrationBatch
-from .progress import progress_bar
+from .errors import NoTargetError
+from .reporting import SILENT, Reporter
 
 
 @dataclass
@@ -42,7 +43,7 @@ def model_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, device: 
 
 @torch.no_grad()
 def collect_statistics(model: nn.Module, targets: list[str], calib: CalibrationBatch,
-                       batch_size: int = 16, show_progress: bool = True) -> ActivationStats:
+                       batch_size: int = 16, reporter: Reporter = SILENT) -> ActivationStats:
     """Run the calibration set through `model` and accumulate XᵀX for each target's input.
 
     Padding positions are excluded. Each batch's product is formed in float32 on the model's
@@ -83,7 +84,7 @@ def collect_statistics(model: nn.Module, targets: list[str], calib: CalibrationB
     handles = [model.get_submodule(t).register_forward_pre_hook(hook(t)) for t in targets]
     try:
         n_batches = (calib.input_ids.shape[0] + batch_size - 1) // batch_size
-        with progress_bar("statistics", total=n_batches, enabled=show_progress) as bar:
+        with reporter.progress("statistics", total=n_batches) as bar:
             for ids, mask in calib.batches(batch_size):
                 batch_state["mask"] = mask.reshape(-1).bool().to(device)
                 batch_state["seen"] = []
@@ -95,5 +96,5 @@ def collect_statistics(model: nn.Module, targets: list[str], calib: CalibrationB
             h.remove()
     missing = [t for t in targets if t not in stats.group_of]
     if missing:
-        raise RuntimeError(f"layers never called during calibration: {missing[:3]}")
+        raise NoTargetError(f"layers never called during calibration: {missing[:3]}")
     return stats

@@ -1,1 +1,2 @@
-"""Everything ONNX and onnxruntime: export, factorization check, parity, profiling, bundles, `edgesvd run`."""
+"""Everything ONNX and onnxruntime, installed as `edgesvd.exporters`: export, graph check, parity,
+profiling, budgets on devices, bundles, reports, and the `deploy`/`run` orchestrator."""

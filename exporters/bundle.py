@@ -1,36 +1,29 @@
-"""Pack an exported model into a deployable bundle (folder + .tar.gz, manifest with sha256) and check one."""
+"""Bundles: pack an exported model with its reports, runner and manifest into a folder and a .tar.gz."""
 
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import os
 import shutil
-import tarfile
-import tempfile
+from importlib.metadata import version
 from pathlib import Path
 
-from edgesvd.checkpoint import atomic_output_dir, check_output_dir, read_record
-from edgesvd.loading import check_model_folder, embedded_model_path
+from edgesvd.checkpoint import library_versions as core_versions
+from edgesvd.checkpoint import read_record
+from edgesvd.errors import BundleError, ConfigError
+from edgesvd.loading import check_model_folder, model_path
+from edgesvd.outputs import atomic_output_dir, check_output_dir
 
-from .errors import BundleError
-from .onnx_export import MODEL_FILE, onnx_files_bytes, read_export
+from .export import MODEL_FILE, onnx_files_bytes, read_export
+from .manifest import SCHEMA_VERSION, file_table, sha256_file, write_manifest, write_tarball
+from .parity import ParityConfig, verify
+from .profiling import ProfileConfig, profile
 from .report import write_report
 
-SCHEMA_VERSION = 1
-MANIFEST = "manifest.json"
 RUNNER = "run.py"
 # Files of the exported folder that a bundle carries (the graph, its data, configs, tokenizer).
 _CARRIED_SUFFIXES = (".onnx", ".onnx_data", ".data", ".json", ".txt", ".model")
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _weights_sha(folder: Path) -> str | None:
@@ -42,11 +35,8 @@ def _weights_sha(folder: Path) -> str | None:
 
 def _source_info(source_model: str) -> dict:
     """The source model's reference, folder and weights sha256, without touching the network."""
-    if source_model == "minilm":
-        path = embedded_model_path()
-    else:
-        path = Path(source_model).expanduser()
     try:
+        path = model_path(source_model)[0] if source_model == "minilm" else Path(source_model).expanduser()
         check_model_folder(path)
     except Exception:
         return {"model": source_model, "path": None, "sha256": None,
@@ -56,11 +46,7 @@ def _source_info(source_model: str) -> dict:
 
 def library_versions() -> dict:
     """The core's library versions plus the ONNX side's (read from package metadata)."""
-    from importlib.metadata import version
-
     import onnxruntime
-
-    from edgesvd.checkpoint import library_versions as core_versions
 
     return {**core_versions(), "optimum": version("optimum"), "optimum-onnx": version("optimum-onnx"),
             "onnx": version("onnx"), "onnxruntime": onnxruntime.__version__}
@@ -134,11 +120,6 @@ def markdown_report(manifest: dict) -> str:
     return "\n".join(lines)
 
 
-def _file_table(folder: Path) -> dict[str, dict]:
-    return {p.relative_to(folder).as_posix(): {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
-
-
 def pack(onnx_dir: str | os.PathLike, checkpoint: str | os.PathLike, out: str | os.PathLike,
          parity: dict | None = None, profile: dict | None = None, session: dict | None = None,
          force: bool = False, extra: dict | None = None) -> Path:
@@ -188,64 +169,37 @@ def pack(onnx_dir: str | os.PathLike, checkpoint: str | os.PathLike, out: str | 
         (tmp / "reports" / "report.md").write_text(markdown_report(manifest))
         (tmp / "reports" / "report.json").write_text(json.dumps(
             {k: manifest[k] for k in ("model", "source", "compression", "parity", "latency")}, indent=2) + "\n")
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # the HTML report reads it
+        write_manifest(tmp, manifest)  # the HTML report reads it
         write_report(tmp)
-        manifest["files"] = _file_table(tmp)
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _write_tarball(tmp, tarball, out.name)
+        manifest["files"] = file_table(tmp)
+        write_manifest(tmp, manifest)
+        write_tarball(tmp, tarball, out.name)
     return out
 
 
-def _write_tarball(folder: Path, tarball: Path, arcname: str) -> None:
-    """Write the .tar.gz through a temporary name so a failure leaves no partial archive."""
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{tarball.name}.", dir=tarball.parent)
-    os.close(fd)
+def _read_report(path: Path) -> dict:
     try:
-        with tarfile.open(tmp_name, "w:gz") as tar:
-            tar.add(folder, arcname=arcname)
-        os.replace(tmp_name, tarball)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"cannot read report {path}: {exc}") from exc
 
 
-def check_bundle(bundle: str | os.PathLike) -> dict:
-    """Re-verify every file's sha256 against manifest.json (a folder or a .tar.gz); BundleError on
-    any missing, changed or unlisted file. Returns the manifest."""
-    bundle = Path(bundle)
-    if not bundle.exists():
-        raise BundleError(f"bundle does not exist: {bundle}")
-    if bundle.is_file():
-        with tempfile.TemporaryDirectory(prefix="edgesvd-check-") as tmp:
-            try:
-                with tarfile.open(bundle, "r:gz") as tar:
-                    tar.extractall(tmp, filter="data")
-            except (tarfile.TarError, OSError, EOFError) as exc:
-                raise BundleError(f"{bundle} is not a readable .tar.gz: {exc}") from exc
-            roots = [p for p in Path(tmp).iterdir() if p.is_dir()]
-            if len(roots) != 1:
-                raise BundleError(f"{bundle} must hold exactly one bundle folder")
-            return check_bundle(roots[0])
-    manifest_file = bundle / MANIFEST
-    if not manifest_file.is_file():
-        raise BundleError(f"no {MANIFEST} in {bundle}")
-    try:
-        manifest = json.loads(manifest_file.read_text())
-        files = manifest["files"]
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise BundleError(f"malformed {manifest_file}: {exc}") from exc
-    if manifest.get("schema_version", 0) > SCHEMA_VERSION:
-        raise BundleError(f"{bundle} uses manifest schema {manifest['schema_version']}; this edgesvd reads up to {SCHEMA_VERSION}")
-    problems = []
-    for rel, entry in files.items():
-        p = bundle / rel
-        if not p.is_file():
-            problems.append(f"{rel} is missing")
-        elif sha256_file(p) != entry["sha256"]:
-            problems.append(f"{rel} was modified (sha256 differs)")
-    present = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file() and p.name != MANIFEST}
-    problems += [f"{rel} is not in the manifest" for rel in sorted(present - set(files))]
-    if problems:
-        raise BundleError(f"bundle check failed for {bundle}: " + "; ".join(problems[:5])
-                          + (f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""))
-    return manifest
+def pack_export(onnx_dir: str | os.PathLike, out: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
+                parity_report: str | os.PathLike | None = None, profile_report: str | os.PathLike | None = None,
+                runs: int = 20, force: bool = False) -> Path:
+    """`edgesvd pack`: bundle an export, with the checkpoint recorded at export unless given, and
+    the parity and latency reports read from `verify --json` / `profile --json` files or measured
+    now. A parity report that records a failure is refused."""
+    onnx_dir = Path(onnx_dir)
+    meta = read_export(onnx_dir)
+    checkpoint = Path(checkpoint) if checkpoint else Path(meta["source"])
+    if parity_report:
+        parity = _read_report(parity_report)
+        if not parity.get("ok"):
+            raise ConfigError(f"{parity_report} records a failed parity check; refusing to pack")
+    else:
+        parity = verify(checkpoint, onnx_dir, ParityConfig()).to_json()
+    prof = _read_report(profile_report) if profile_report else profile(onnx_dir, None, ProfileConfig(runs=runs)).to_json()
+    return pack(onnx_dir, checkpoint, out, parity, prof, force=force)
+
+

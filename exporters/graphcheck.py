@@ -7,8 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgesvd.checkpoint import CompressionRecord
-
-from .errors import FactorizationError
+from edgesvd.errors import FactorizationError
 
 # Ops that multiply an activation by a weight: plain, int8-dynamic-quantized and fused forms.
 MATMUL_OPS = {"MatMul", "Gemm", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from edgesvd.costmodel import LayerShape, LayerTable, candidate_ranks
+from edgesvd.reporting import SILENT, Reporter
 
 from .calibrate_device import host_id, time_linear
 
@@ -38,7 +39,7 @@ def ranks_to_time(shape: LayerShape, multiple: int, max_points: int = 12) -> lis
 
 def measure_layers(shapes: list[LayerShape], tokens: int, multiple: int, provider: str = "CPUExecutionProvider",
                    threads: int = 0, precision: str = "fp32", max_points: int = 12, runs: int = 30,
-                   use_cache: bool = True, log=None) -> LayerTable:
+                   use_cache: bool = True, reporter: Reporter = SILENT) -> LayerTable:
     """Time every distinct layer shape dense and at its candidate ranks under onnxruntime.
 
     Returns (out, in, rank|None) → (p50 ms, p90 ms) at `tokens` input rows. Timings already in
@@ -71,6 +72,5 @@ def measure_layers(shapes: list[LayerShape], tokens: int, multiple: int, provide
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(cache, indent=0, sort_keys=True))
         os.replace(tmp, path)
-    if log:
-        log(f"micro-benchmark: {len(table)} layer timings ({fresh} measured, {len(table) - fresh} from {path})")
+    reporter.info(f"micro-benchmark: {len(table)} layer timings ({fresh} measured, {len(table) - fresh} from {path})")
     return table

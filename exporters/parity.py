@@ -13,9 +13,10 @@ import torch
 from edgesvd.calibration import builtin_documents
 from edgesvd.checkpoint import load_compressed, read_record
 from edgesvd.errors import ConfigError, ParityError
+from edgesvd.families import Family, family_named
 from edgesvd.loading import load_tokenizer
 
-from .onnx_export import MODEL_FILE, POOLED_OUTPUT, read_export
+from .export import MODEL_FILE, POOLED_OUTPUT, read_export
 from .providers import CPU, CUDA, SessionConfig, create_session, cuda_status, session_options
 
 
@@ -106,12 +107,12 @@ def _metrics(ref: np.ndarray, got: np.ndarray) -> OutputMetrics:
     return OutputMetrics(float(diff), float(diff / max(scale, 1e-30)), cos)
 
 
-def sample_inputs(tokenizer, family: str, batch: int, seq_len: int) -> dict[str, torch.Tensor]:
+def sample_inputs(tokenizer, family: Family, batch: int, seq_len: int) -> dict[str, torch.Tensor]:
     """Deterministic token batch from the built-in corpus: padded sentences for encoders,
     equal-length windows (no padding) for decoders."""
     docs = builtin_documents()
     texts = [docs[(i * 37) % len(docs)] for i in range(batch)]
-    if family == "encoder":
+    if not family.causal:
         enc = tokenizer(texts, truncation=True, max_length=seq_len, padding="longest", return_tensors="pt")
         return dict(enc)
     ids = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
@@ -204,26 +205,27 @@ def verify(checkpoint: str | os.PathLike, onnx_dir: str | os.PathLike, cfg: Pari
     model, record = load_compressed(checkpoint)
     if meta["family"] != record.family:
         raise ConfigError(f"{onnx_dir} holds a {meta['family']} but {checkpoint} is a {record.family}")
+    family = family_named(record.family)
     precision = meta["precision"]
     th = THRESHOLDS[precision]
     torch.manual_seed(0)
-    inputs = sample_inputs(tokenizer, record.family, cfg.batch, cfg.seq_len)
+    inputs = sample_inputs(tokenizer, family, cfg.batch, cfg.seq_len)
     results = []
     for provider in cfg.eps:
         if provider == CUDA and not cuda_status()[0]:
             results.append(EPResult(provider, "skipped", reason=cuda_status()[1]))
             continue
         start = time.perf_counter()
-        if record.family == "encoder":
-            res = _encoder_parity(onnx_dir, model, inputs, provider, cfg)
-        else:
+        if family.causal:
             res = _decoder_parity(onnx_dir, model, tokenizer, inputs, provider, cfg)
+        else:
+            res = _encoder_parity(onnx_dir, model, inputs, provider, cfg)
         _check(res, th)
         res.seconds = round(time.perf_counter() - start, 2)
         results.append(res)
     shape = list(inputs["input_ids"].shape)
     report = ParityReport(str(onnx_dir), str(checkpoint), record.family, precision, th,
-                          {"input_ids_shape": shape, "new_tokens": cfg.new_tokens if record.family == "decoder" else 0,
+                          {"input_ids_shape": shape, "new_tokens": cfg.new_tokens if family.causal else 0,
                            "source": "built-in corpus"}, results)
     if raise_on_failure and not report.ok:
         failed = [f"{r.provider}: {'; '.join(r.failures)}" for r in results if r.status == "failed"]

@@ -80,8 +80,8 @@ def _bytes_unit(values: list[float]) -> tuple[float, str]:
 def layer_chart(layers: list[LayerRow], precision: str) -> bytes:
     """Two panels per targeted layer: rank kept against the break-even rank, and weight bytes dense
     against compressed. Dense-kept layers show a hatched bar at the break-even rank."""
-    from matplotlib.patches import Patch
     from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     with _style():
         n = len(layers)

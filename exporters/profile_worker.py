@@ -1,6 +1,6 @@
 """Time one ONNX model on one execution provider in a fresh process (so peak memory is its own).
 
-Run as `python -m exporters.profile_worker` with a JSON spec on stdin; prints a JSON result.
+Run as `python profile_worker.py` (by path) with a JSON spec on stdin; prints a JSON result.
 Imports only onnxruntime and numpy, so the process's memory is the session's.
 """
 

@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from edgesvd.errors import ConfigError
+from edgesvd.checkpoint import read_record
+from edgesvd.errors import ConfigError, ExportError
+from edgesvd.reporting import SILENT, Reporter
 
-from .errors import ExportError
+from .export import MODEL_FILE, ExportConfig, export_dense, onnx_files_bytes, read_export
 from .graphcheck import GraphIndex
-from .onnx_export import MODEL_FILE, onnx_files_bytes, read_export
 from .providers import CPU, SessionConfig
 
 
@@ -102,11 +103,10 @@ def _run_worker(path: Path, provider: str, cfg: ProfileConfig, profile_prefix: s
     spec = {"path": str(path), "provider": provider, "batch": cfg.batch, "seq_len": cfg.seq_len,
             "warmup": cfg.warmup, "runs": cfg.runs, "session": cfg.session.to_json(),
             "profile_prefix": profile_prefix, "pair": [str(p) for p in pair] if pair else None}
-    env = dict(os.environ)
-    # The worker must import this package even when run from another folder.
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = subprocess.run([sys.executable, "-m", "exporters.profile_worker"], input=json.dumps(spec),
-                          capture_output=True, text=True, env=env)
+    # Run by path: importing it as a module would import edgesvd (and torch) into the worker, whose
+    # memory must be the session's own.
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("profile_worker.py"))],
+                          input=json.dumps(spec), capture_output=True, text=True)
     try:
         result = json.loads(proc.stdout.strip().splitlines()[-1])
     except (IndexError, json.JSONDecodeError):
@@ -197,6 +197,20 @@ def profile(compressed_dir: str | os.PathLike, dense_dir: str | os.PathLike | No
                                     "fraction_of_bound": speedup * f_ratio})
     config = {**asdict(cfg), "family": family}
     return ProfileReport(config, measurements, flops, comparisons)
+
+
+def profile_against_dense(onnx_dir: str | os.PathLike, dense_dir: str | os.PathLike | None = None,
+                          cfg: ProfileConfig = ProfileConfig(), with_dense: bool = True,
+                          reporter: Reporter = SILENT) -> ProfileReport:
+    """`edgesvd profile`: the export measured beside a dense baseline — `dense_dir`, or the
+    checkpoint's source model exported now the same way (into a temporary folder) — or alone."""
+    meta = read_export(onnx_dir)
+    with tempfile.TemporaryDirectory(prefix="edgesvd-dense-") as tmp:
+        if dense_dir is None and with_dense:
+            _, record = read_record(meta["source"])
+            reporter.info(f"exporting the dense baseline {record.source_model} …")
+            dense_dir = export_dense(record.source_model, Path(tmp) / "dense", ExportConfig(**meta["config"])).out
+        return profile(onnx_dir, dense_dir if with_dense else None, cfg)
 
 
 def paired_latency(dense_dir: str | os.PathLike, compressed_dir: str | os.PathLike, cfg: ProfileConfig,

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from edgesvd.errors import ConfigError, DeviceError, first_line
+from edgesvd.errors import ConfigError, DeviceError, ExportError, first_line
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -114,8 +114,6 @@ def resolve_eps(requested: tuple[str, ...], allow_cpu_fallback: bool = False) ->
 def create_session(path, cfg: SessionConfig, provider: str, profile_prefix: str | None = None):
     """An InferenceSession on one provider; an unloadable model is an ExportError, not a traceback."""
     import onnxruntime as ort
-
-    from .errors import ExportError
 
     try:
         return ort.InferenceSession(str(path), session_options(cfg, profile_prefix), providers=[provider])

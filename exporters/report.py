@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import html
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -12,6 +11,7 @@ from pathlib import Path
 from edgesvd.units import fmt_bytes
 
 from . import plots
+from .manifest import record_file
 from .report_data import BudgetRow, ReportInputs, read_bundle
 
 REPORT_FILE = "report.html"
@@ -237,23 +237,6 @@ def render_html(r: ReportInputs) -> str:
             "</body></html>\n")
 
 
-def _update_manifest(bundle: Path, report: Path) -> None:
-    """Record report.html's sha256 in the manifest (so `pack --check` still passes) and refresh the
-    bundle's .tar.gz beside it, when the bundle already has a file table."""
-    from .bundle import MANIFEST, _write_tarball, sha256_file
-
-    path = bundle / MANIFEST
-    manifest = json.loads(path.read_text())
-    if "files" not in manifest:
-        return  # pack is still assembling the bundle and writes the file table afterwards
-    manifest["files"][report.name] = {"sha256": sha256_file(report), "bytes": report.stat().st_size}
-    manifest["files"] = dict(sorted(manifest["files"].items()))
-    path.write_text(json.dumps(manifest, indent=2) + "\n")
-    tarball = bundle.with_name(bundle.name + ".tar.gz")
-    if tarball.is_file():
-        _write_tarball(bundle, tarball, bundle.name)
-
-
 def write_report(bundle: str | os.PathLike, compare: tuple[str | os.PathLike, ...] = ()) -> Path:
     """Write `bundle`/report.html from the bundle's contents (atomically) and return its path;
     `compare`: other bundles (other keeps or devices) to chart the trade-off against."""
@@ -269,5 +252,5 @@ def write_report(bundle: str | os.PathLike, compare: tuple[str | os.PathLike, ..
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _update_manifest(bundle, out)
+    record_file(bundle, REPORT_FILE)
     return out

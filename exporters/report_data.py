@@ -9,40 +9,17 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import BundleError
+from edgesvd.errors import BundleError
+from edgesvd.families import FAMILIES
+from edgesvd.inspect import LayerRow
+from edgesvd.profiles import BUDGET_LABELS
+from edgesvd.units import BYTES_PER_PARAM
 
-MANIFEST = "manifest.json"
+from .manifest import MANIFEST
+
 SPECTRUM_FILE = "reports/spectrum.safetensors"
-BYTES_PER_PARAM = {"fp32": 4, "fp16": 2, "int8": 1}
 # How many layers the spectrum chart shows (one per distinct shape first, then the last layer).
 SPECTRUM_LAYERS = 4
-_BUDGET_LABEL = {"model_bytes": "model bytes", "peak_memory": "peak memory", "latency_p50": "p50 latency",
-                 "latency_p90": "p90 latency"}
-
-
-@dataclass(frozen=True)
-class LayerRow:
-    """One targeted Linear: shape, rank kept (None: left dense) and weight bytes at the bundle's precision."""
-
-    name: str
-    out_features: int
-    in_features: int
-    rank: int | None
-    bytes_per_param: int
-
-    @property
-    def break_even(self) -> float:
-        return self.out_features * self.in_features / (self.out_features + self.in_features)
-
-    @property
-    def bytes_dense(self) -> int:
-        return self.out_features * self.in_features * self.bytes_per_param
-
-    @property
-    def bytes_after(self) -> int:
-        if self.rank is None:
-            return self.bytes_dense
-        return self.rank * (self.out_features + self.in_features) * self.bytes_per_param
 
 
 @dataclass(frozen=True)
@@ -86,7 +63,7 @@ class BudgetRow:
 
     @property
     def label(self) -> str:
-        return _BUDGET_LABEL.get(self.key, self.key.replace("_", " "))
+        return BUDGET_LABELS.get(self.key, self.key.replace("_", " "))
 
     @property
     def verdict(self) -> str:
@@ -292,7 +269,7 @@ def _device(info: dict, family: str) -> str:
     if not info:
         return ""
     w = dict(info.get("workload") or {})
-    if family == "encoder":  # prompt and generation lengths describe decoders only
+    if family in FAMILIES and not FAMILIES[family].causal:  # prompt and generation lengths describe decoders only
         w.pop("prompt_length", None)
         w.pop("new_tokens", None)
     shape = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in w.items() if v not in (None, 0))

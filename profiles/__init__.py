@@ -1,1 +1,1 @@
-"""Built-in hardware profiles (TOML data files, one per device) shipped with edgesvd."""
+"""Built-in hardware profiles (TOML data files, one per device), installed as `edgesvd.builtin_profiles`."""

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from edgesvd.costmodel import CostModel, LayerShape, ModelFacts
+from edgesvd.exporters.calibrate_device import calibrate, time_linear
 from edgesvd.profiles import load_profile
-from exporters.calibrate_device import calibrate, time_linear
 
 SHAPES = [LayerShape("minilm attention (q/k/v/o)", 384, 384), LayerShape("minilm ffn up", 1536, 384),
           LayerShape("minilm ffn down", 384, 1536), LayerShape("decoder 1024 attention", 1024, 1024),

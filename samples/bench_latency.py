@@ -33,12 +33,14 @@ from pathlib import Path
 import torch
 
 from edgesvd.calibration import CalibrationConfig
-from edgesvd.checkpoint import CompressionRecord, LayerRecord
-from edgesvd.compress import CompressConfig, layer_spectrum, prepare, replace_with_factors
-from edgesvd.ranks import uniform_rank
-from exporters.onnx_export import ExportConfig, export_model
-from exporters.profiling import ProfileConfig, graph_flops, paired_latency, weight_matmul_split
-from exporters.providers import CPU, SessionConfig
+from edgesvd.checkpoint import CompressionRecord
+from edgesvd.compression import prepare
+from edgesvd.exporters.export import ExportConfig, export_model
+from edgesvd.exporters.profiling import ProfileConfig, graph_flops, paired_latency, weight_matmul_split
+from edgesvd.exporters.providers import CPU, SessionConfig
+from edgesvd.factorize import apply_ranks
+from edgesvd.planner import uniform_rank
+from edgesvd.spectra import spectra_of
 
 STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
 
@@ -53,9 +55,8 @@ def cpu_name() -> str:
 
 def variants(model_ref: str, keeps: list[float], multiples: list[int], tmp: Path, calib: CalibrationConfig):
     """Export the dense model and every (keep, multiple) variant; yields (keep, multiple, keep_actual, dir)."""
-    cfg = CompressConfig(model=model_ref, method="whiten", calibration=calib, device="cpu", show_progress=False)
-    prep = prepare(cfg)
-    spectra = {name: layer_spectrum(prep.model, name, "whiten", prep.stats) for name in prep.targets}
+    prep = prepare(model_ref, calib, device="cpu")
+    spectra = spectra_of(prep.model, prep.targets, "whiten", prep.stats)
     prep.stats = None
     family = prep.source.family
     dense_dir = tmp / f"{prep.source.name}-dense"
@@ -64,16 +65,9 @@ def variants(model_ref: str, keeps: list[float], multiples: list[int], tmp: Path
     for keep in keeps:
         for multiple in multiples:
             model = copy.deepcopy(prep.model)
-            layers = []
-            for name in prep.targets:
-                w = model.get_submodule(name).weight
-                out_f, in_f = w.shape
-                rank = uniform_rank(out_f, in_f, keep, multiple)
-                layers.append(LayerRecord(name, in_f, out_f, rank, model.get_submodule(name).bias is not None))
-                if rank is not None:
-                    a, b = spectra[name].factors(rank)
-                    replace_with_factors(model, name, a, b)
-            record = CompressionRecord("whiten", keep, family, model_ref, layers, rank_multiple=multiple)
+            ranks = {n: uniform_rank(*model.get_submodule(n).weight.shape, keep, multiple) for n in prep.targets}
+            layers, _, _ = apply_ranks(model, spectra, ranks)
+            record = CompressionRecord("whiten", keep, family.name, model_ref, layers, rank_multiple=multiple)
             out = tmp / f"{prep.source.name}-k{keep}-m{multiple}"
             export_model(model, prep.tokenizer, family, out, ExportConfig(), record)  # checks the factorization
             del model

@@ -71,10 +71,10 @@ def run_one(model: str, method: str, keep: float, calib: str, threads: int) -> d
     import torch
 
     torch.set_num_threads(threads)
-    from edgesvd import CalibrationConfig, CompressConfig, compress
+    from edgesvd import CalibrationConfig, compress
     from edgesvd.evaluate import perplexity, stsb_spearman
-    from edgesvd.learned import LearnedConfig
     from edgesvd.loading import load_model, load_tokenizer, resolve_model
+    from edgesvd.methods import method_config
 
     torch.manual_seed(0)
     ref = "minilm" if model == "minilm" else str(STORIES)
@@ -85,10 +85,8 @@ def run_one(model: str, method: str, keep: float, calib: str, threads: int) -> d
         net, tok, keep_actual = load_model(source), load_tokenizer(source.path), 1.0
     else:
         base = "learned" if method.startswith("learned") else method
-        learned = LearnedConfig(**{**LEARNED[model], **ABLATIONS.get(method, {})})
-        cfg = CompressConfig(model=ref, method=base, keep=keep, show_progress=False, device="cpu",
-                             calibration=CalibrationConfig(calib, SEQUENCES[model], 128, seed=0), learned=learned)
-        result = compress(cfg)
+        config = method_config(base, keep=keep, **LEARNED[model], **ABLATIONS.get(method, {}))
+        result = compress(ref, config, calib=CalibrationConfig(calib, SEQUENCES[model], 128, seed=0), device="cpu")
         net, tok, keep_actual = result.model, result.tokenizer, result.record.keep_actual
         details = {k: result.record.details[k] for k in ("losses", "timings") if k in result.record.details}
     wall = time.perf_counter() - start

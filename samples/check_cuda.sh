@@ -13,7 +13,7 @@ export PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 "$PYTHON" -c "import torch, onnxruntime as ort; print('torch', torch.__version__, 'cuda', torch.cuda.is_available()); print('onnxruntime', ort.__version__, ort.get_available_providers())"
 "$PYTHON" -m pytest -v -rs tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log"
-"$PYTHON" -m edgesvd.cli run minilm --device cuda --ep cpu --ep cuda --out-root "$OUT/run" --force --quiet \
+"$PYTHON" -m edgesvd run minilm --device cuda --ep cpu --ep cuda --out-root "$OUT/run" --force --quiet \
     2>&1 | tee "$OUT/run.log"
-"$PYTHON" -m edgesvd.cli run minilm --profile host-gpu --profile nvidia-h200 --device cuda --out-root "$OUT/budget" \
+"$PYTHON" -m edgesvd run minilm --profile host-gpu --profile nvidia-h200 --device cuda --out-root "$OUT/budget" \
     --force --quiet 2>&1 | tee "$OUT/budget.log"

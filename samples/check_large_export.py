@@ -21,10 +21,10 @@ from pathlib import Path
 
 import torch
 
-from edgesvd.checkpoint import CompressionRecord, LayerRecord, save_compressed
-from edgesvd.compress import replace_with_factors
-from edgesvd.ranks import uniform_rank
-from edgesvd.targets import select_targets
+from edgesvd.checkpoint import CompressionRecord, save_compressed
+from edgesvd.factorize import LayerRecord, replace_with_factors
+from edgesvd.loading import select_targets
+from edgesvd.planner import uniform_rank
 
 STORIES = Path(__file__).resolve().parents[2] / "shared" / "models" / "stories260K"
 
@@ -56,7 +56,7 @@ def build_checkpoint(work: Path, keep: float) -> None:
 
 def step(name: str, args: list[str]) -> None:
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "edgesvd.cli", *args], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-m", "edgesvd", *args], capture_output=True, text=True)
     tail = (proc.stdout + proc.stderr).strip().splitlines()[-6:]
     print(f"== {name}: exit {proc.returncode} in {time.perf_counter() - start:.0f} s\n   " + "\n   ".join(tail), flush=True)
     if proc.returncode != 0:

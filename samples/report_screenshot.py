@@ -106,7 +106,7 @@ def main() -> int:
         return 2
     page = args.bundle / "report.html"
     if args.regenerate or not page.is_file():
-        from exporters.report import write_report
+        from edgesvd.exporters.report import write_report
 
         write_report(args.bundle)
     out = args.out or args.bundle

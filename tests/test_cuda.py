@@ -9,23 +9,23 @@ latency comparison on the CUDA EP).
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
+from test_export_helpers import checkpoint, exported, exported_dense, run_cfg, run_profiles, work_root
 
-from edgesvd import CalibrationConfig, CompressConfig, compress, load_compressed, save_compressed
-from edgesvd.learned import LearnedConfig
-from exporters.onnx_export import ExportConfig, export_checkpoint
-from exporters.parity import ParityConfig, verify
-from exporters.profiling import ProfileConfig, profile
-from exporters.providers import CUDA, cuda_status
-from test_export_helpers import checkpoint, exported, exported_dense, work_root
+from edgesvd import CalibrationConfig, Learned, compress, load_compressed, save_compressed
+from edgesvd.exporters.export import ExportConfig, export_checkpoint
+from edgesvd.exporters.parity import ParityConfig, verify
+from edgesvd.exporters.profiling import ProfileConfig, profile
+from edgesvd.exporters.providers import CUDA, cuda_status
 
 _ORT_OK, _ORT_WHY = cuda_status()
 pytestmark = pytest.mark.skipif(not (_ORT_OK and torch.cuda.is_available()),
                                 reason="CUDA paths need a usable NVIDIA GPU: "
                                        + (_ORT_WHY if not _ORT_OK else "torch sees no CUDA device"))
-FAST = LearnedConfig(steps=6, finetune_steps=4, batch_size=4)
+FAST = Learned(steps=6, finetune_steps=4, batch_size=4)
 
 
 @pytest.fixture(scope="module")
@@ -34,10 +34,8 @@ def root(tmp_path_factory):
 
 
 def test_learned_compression_runs_on_the_gpu_and_reloads_on_the_cpu(tiny_llama_dir, tmp_path):
-    cfg = CompressConfig(model=str(tiny_llama_dir), method="learned", keep=0.5, rank_multiple=1,
-                         calibration=CalibrationConfig("builtin", 8, 32, 0), device="cuda", show_progress=False,
-                         learned=FAST)
-    result = compress(cfg)
+    result = compress(str(tiny_llama_dir), replace(FAST, keep=0.5, rank_multiple=1),
+                      calib=CalibrationConfig("builtin", 8, 32, 0), device="cuda")
     assert result.record.details["device"].startswith("cuda")
     assert abs(result.record.keep_actual / 0.5 - 1) <= 0.01
     assert next(result.model.parameters()).device.type == "cpu"  # returned on the CPU, ready to save
@@ -76,16 +74,12 @@ def test_profile_on_the_cuda_ep_with_iobinding(tiny_llama_dir, root):
 def test_budget_run_learns_importance_on_the_gpu(tiny_llama_dir, tmp_path, monkeypatch):
     """One learning pass on the GPU, finished per plan on GPU copies, exported and measured on the CPU."""
     from edgesvd.profiles import load_profile
-    from exporters.budget_loop import run_profiles
-    from exporters.pipeline import RunConfig
 
     monkeypatch.setenv("EDGESVD_CACHE_DIR", str(tmp_path / "cache"))
     budgets = {"model_bytes": "97%", "latency_p50": "none", "peak_memory": "none"}
     host = load_profile("host").with_workload(prompt_length=16, new_tokens=4).with_budgets(budgets)
     pi = load_profile("raspberry-pi-5").with_budgets(budgets)
-    cfg = RunConfig(model=str(tiny_llama_dir), calibration=CalibrationConfig(num_sequences=8, seq_len=32),
-                    out_root=tmp_path / "out", profile_runs=3, profile_warmup=1, show_progress=False,
-                    device="cuda", learned=FAST)
+    cfg = run_cfg(tiny_llama_dir, tmp_path / "out", runs=3, warmup=1, device="cuda", method=FAST)
     results = run_profiles(cfg, [host, pi], max_plans=2)
     for r in results:
         manifest = json.loads((r.bundle / "manifest.json").read_text())
@@ -97,15 +91,12 @@ def test_closed_loop_measures_on_this_gpu(tiny_bert_dir, tmp_path, monkeypatch):
     """`run --profile host-gpu`: plans timed with onnxruntime on the CUDA EP (IOBinding), exported
     in fp16, measured beside the fp16 dense model on the GPU, and labelled measured."""
     from edgesvd.profiles import load_profile
-    from exporters.budget_loop import run_profiles
-    from exporters.pipeline import RunConfig
 
     monkeypatch.setenv("EDGESVD_CACHE_DIR", str(tmp_path / "cache"))
     gpu = load_profile("host-gpu").with_workload(batch=2, sequence_length=32).with_budgets(
         {"model_bytes": "99%", "latency_p50": "400%"})
     assert gpu.device.cores and gpu.device.peak_gflops > 0  # read from this GPU
-    cfg = RunConfig(model=str(tiny_bert_dir), calibration=CalibrationConfig(num_sequences=8, seq_len=32),
-                    out_root=tmp_path / "out", profile_runs=5, profile_warmup=2, show_progress=False, learned=FAST)
+    cfg = run_cfg(tiny_bert_dir, tmp_path / "out", runs=5, warmup=2, method=FAST)
     [result] = run_profiles(cfg, [gpu], max_plans=2)
     assert result.measured and result.latency_source == "measured"
     manifest = json.loads((result.bundle / "manifest.json").read_text())

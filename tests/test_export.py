@@ -11,15 +11,16 @@ import onnx
 import pytest
 import torch
 from click.testing import CliRunner
+from test_export_helpers import FAMILIES, checkpoint, exported, work_root
 from torch import nn
 
 from edgesvd.checkpoint import load_compressed, read_record
 from edgesvd.cli import main
-from edgesvd.lowrank import LowRankLinear
-from exporters.errors import FactorizationError
-from exporters.graphcheck import check_graph, check_onnx_file
-from exporters.onnx_export import ExportConfig, export_model, read_export
-from test_export_helpers import FAMILIES, checkpoint, exported, work_root
+from edgesvd.errors import FactorizationError
+from edgesvd.exporters.export import ExportConfig, export_model, read_export
+from edgesvd.exporters.graphcheck import check_graph, check_onnx_file
+from edgesvd.factorize import LowRankLinear
+from edgesvd.families import DECODER
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def test_export_keeps_factors_and_loads_in_optimum(family_fixture, request, root
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(onnx_dir)
-    if record.family == "decoder":
+    if record.family == DECODER.name:
         from optimum.onnxruntime import ORTModelForCausalLM
 
         model = ORTModelForCausalLM.from_pretrained(onnx_dir, provider="CPUExecutionProvider")
@@ -103,7 +104,7 @@ def test_folded_graph_fails_the_check(tiny_llama_dir, root, tmp_path):
     from edgesvd.loading import load_tokenizer
 
     with pytest.raises(FactorizationError, match="folded back into one dense MatMul"):
-        export_model(model, load_tokenizer(ck), "decoder", tmp_path / "folded", ExportConfig(), record)
+        export_model(model, load_tokenizer(ck), DECODER, tmp_path / "folded", ExportConfig(), record)
     assert not (tmp_path / "folded").exists(), "a failed export must leave no folder"
 
 

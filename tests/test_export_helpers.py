@@ -15,24 +15,20 @@ FAMILIES = ["tiny_llama_dir", "tiny_gpt2_dir", "tiny_qwen2_dir", "tiny_bert_dir"
 @lru_cache(maxsize=None)
 def checkpoint(model_dir: Path, root: Path, keep: float = 0.5, method: str = "whiten") -> Path:
     """A compressed checkpoint of `model_dir` (whiten, few calibration sequences) under `root`."""
-    from edgesvd.calibration import CalibrationConfig
-    from edgesvd.checkpoint import save_compressed
-    from edgesvd.compress import CompressConfig, compress
+    from edgesvd import CalibrationConfig, compress
+    from edgesvd.methods import method_config
 
     out = root / f"ck-{Path(model_dir).name}-{method}-{keep}"
     if not out.exists():
-        cfg = CompressConfig(model=str(model_dir), method=method, keep=keep, rank_multiple=8,
-                             calibration=CalibrationConfig(num_sequences=8, seq_len=32), device="cpu",
-                             show_progress=False)
-        r = compress(cfg)
-        save_compressed(r.model, r.tokenizer, r.record, out, r.spectra)
+        compress(str(model_dir), method_config(method, keep=keep, rank_multiple=8),
+                 calib=CalibrationConfig(num_sequences=8, seq_len=32), device="cpu").save(out)
     return out
 
 
 @lru_cache(maxsize=None)
 def exported(ck: Path, root: Path, dtype: str = "fp32", quantize: str | None = None, pooled: bool = False) -> Path:
     """The ONNX export of a checkpoint under `root` (cached)."""
-    from exporters.onnx_export import ExportConfig, export_checkpoint
+    from edgesvd.exporters.export import ExportConfig, export_checkpoint
 
     out = root / f"onnx-{ck.name}-{dtype}-{quantize}-{pooled}"
     if not out.exists():
@@ -42,7 +38,7 @@ def exported(ck: Path, root: Path, dtype: str = "fp32", quantize: str | None = N
 
 @lru_cache(maxsize=None)
 def exported_dense(model_dir: Path, root: Path) -> Path:
-    from exporters.onnx_export import ExportConfig, export_dense
+    from edgesvd.exporters.export import ExportConfig, export_dense
 
     out = root / f"onnx-dense-{Path(model_dir).name}"
     if not out.exists():
@@ -55,3 +51,23 @@ def work_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.getbasetemp() / "exporters"
     root.mkdir(exist_ok=True)
     return root
+
+
+def run_cfg(model_dir, out_root, runs: int = 5, warmup: int = 1, **kw):
+    """A small `edgesvd run` configuration (8 calibration sequences of 32 tokens)."""
+    from edgesvd import CalibrationConfig
+    from edgesvd.exporters.deploy import DeployConfig, RunConfig
+
+    deploy = DeployConfig(runs=runs, warmup=warmup, **{k: kw.pop(k) for k in ("eval_file", "seq_len") if k in kw})
+    return RunConfig(model=str(model_dir), calibration=CalibrationConfig(num_sequences=8, seq_len=32),
+                     out_root=out_root, deploy=deploy, **kw)
+
+
+def run_profiles(cfg, profiles, max_plans: int = 3):
+    """`edgesvd run --profile …` on `cfg` for Profile objects; the per-device results."""
+    from dataclasses import replace
+
+    from edgesvd.exporters.deploy import run
+
+    cfg = replace(cfg, profiles=tuple(profiles), deploy=replace(cfg.deploy, max_plans=max_plans))
+    return run(cfg).devices

@@ -6,22 +6,21 @@ import pytest
 import torch
 from torch import nn
 
-from edgesvd import CalibrationConfig, CompressConfig, LowRankLinear, compress, load_compressed, save_compressed
+from edgesvd import CalibrationConfig, LowRankLinear, Plain, Whiten, compress, load_compressed, save_compressed
 from edgesvd.calibration import sample_calibration
 from edgesvd.checkpoint import load_spectra
-from edgesvd.loading import load_model, load_tokenizer, resolve_model
-from edgesvd.lowrank import break_even_rank
-from edgesvd.methods import plain_spectrum, whiten_spectrum
-from edgesvd.ranks import layer_keep, uniform_rank
+from edgesvd.factorize import break_even_rank, params_at
+from edgesvd.families import DECODER
+from edgesvd.loading import load_model, load_tokenizer, resolve_model, select_targets
+from edgesvd.planner import uniform_rank
+from edgesvd.spectra import plain_spectrum, whiten_spectrum
 from edgesvd.statistics import collect_statistics
-from edgesvd.targets import select_targets
 
 SMALL = CalibrationConfig(num_sequences=8, seq_len=32)
 
 
-def small(model_dir, **kw) -> CompressConfig:
-    kw.setdefault("calibration", SMALL)
-    return CompressConfig(model=str(model_dir), show_progress=False, **kw)
+def small(model_dir, method):
+    return compress(str(model_dir), method, calib=SMALL)
 
 
 def test_lowrank_linear_is_two_matmuls():
@@ -42,7 +41,7 @@ def test_rank_arithmetic():
     assert uniform_rank(384, 384, 1.0, 8) is None  # at break-even: stays dense
     assert uniform_rank(384, 384, 0.99, 8) is None  # rounds up to 192 = break-even
     assert uniform_rank(64, 64, 0.01, 8) == 8  # never below one multiple
-    assert layer_keep(384, 384, 96) == pytest.approx(0.5)
+    assert params_at(384, 384, 96) / params_at(384, 384, None) == pytest.approx(0.5)
 
 
 def test_whiten_reconstructs_exactly_at_full_rank_and_beats_plain_on_correlated_inputs():
@@ -78,7 +77,7 @@ def test_statistics_exclude_padding_and_share_inputs(tiny_bert_dir):
     from edgesvd.calibration import CalibrationBatch
 
     calib = CalibrationBatch(enc["input_ids"], enc["attention_mask"], {})
-    stats = collect_statistics(model, targets, calib, show_progress=False)
+    stats = collect_statistics(model, targets, calib)
     q, k, v = (f"encoder.layer.0.attention.self.{n}" for n in ("query", "key", "value"))
     assert stats.group_of[k] == stats.group_of[v] == stats.group_of[q] == q
     assert len(stats.gram) == 2 * 4  # per block: attention input, attention output, FFN in, FFN out
@@ -94,9 +93,9 @@ def test_statistics_exclude_padding_and_share_inputs(tiny_bert_dir):
 
 def test_calibration_sampling_is_seeded(tiny_llama_dir):
     tok = load_tokenizer(tiny_llama_dir)
-    one = sample_calibration(tok, CalibrationConfig(num_sequences=4, seq_len=16, seed=3), "decoder")
-    two = sample_calibration(tok, CalibrationConfig(num_sequences=4, seq_len=16, seed=3), "decoder")
-    other = sample_calibration(tok, CalibrationConfig(num_sequences=4, seq_len=16, seed=4), "decoder")
+    one = sample_calibration(tok, CalibrationConfig(num_sequences=4, seq_len=16, seed=3), DECODER)
+    two = sample_calibration(tok, CalibrationConfig(num_sequences=4, seq_len=16, seed=3), DECODER)
+    other = sample_calibration(tok, CalibrationConfig(num_sequences=4, seq_len=16, seed=4), DECODER)
     assert one.input_ids.shape == (4, 16) and torch.equal(one.input_ids, two.input_ids)
     assert not torch.equal(one.input_ids, other.input_ids)
 
@@ -104,7 +103,7 @@ def test_calibration_sampling_is_seeded(tiny_llama_dir):
 @pytest.mark.parametrize("fixture", ["tiny_llama_dir", "tiny_gpt2_dir", "tiny_qwen2_dir", "tiny_bert_dir"])
 def test_round_trip_reproduces_outputs_exactly(fixture, request, tmp_path):
     model_dir = request.getfixturevalue(fixture)
-    result = compress(small(model_dir, method="whiten", keep=0.5))
+    result = small(model_dir, Whiten(keep=0.5))
     assert any(l.rank is not None for l in result.record.layers)
     out = save_compressed(result.model, result.tokenizer, result.record, tmp_path / "ck", result.spectra)
     assert {"config.json", "model.safetensors", "spectrum.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
@@ -120,15 +119,15 @@ def test_round_trip_reproduces_outputs_exactly(fixture, request, tmp_path):
         before, after = result.model(input_ids=ids), loaded(input_ids=ids)
     key = "logits" if "logits" in before else "last_hidden_state"
     assert torch.equal(before[key], after[key])
-    assert set(load_spectra(out)) == {l.name for l in record.layers if l.rank is not None}
+    assert {l.name for l in record.layers if l.rank is not None} <= set(load_spectra(out))
 
 
 def test_ranks_as_requested_and_break_even_layers_stay_dense(tiny_llama_dir):
-    result = compress(small(tiny_llama_dir, method="plain", keep=0.5, rank_multiple=8))
+    result = small(tiny_llama_dir, Plain(keep=0.5, rank_multiple=8))
     for layer in result.record.layers:
         assert layer.rank == uniform_rank(layer.out_features, layer.in_features, 0.5, 8)
         assert layer.rank % 8 == 0
-    dense = compress(small(tiny_llama_dir, method="plain", keep=1.0))
+    dense = small(tiny_llama_dir, Plain(keep=1.0))
     assert all(l.rank is None for l in dense.record.layers)
     assert not any(isinstance(m, LowRankLinear) for m in dense.model.modules())
 
@@ -149,10 +148,9 @@ def test_whiten_beats_plain_on_real_minilm(minilm_dir, stsb_file):
     source = resolve_model("minilm")
     dense = embed(load_model(source), load_tokenizer(source.path), sentences)
     cos = {}
-    for method in ("plain", "whiten"):
-        r = compress(CompressConfig(model="minilm", method=method, keep=0.5, show_progress=False,
-                                    calibration=CalibrationConfig(num_sequences=256, seq_len=64)))
-        cos[method] = torch.nn.functional.cosine_similarity(embed(r.model, r.tokenizer, sentences), dense).mean().item()
+    for method in (Plain(keep=0.5), Whiten(keep=0.5)):
+        r = compress("minilm", method, calib=CalibrationConfig(num_sequences=256, seq_len=64))
+        cos[method.name] = torch.nn.functional.cosine_similarity(embed(r.model, r.tokenizer, sentences), dense).mean().item()
     assert cos["whiten"] > cos["plain"] + 0.02, cos
 
 
@@ -164,7 +162,7 @@ def test_a_killed_runs_temporary_folder_is_removed_by_the_next_run(tmp_path):
     import subprocess
     import sys
 
-    from edgesvd.checkpoint import atomic_output_dir
+    from edgesvd.outputs import atomic_output_dir
 
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     proc.send_signal(signal.SIGKILL)

@@ -2,29 +2,37 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import numpy as np
 import torch
 from click.testing import CliRunner
 
-from edgesvd import CalibrationConfig, CompressConfig, compress, load_compressed, save_compressed
+from edgesvd import CalibrationConfig, Learned, Whiten, compress, load_compressed, save_compressed
 from edgesvd.checkpoint import load_spectra
 from edgesvd.cli import main
-from edgesvd.importance import LayerCandidates, ScoredLowRank, select_global, top_components
-from edgesvd.learned import LearnedConfig, candidate_rank
-from edgesvd.lowrank import LowRankLinear
-from edgesvd.methods import whiten_spectrum
+from edgesvd.costmodel import LayerShape
+from edgesvd.factorize import LowRankLinear
+from edgesvd.importance import ScoredLowRank, candidate_rank, top_components
+from edgesvd.planner import LayerImportance, select_global
+from edgesvd.spectra import whiten_spectrum
 
-FAST = LearnedConfig(steps=6, finetune_steps=4, batch_size=4)
+FAST = Learned(steps=6, finetune_steps=4, batch_size=4)
 
 
-def _cfg(model_dir, keep=0.5, multiple=1, learned=FAST, seed=0, samples=8):
-    return CompressConfig(model=str(model_dir), method="learned", keep=keep, rank_multiple=multiple,
-                          calibration=CalibrationConfig("builtin", samples, 32, seed), device="cpu",
-                          show_progress=False, learned=learned)
+def _compress(model_dir, keep=0.5, multiple=1, learned=FAST, seed=0, samples=8):
+    return compress(str(model_dir), replace(learned, keep=keep, rank_multiple=multiple),
+                    calib=CalibrationConfig("builtin", samples, 32, seed), device="cpu")
+
+
+def _layer(name, out_features, in_features, importance) -> LayerImportance:
+    return LayerImportance(LayerShape(name, out_features, in_features),
+                           np.sort(np.asarray(importance, dtype=np.float64))[::-1])
 
 
 def test_budget_met_within_one_percent_decoder_and_encoder(tiny_llama_dir, tiny_bert_dir):
     for model_dir, keep in ((tiny_llama_dir, 0.5), (tiny_llama_dir, 0.3), (tiny_bert_dir, 0.4)):
-        record = compress(_cfg(model_dir, keep)).record
+        record = _compress(model_dir, keep).record
         assert abs(record.keep_actual / keep - 1) <= 0.01, (model_dir.name, keep, record.keep_actual)
         assert record.method == "learned"
         losses = record.details["losses"]
@@ -32,7 +40,7 @@ def test_budget_met_within_one_percent_decoder_and_encoder(tiny_llama_dir, tiny_
 
 
 def test_global_selection_gives_layers_different_ranks(tiny_llama_dir):
-    record = compress(_cfg(tiny_llama_dir, 0.5, multiple=4)).record
+    record = _compress(tiny_llama_dir, 0.5, multiple=4).record
     ranks = {l.rank for l in record.layers if l.out_features == l.in_features == 64}
     assert len(ranks) > 1, "global selection should not end uniform on a random-init model"
 
@@ -57,7 +65,7 @@ def test_scores_fold_exactly_into_the_factors():
 
 
 def test_folded_checkpoint_reproduces_the_model(tiny_llama_dir, tmp_path):
-    result = compress(_cfg(tiny_llama_dir, 0.5))
+    result = _compress(tiny_llama_dir, 0.5)
     save_compressed(result.model, result.tokenizer, result.record, tmp_path / "ck", result.spectra)
     loaded, record = load_compressed(tmp_path / "ck")
     ids = torch.randint(3, 500, (2, 16))
@@ -72,8 +80,8 @@ def test_folded_checkpoint_reproduces_the_model(tiny_llama_dir, tmp_path):
 
 
 def test_deterministic_with_a_seed(tiny_llama_dir):
-    first = compress(_cfg(tiny_llama_dir, 0.4)).model.state_dict()
-    second = compress(_cfg(tiny_llama_dir, 0.4)).model.state_dict()
+    first = _compress(tiny_llama_dir, 0.4).model.state_dict()
+    second = _compress(tiny_llama_dir, 0.4).model.state_dict()
     assert first.keys() == second.keys()
     for key in first:
         assert torch.equal(first[key], second[key]), key
@@ -81,13 +89,13 @@ def test_deterministic_with_a_seed(tiny_llama_dir):
 
 def test_select_global_prefers_important_per_unit_cost():
     # Two equal-shape layers: all importance in `hot`, so it takes the budget up to break-even (dense).
-    hot = LayerCandidates("hot", 32, 32, torch.linspace(10, 9, 32))
-    cold = LayerCandidates("cold", 32, 32, torch.full((32,), 1e-3))
+    hot = _layer("hot", 32, 32, torch.linspace(10, 9, 32))
+    cold = _layer("cold", 32, 32, torch.full((32,), 1e-3))
     ranks = select_global([hot, cold], target_params=1024 + 8 * 64, multiple=8)
     assert ranks == {"hot": None, "cold": 8}
     # Same importance, one layer twice as costly per component: the cheap one is filled first.
-    wide = LayerCandidates("wide", 64, 192, torch.ones(64))
-    narrow = LayerCandidates("narrow", 64, 64, torch.ones(64))
+    wide = _layer("wide", 64, 192, torch.ones(64))
+    narrow = _layer("narrow", 64, 64, torch.ones(64))
     ranks = select_global([wide, narrow], target_params=8 * 256 + 24 * 128, multiple=8)
     assert ranks == {"wide": 8, "narrow": 24}
 
@@ -105,7 +113,7 @@ def test_learned_options_are_validated():
 
     for bad in ({"steps": -1}, {"margin": -0.1}, {"lr": 0}, {"selection": "random"}, {"max_score": 0}):
         with pytest.raises(ConfigError):
-            LearnedConfig(**bad)
+            Learned(**bad)
 
 
 def test_cli_learned_then_inspect_shows_where_the_budget_went(tiny_bert_dir, tmp_path):
@@ -137,15 +145,12 @@ def test_minilm_learned_not_worse_than_whiten(minilm_dir, stsb_file):
 
     wiki = str(shared_path("data", "calibration", "wiki.utf8"))
 
-    def run(method: str, **learned) -> float:
-        cfg = CompressConfig(model="minilm", method=method, keep=0.5, device="cpu", show_progress=False,
-                             calibration=CalibrationConfig(wiki, 16, 64, 0),
-                             learned=LearnedConfig(**learned) if learned else LearnedConfig())
-        result = compress(cfg)
+    def run(method) -> float:
+        result = compress("minilm", method, calib=CalibrationConfig(wiki, 16, 64, 0), device="cpu")
         return stsb_spearman(result.model, result.tokenizer, stsb_file, limit=200)
 
-    whiten = run("whiten")
-    learned = run("learned", steps=8, finetune_steps=4, batch_size=4)
+    whiten = run(Whiten(keep=0.5))
+    learned = run(Learned(keep=0.5, steps=8, finetune_steps=4, batch_size=4))
     assert learned >= whiten - 0.005, (learned, whiten)
 
 

@@ -9,16 +9,17 @@ import sys
 import pytest
 import torch
 from click.testing import CliRunner
+from test_export_helpers import checkpoint, exported, exported_dense, work_root
 
 from edgesvd.checkpoint import load_compressed
 from edgesvd.cli import main
+from edgesvd.errors import BundleError
+from edgesvd.exporters.bundle import pack
+from edgesvd.exporters.manifest import check_bundle
+from edgesvd.exporters.parity import ParityConfig, verify
+from edgesvd.exporters.profiling import ProfileConfig, profile
+from edgesvd.exporters.providers import CPU
 from edgesvd.loading import load_tokenizer
-from exporters.bundle import check_bundle, pack
-from exporters.errors import BundleError
-from exporters.parity import ParityConfig, verify
-from exporters.profiling import ProfileConfig, profile
-from exporters.providers import CPU
-from test_export_helpers import checkpoint, exported, exported_dense, work_root
 
 
 @pytest.fixture(scope="module")
@@ -128,8 +129,8 @@ def test_external_data_path_end_to_end(tiny_llama_dir, root, tmp_path, monkeypat
     """The path models over protobuf's 2 GB limit take when edgesvd rewrites the graph (fp16 here;
     pooling and int8 alike), on a tiny model with the threshold lowered: weights in model.onnx_data, the factorization check reads them, onnxruntime and optimum load
     them, parity holds, and the bundle lists and re-verifies the data file (tampering is caught)."""
-    import exporters.onnx_export as onnx_export
-    from exporters.onnx_export import ExportConfig, export_checkpoint, read_export
+    import edgesvd.exporters.export as onnx_export
+    from edgesvd.exporters.export import ExportConfig, export_checkpoint, read_export
 
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 1)
     ck = checkpoint(tiny_llama_dir, root)

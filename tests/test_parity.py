@@ -8,12 +8,13 @@ import shutil
 import pytest
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
+from test_export_helpers import FAMILIES, checkpoint, exported, work_root
 
 from edgesvd.cli import main
 from edgesvd.errors import ParityError
-from exporters.parity import THRESHOLDS, ParityConfig, verify
-from exporters.providers import CPU, CUDA, cuda_status
-from test_export_helpers import FAMILIES, checkpoint, exported, work_root
+from edgesvd.exporters.parity import THRESHOLDS, ParityConfig, verify
+from edgesvd.exporters.providers import CPU, CUDA, cuda_status
+from edgesvd.families import DECODER
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def test_parity_passes_on_every_family(family_fixture, request, root):
     cpu = next(r for r in report.results if r.provider == CPU)
     assert report.ok and cpu.status == "passed"
     assert all(m.cosine > 0.99999 and m.max_rel < 1e-3 for m in cpu.outputs.values())
-    if report.family == "decoder":
+    if report.family == DECODER.name:
         assert cpu.top1 >= 0.98 and cpu.generation == 1.0 and len(cpu.generated["onnx"]) > 0
     else:
         assert cpu.embedding_cosine > 0.99999

@@ -6,11 +6,14 @@ import json
 
 import numpy as np
 import pytest
+from test_export_helpers import run_cfg, run_profiles
 
 from edgesvd.costmodel import CALIBRATED, ESTIMATED, MEASURED, CostModel, LayerShape, ModelFacts, candidate_ranks
 from edgesvd.errors import BudgetError
-from edgesvd.lowrank import break_even_rank
-from edgesvd.planner import LayerImportance, component_importance, plan_ranks
+from edgesvd.factorize import break_even_rank
+from edgesvd.families import DECODER, ENCODER
+from edgesvd.importance import component_importance
+from edgesvd.planner import LayerImportance, plan_ranks
 from edgesvd.profiles import load_profile, parse_budget
 
 
@@ -19,7 +22,7 @@ def _facts(blocks: int = 3) -> ModelFacts:
     for i in range(blocks):
         layers += [LayerShape(f"l{i}.{n}", 384, 384) for n in "qkvo"]
         layers += [LayerShape(f"l{i}.up", 1536, 384), LayerShape(f"l{i}.down", 384, 1536)]
-    return ModelFacts("encoder", 8_000_000, tuple(layers), (), 384, 1536, blocks, 12, 12, 32, 30522)
+    return ModelFacts(ENCODER, 8_000_000, tuple(layers), (), 384, 1536, blocks, 12, 12, 32, 30522)
 
 
 def _importances(facts: ModelFacts, seed: int = 0) -> list[LayerImportance]:
@@ -102,7 +105,7 @@ def test_no_budget_keeps_every_layer_dense(setup):
 def test_importance_decides_where_rank_goes():
     """A layer whose spectrum decays fast needs little rank; a flat one gets more of the budget."""
     shapes = [LayerShape("fast", 512, 512), LayerShape("flat", 512, 512)]
-    facts = ModelFacts("encoder", 600_000, tuple(shapes), (), 512, 2048, 1, 8, 8, 64, 1000)
+    facts = ModelFacts(ENCODER, 600_000, tuple(shapes), (), 512, 2048, 1, 8, 8, 64, 1000)
     k = np.arange(512)
     layers = [LayerImportance(shapes[0], component_importance(np.exp(-k / 8.0))[0]),
               LayerImportance(shapes[1], component_importance(np.exp(-k / 400.0))[0])]
@@ -162,7 +165,7 @@ def test_cost_model_memory_and_anchor(setup):
 
 def test_decoder_memory_counts_the_kv_cache():
     shapes = (LayerShape("q", 1024, 1024, False),)
-    facts = ModelFacts("decoder", 10_000_000, shapes, (), 1024, 4096, 8, 16, 4, 64, 32000)
+    facts = ModelFacts(DECODER, 10_000_000, shapes, (), 1024, 4096, 8, 16, 4, 64, 32000)
     base = CostModel(load_profile("raspberry-pi-5"), facts).dense()["peak_memory"]
     longer = CostModel(load_profile("raspberry-pi-5").with_workload(new_tokens=1032), facts).dense()["peak_memory"]
     assert longer - base == pytest.approx(2 * 8 * 1 * 1000 * 4 * 64 * 4)  # K and V, layers, tokens, kv heads, dim, fp32
@@ -179,8 +182,9 @@ def test_table_interpolates_between_measured_ranks(setup):
 
 def test_calibrated_profile_fits_its_table(tmp_path):
     """A profile with a [measured] table predicts its own rows closely (label 'calibrated')."""
-    from edgesvd.profiles import MatmulTiming, MeasuredTable
     from dataclasses import replace
+
+    from edgesvd.profiles import MatmulTiming, MeasuredTable
 
     rows = []
     for k in (64, 256, 1024):
@@ -204,7 +208,7 @@ def test_component_importance_shares():
 
 def test_microbench_measures_real_onnxruntime_and_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("EDGESVD_CACHE_DIR", str(tmp_path))
-    from exporters.microbench import cache_file, measure_layers
+    from edgesvd.exporters.microbench import cache_file, measure_layers
 
     shapes = [LayerShape("a", 96, 64), LayerShape("b", 96, 64)]
     table = measure_layers(shapes, tokens=16, multiple=8, runs=3)
@@ -219,7 +223,7 @@ def test_microbench_measures_real_onnxruntime_and_caches(tmp_path, monkeypatch):
 
 
 def test_retargeting_arithmetic():
-    from exporters.budget_loop import missed_budgets, retargeted
+    from edgesvd.exporters.closed_loop import missed_budgets, retargeted
 
     limits = {"latency_p50": 10.0, "model_bytes": 1000.0, "peak_memory": 5000.0, "latency_p90": 20.0}
     measured = {"latency_p50": 12.5, "model_bytes": 1100.0, "peak_memory": 4000.0, "latency_p90": 19.0}
@@ -236,19 +240,14 @@ def test_retargeting_arithmetic():
     assert bounds["latency_p50"] == (10.0, 12.5) and after_miss["latency_p50"] == pytest.approx(11.25)
 
 
-def _run_cfg(model_dir, out_root):
-    from edgesvd.calibration import CalibrationConfig
-    from exporters.pipeline import RunConfig
-
-    return RunConfig(model=str(model_dir), calibration=CalibrationConfig(num_sequences=8, seq_len=32),
-                     out_root=out_root, profile_runs=5, profile_warmup=1, show_progress=False)
+def _run_cfg(model_dir, out_root, **kw):
+    return run_cfg(model_dir, out_root, runs=5, warmup=1, **kw)
 
 
 def test_closed_loop_on_a_tiny_model_with_real_onnxruntime(tiny_bert_dir, tmp_path, monkeypatch):
     """`run --profile host` on a tiny BERT: plan, export, measure with onnxruntime, re-plan while
     the measured ONNX size misses its budget; the bundle manifest holds budgets, receipt, values."""
     monkeypatch.setenv("EDGESVD_CACHE_DIR", str(tmp_path / "cache"))
-    from exporters.budget_loop import run_profiles
 
     host = load_profile("host").with_workload(sequence_length=32).with_budgets(
         {"model_bytes": "99%", "latency_p50": "400%"})
@@ -272,7 +271,6 @@ def test_closed_loop_on_a_tiny_model_with_real_onnxruntime(tiny_bert_dir, tmp_pa
 
 def test_closed_loop_fails_clearly_and_writes_nothing(tiny_bert_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("EDGESVD_CACHE_DIR", str(tmp_path / "cache"))
-    from exporters.budget_loop import run_profiles
 
     host = load_profile("host").with_workload(sequence_length=32).with_budgets({"model_bytes": "50%"})
     with pytest.raises(BudgetError, match="budget infeasible on host.*smallest achievable size"):
@@ -284,12 +282,9 @@ def test_budget_run_on_a_tiny_decoder(tiny_llama_dir, prose_file, tmp_path, monk
     """Decoders: the prefill is what is timed, sizes are anchored to the measured dense ONNX model,
     a device not at hand gets estimated values, labelled so in the manifest; one learning pass
     serves both devices; --eval puts the task score in the comparison and the manifests."""
-    from dataclasses import replace
-
     monkeypatch.setenv("EDGESVD_CACHE_DIR", str(tmp_path / "cache"))
-    from exporters.budget_loop import run_profiles
 
-    import edgesvd.learned as learned
+    import edgesvd.compression as learned
 
     passes = []
     real = learned.learn_importance
@@ -297,7 +292,7 @@ def test_budget_run_on_a_tiny_decoder(tiny_llama_dir, prose_file, tmp_path, monk
     budgets = {"model_bytes": "97%", "latency_p50": "none", "peak_memory": "none"}
     host = load_profile("host").with_workload(prompt_length=16, new_tokens=4).with_budgets(budgets)
     pi = load_profile("raspberry-pi-5").with_budgets(budgets)
-    cfg = replace(_run_cfg(tiny_llama_dir, tmp_path / "out"), eval_file=prose_file)
+    cfg = _run_cfg(tiny_llama_dir, tmp_path / "out", eval_file=prose_file)
     results = {r.profile: r for r in run_profiles(cfg, [host, pi], max_plans=3)}
     assert len(passes) == 1  # one learning pass (the real one) for both devices
     for r in results.values():  # each plan finished from it: learned scores folded, recorded per layer

@@ -6,12 +6,12 @@ import json
 
 import pytest
 from click.testing import CliRunner
+from test_export_helpers import checkpoint, exported, exported_dense, work_root
 
 from edgesvd.checkpoint import read_record
 from edgesvd.cli import main
-from exporters.profiling import ProfileConfig, graph_flops, profile
-from exporters.providers import CPU, SessionConfig, cuda_status
-from test_export_helpers import checkpoint, exported, exported_dense, work_root
+from edgesvd.exporters.profiling import ProfileConfig, graph_flops, profile
+from edgesvd.exporters.providers import CPU, SessionConfig, cuda_status
 
 FEW = dict(batch=1, seq_len=16, warmup=1, runs=3)
 
@@ -83,7 +83,7 @@ def test_cuda_ep_without_gpu_is_one_line_error(tiny_bert_dir, root):
 
 
 def test_paired_latency_interleaves_dense_and_compressed(tiny_llama_dir, root):
-    from exporters.profiling import paired_latency
+    from edgesvd.exporters.profiling import paired_latency
 
     ck = checkpoint(tiny_llama_dir, root)
     pair = paired_latency(exported_dense(tiny_llama_dir, root), exported(ck, root), ProfileConfig(**FEW))

@@ -25,7 +25,7 @@ def _good() -> dict:
 
 
 def _write(tmp_path: Path, data: dict, name: str = "board.toml") -> Path:
-    from exporters.calibrate_device import _toml_value
+    from edgesvd.exporters.calibrate_device import _toml_value
 
     lines = []
     for key, value in data.items():
@@ -149,7 +149,7 @@ def test_minimal_onnx_encoder_matches_onnx_and_runs():
     import onnxruntime as ort
     from onnx import numpy_helper
 
-    from exporters.calibrate_device import linear_model
+    from edgesvd.exporters.calibrate_device import linear_model
 
     for rank in (None, 3):
         proto = onnx.load_from_string(linear_model(8, 5, rank))

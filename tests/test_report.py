@@ -16,15 +16,17 @@ from click.testing import CliRunner
 from edgesvd.calibration import CalibrationConfig
 from edgesvd.checkpoint import save_compressed
 from edgesvd.cli import main
-from edgesvd.compress import CompressConfig, compress
-from exporters.bundle import check_bundle, pack
-from exporters.onnx_export import ExportConfig, export_checkpoint, export_dense
-from exporters.parity import ParityConfig, verify
-from exporters.profiling import ProfileConfig, profile
-from exporters.providers import CPU
+from edgesvd.compression import compress
+from edgesvd.exporters.bundle import pack
+from edgesvd.exporters.export import ExportConfig, export_checkpoint, export_dense
+from edgesvd.exporters.manifest import check_bundle
+from edgesvd.exporters.parity import ParityConfig, verify
+from edgesvd.exporters.profiling import ProfileConfig, profile
+from edgesvd.exporters.providers import CPU
+from edgesvd.exporters.report import REPORT_FILE
+from edgesvd.exporters.report_data import read_bundle
+from edgesvd.methods import Learned, method_config
 from edgesvd.units import fmt_bytes
-from exporters.report import REPORT_FILE
-from exporters.report_data import read_bundle
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "samples"))
 import report_screenshot  # noqa: E402  (the sample's browser helpers, so the test drives what the sample does)
@@ -34,13 +36,10 @@ CALIB = CalibrationConfig(("builtin",), 8, 32, 0)
 
 def _bundle(model_dir: Path, root: Path, name: str, method: str, keep: float, with_profile: bool) -> Path:
     """compress → save → export → verify → (profile dense vs compressed) → pack, all real."""
-    extra = {}
-    if method == "learned":  # a few steps: the report needs learned scores, not a good model
-        from edgesvd.learned import LearnedConfig
-
-        extra["learned"] = LearnedConfig(steps=8, finetune_steps=4, batch_size=4)
-    result = compress(CompressConfig(model=str(model_dir), method=method, keep=keep, calibration=CALIB,
-                                     show_progress=False, **extra))
+    # learned: a few steps; the report needs learned scores, not a good model
+    config = (Learned(keep=keep, steps=8, finetune_steps=4, batch_size=4) if method == "learned"
+              else method_config(method, keep=keep))
+    result = compress(str(model_dir), config, calib=CALIB)
     save_compressed(result.model, result.tokenizer, result.record, root / f"{name}-ck", result.spectra)
     export_checkpoint(root / f"{name}-ck", root / f"{name}-onnx", ExportConfig())
     parity = verify(root / f"{name}-ck", root / f"{name}-onnx", ParityConfig(batch=2, seq_len=16, eps=(CPU,)))
@@ -55,21 +54,22 @@ def _bundle(model_dir: Path, root: Path, name: str, method: str, keep: float, wi
 def _budget_run(model_dir: Path, root: Path) -> dict[str, Path]:
     """`edgesvd run --profile host --profile raspberry-pi-5` as a function: one importance pass, one
     bundle per device whose manifest carries budgets, receipt and (host) measured values."""
-    from exporters.budget_loop import run_profiles
-    from exporters.pipeline import RunConfig
+    from test_export_helpers import run_profiles
+
+    from edgesvd.exporters.deploy import DeployConfig, RunConfig
     from edgesvd.profiles import load_profile
 
     loose = {"model_bytes": "20 MB", "peak_memory": "none", "latency_p50": "none", "latency_p90": "none"}
     profiles = [load_profile("host").with_budgets(loose).with_workload(sequence_length=16),
                 load_profile("raspberry-pi-5").with_budgets(loose)]
-    cfg = RunConfig(model=str(model_dir), calibration=CALIB, out_root=root / "runs", profile_runs=3, profile_warmup=1,
-                    show_progress=False)
+    cfg = RunConfig(model=str(model_dir), calibration=CALIB, out_root=root / "runs",
+                    deploy=DeployConfig(runs=3, warmup=1))
     return {r.profile: r.bundle for r in run_profiles(cfg, profiles, max_plans=1)}
 
 
 @pytest.fixture(scope="module")
 def bundles(tmp_path_factory, tiny_bert_dir):
-    from edgesvd.compress import DEFAULT_METHOD
+    from edgesvd.methods import DEFAULT_METHOD
 
     root = tmp_path_factory.mktemp("report")
     plain = _bundle(tiny_bert_dir, root, "default", DEFAULT_METHOD, 0.5, with_profile=True)

@@ -6,11 +6,11 @@ import importlib
 import json
 
 from click.testing import CliRunner
+from test_export_helpers import run_cfg
 
-from edgesvd.calibration import CalibrationConfig
 from edgesvd.cli import main
-from exporters.bundle import check_bundle
-from exporters.pipeline import RunConfig, run
+from edgesvd.exporters.deploy import run
+from edgesvd.exporters.manifest import check_bundle
 
 FAST = ["--calib-samples", "8", "--calib-len", "32", "--runs", "3", "--seq-len", "16", "--quiet", "--device", "cpu"]
 
@@ -38,11 +38,8 @@ def test_run_cli_end_to_end_on_a_decoder(tiny_llama_dir, tmp_path):
 
 
 def test_run_reads_the_default_method_at_call_time(tiny_bert_dir, tmp_path, monkeypatch):
-    # edgesvd.compress is also the name of a function in the package namespace: import the module.
-    monkeypatch.setattr(importlib.import_module("edgesvd.compress"), "DEFAULT_METHOD", "plain")
-    cfg = RunConfig(model=str(tiny_bert_dir), calibration=CalibrationConfig(num_sequences=8, seq_len=32),
-                    out_root=tmp_path, profile_runs=2, profile_warmup=0, seq_len=16, device="cpu", show_progress=False)
-    summary = run(cfg)
+    monkeypatch.setattr(importlib.import_module("edgesvd.exporters.deploy"), "DEFAULT_METHOD", "plain")
+    summary = run(run_cfg(tiny_bert_dir, tmp_path, runs=2, warmup=0, seq_len=16, device="cpu")).summary
     assert summary.method == "plain"
     record = json.loads((summary.out / "checkpoint" / "config.json").read_text())["edgesvd"]
     assert record["method"] == "plain"
@@ -89,7 +86,7 @@ def test_run_eval_missing_file_is_one_line(tiny_llama_dir, tmp_path):
 
 
 def test_host_gpu_profile_without_a_gpu_is_one_line_before_any_work(tiny_bert_dir, tmp_path):
-    from exporters.providers import cuda_status
+    from edgesvd.exporters.providers import cuda_status
 
     if cuda_status()[0]:
         import pytest

@@ -1,4 +1,4 @@
-"""Export a compressed checkpoint (or the dense model) to ONNX with optimum, keeping each factor a MatMul."""
+"""Export to ONNX with optimum: a compressed checkpoint (each factor stays a MatMul) or the dense baseline."""
 
 from __future__ import annotations
 
@@ -13,16 +13,16 @@ from pathlib import Path
 
 from torch import nn
 
-from edgesvd.checkpoint import CompressionRecord, atomic_output_dir, check_output_dir, load_compressed, read_record
-from edgesvd.errors import ConfigError, first_line
+from edgesvd.checkpoint import CompressionRecord, load_compressed, read_record
+from edgesvd.errors import ConfigError, ExportError, first_line
+from edgesvd.families import Family, family_named
 from edgesvd.loading import load_model, load_tokenizer, resolve_model
+from edgesvd.outputs import atomic_output_dir, check_output_dir
 
-from .errors import ExportError
 from .graphcheck import GraphCheck, check_onnx_file, require_factorized
 
 MODEL_FILE = "model.onnx"
 META_FILE = "edgesvd_export.json"
-TASKS = {"encoder": "feature-extraction", "decoder": "text-generation-with-past"}
 DTYPES = ("fp32", "fp16")
 QUANTIZE = (None, "int8")
 POOLED_OUTPUT = "sentence_embedding"
@@ -187,15 +187,15 @@ def _optimum_export(model: nn.Module, out: Path, task: str, opset: int | None) -
                               f"{first_line(exc)}") from exc
 
 
-def export_model(model: nn.Module, tokenizer, family: str, out: str | os.PathLike, cfg: ExportConfig,
+def export_model(model: nn.Module, tokenizer, family: Family, out: str | os.PathLike, cfg: ExportConfig,
                  record: CompressionRecord | None = None, source: str = "", force: bool = False) -> ExportResult:
     """Export an in-memory model to `out` (atomically); with a record, check the factorization."""
     import onnx
 
     start = time.perf_counter()
     out = Path(out)
-    task = TASKS[family]
-    if cfg.pooled and family != "encoder":
+    task = family.onnx_task
+    if cfg.pooled and not family.pooled_output:
         raise ConfigError("--pooled adds a sentence embedding and applies to encoders only")
     with atomic_output_dir(out, force) as tmp:
         _optimum_export(model, tmp, task, cfg.opset)
@@ -216,14 +216,14 @@ def export_model(model: nn.Module, tokenizer, family: str, out: str | os.PathLik
             check = require_factorized(check_onnx_file(path, record), path)
         tokenizer.save_pretrained(tmp)
         opset = opset_of(onnx.load(str(path), load_external_data=False))
-        meta = {"kind": "dense" if record is None else "compressed", "source": source, "family": family,
+        meta = {"kind": "dense" if record is None else "compressed", "source": source, "family": family.name,
                 "task": task, "model_type": model.config.model_type, "config": asdict(cfg),
                 "precision": cfg.precision, "opset": opset, "model_file": MODEL_FILE,
                 "graph_check": check.to_json() if check else None,
                 "seconds": round(time.perf_counter() - start, 2)}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         onnx_bytes = onnx_files_bytes(tmp)
-    return ExportResult(out, task, family, cfg.precision, opset, check, onnx_bytes, meta["seconds"])
+    return ExportResult(out, task, family.name, cfg.precision, opset, check, onnx_bytes, meta["seconds"])
 
 
 def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, cfg: ExportConfig = ExportConfig(),
@@ -234,7 +234,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, cfg
     read_record(checkpoint)  # a one-line error for a folder that is not a checkpoint, before loading
     tokenizer = load_tokenizer(checkpoint)
     model, record = load_compressed(checkpoint)
-    return export_model(model, tokenizer, record.family, out, cfg, record, str(checkpoint.resolve()), force)
+    return export_model(model, tokenizer, family_named(record.family), out, cfg, record, str(checkpoint.resolve()),
+                        force)
 
 
 def export_dense(model_ref: str, out: str | os.PathLike, cfg: ExportConfig = ExportConfig(),

@@ -1,26 +1,19 @@
-"""CLI commands for hardware profiles and budgets: `profiles list|show`, `plan`, `calibrate-device`."""
+"""`edgesvd profiles list|show`, `plan` and `calibrate-device`: hardware profiles and budgets."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import TYPE_CHECKING
-
 import click
-from rich.markup import escape
 from rich.table import Table
 
-from .errors import ConfigError
-from .profiles import BUDGET_KEYS, Profile, builtin_names, load_profile
-from .units import fmt_bytes
+from edgesvd.calibration import CalibrationConfig
+from edgesvd.errors import ConfigError, DeviceError, OutputExistsError
+from edgesvd.exporters.budgets import preview_plans
+from edgesvd.exporters.calibrate_device import calibrate
+from edgesvd.profiles import Profile, builtin_names, load_profile, parse_budget_overrides
+from edgesvd.units import fmt_bytes
 
-if TYPE_CHECKING:  # the planner pulls in torch: imported by the commands that plan, not by `--help`
-    from .planner import Receipt
-
-
-def _out_console():
-    from .cli import out_console  # the CLI's console (wide when piped)
-
-    return out_console
+from .options import PATH, budget_option, out_console, reporter
+from .printing import print_receipt
 
 
 def _latency_source(p: Profile) -> str:
@@ -29,19 +22,6 @@ def _latency_source(p: Profile) -> str:
 
 def _budgets_text(p: Profile) -> str:
     return ", ".join(f"{k}≤{b}" for k, b in p.budgets.items()) or "none"
-
-
-def parse_budget_options(items: tuple[str, ...]) -> dict[str, str]:
-    """`--budget latency_p50=60%` options → {key: value}."""
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not value.strip():
-            raise ConfigError(f"--budget wants KEY=VALUE (e.g. latency_p50=60%), got {item!r}")
-        if key.strip() not in BUDGET_KEYS:
-            raise ConfigError(f"--budget: unknown key '{key.strip()}' (choose from {', '.join(BUDGET_KEYS)})")
-        out[key.strip()] = value.strip()
-    return out
 
 
 @click.group("profiles")
@@ -61,7 +41,7 @@ def list_profiles() -> None:
         table.add_row(p.name, p.device.name if not p.device.measure else "this machine", p.runtime.execution_provider,
                       p.runtime.precision, f"batch {w.batch} × seq {w.sequence_length}", _budgets_text(p),
                       str(p.rank_multiple), _latency_source(p))
-    _out_console().print(table)
+    out_console().print(table)
 
 
 @profiles.command("show")
@@ -94,37 +74,14 @@ def show_profile(name: str) -> None:
                                  f"onnxruntime {m.onnxruntime}, {m.date})"))
     for key, value in rows:
         table.add_row(key, value)
-    _out_console().print(table)
-
-
-def print_receipt(receipt: "Receipt", per_layer: bool = True) -> None:
-    """The budget receipt: per layer rank, bytes, time; each budget with headroom; which binds."""
-    console = _out_console()
-    if per_layer:
-        table = Table(title=f"budget receipt — {receipt.profile} (latency {receipt.latency_source})")
-        for col in ("layer", "shape", "rank", "bytes", f"ms ({receipt.latency_source})", "importance kept"):
-            table.add_column(col, justify="left" if col == "layer" else "right")
-        for row in receipt.rows:
-            table.add_row(row.name, f"{row.shape[0]}×{row.shape[1]}", "dense" if row.rank is None else str(row.rank),
-                          fmt_bytes(row.bytes), f"{row.ms:.3f}", f"{row.importance_kept:.3f}")
-        console.print(table)
-    t, dn = receipt.totals, receipt.dense
-    console.print(f"{escape('[' + receipt.profile + ']')} model {fmt_bytes(dn['model_bytes'])} → {fmt_bytes(t['model_bytes'])}, "
-                  f"p50 {dn['latency_p50']:.2f} → {t['latency_p50']:.2f} ms (planned, latency {receipt.latency_source}), "
-                  f"peak memory {fmt_bytes(t['peak_memory'])}, importance kept {receipt.importance_kept:.3f}")
-    for line in receipt.summary().splitlines():
-        console.print(f"  {escape(line)}")
-    for note in receipt.notes:
-        console.print(f"  note: {escape(note)}")
+    out_console().print(table)
 
 
 @click.command("plan")
 @click.argument("model", default="minilm", required=False)
 @click.option("--profile", "profile_refs", multiple=True, default=("host",), show_default=True,
               help="Built-in profile name or .toml path. Repeatable: one plan per device.")
-@click.option("--budget", "budget_items", multiple=True, metavar="KEY=VALUE",
-              help="Override a budget of every profile: model_bytes, peak_memory, latency_p50, latency_p90 "
-                   "= '60%', '40 MB', '20 ms' or 'none'. Repeatable.")
+@budget_option
 @click.option("--calib-samples", type=int, default=32, show_default=True, help="Calibration sequences for XᵀX.")
 @click.option("--calib-len", type=int, default=128, show_default=True, help="Tokens per calibration sequence.")
 @click.option("--per-layer/--totals-only", default=True, show_default=True, help="Print the per-layer receipt.")
@@ -136,29 +93,15 @@ def plan(model, profile_refs, budget_items, calib_samples, calib_len, per_layer,
     written (a preview: `run --profile` learns importance by default and its ranks differ).
     Infeasible budgets fail here, with the smallest achievable size and latency.
     """
-    from exporters.budget_loop import cost_model_for, require_measurable
-
-    from .calibration import CalibrationConfig
-    from .compress import CompressConfig, prepare
-    from .costmodel import model_facts
-    from .layer_importance import whitened_importances
-    from .planner import plan_ranks
-
-    overrides = parse_budget_options(budget_items)
-    chosen = [load_profile(ref).with_budgets(overrides) for ref in profile_refs]  # all errors before work
-    require_measurable(chosen)
-    cfg = CompressConfig(model=model, method="whiten", calibration=CalibrationConfig(("builtin",), calib_samples, calib_len),
-                         show_progress=not quiet)
-    prepared = prepare(cfg)
-    facts = model_facts(prepared.model, prepared.targets, prepared.source.family)
-    layers, _, _ = whitened_importances(prepared.model, prepared.targets, prepared.stats, not quiet)
-    for profile in chosen:
-        cost = cost_model_for(profile, facts, log=None if quiet else click.echo)
-        print_receipt(plan_ranks(layers, cost), per_layer)
+    receipts = preview_plans(model, profile_refs, parse_budget_overrides(budget_items),
+                             CalibrationConfig(num_sequences=calib_samples, seq_len=calib_len), reporter(quiet))
+    console = out_console()
+    for receipt in receipts:
+        print_receipt(console, receipt, per_layer)
 
 
 @click.command("calibrate-device")
-@click.option("--out", type=click.Path(path_type=Path), required=True, help="Profile file (.toml) to write.")
+@click.option("--out", type=PATH, required=True, help="Profile file (.toml) to write.")
 @click.option("--name", default=None, help="Profile name (default: the file's stem).")
 @click.option("--provider", type=click.Choice(["CPUExecutionProvider", "CUDAExecutionProvider"]),
               default="CPUExecutionProvider", show_default=True)
@@ -176,10 +119,6 @@ def calibrate_device(out, name, provider, threads, precision, batch, seq, sizes,
     On a board without edgesvd, copy exporters/calibrate_device.py there and run it with Python:
     it needs only onnxruntime and numpy.
     """
-    from exporters.calibrate_device import calibrate
-
-    from .errors import DeviceError, OutputExistsError
-
     if out.exists() and not force:
         raise OutputExistsError(f"output file exists: {out} (use --force to replace it)")
     try:

@@ -1,0 +1,74 @@
+"""`edgesvd compress` and `edgesvd inspect`."""
+
+from __future__ import annotations
+
+import click
+
+from edgesvd.compression import compress as compress_model
+from edgesvd.inspect import checkpoint_summary
+from edgesvd.methods import DEFAULT_METHOD, METHODS, Learned, method_config
+from edgesvd.outputs import check_output_dir
+
+from .options import PATH, calibration, calibration_options, out_console, reporter
+from .printing import print_checkpoint
+
+
+def model_options(f):
+    """Options that choose the model and its targeted layers."""
+    f = click.option("--include", multiple=True, metavar="GLOB",
+                     help="Also compress Linear layers whose name matches (e.g. 'lm_head'). Repeatable.")(f)
+    f = click.option("--exclude", multiple=True, metavar="GLOB",
+                     help="Do not compress layers whose name matches (e.g. '*.attention.*'). Repeatable.")(f)
+    f = click.option("--trust-remote-code", is_flag=True, default=False,
+                     help="Allow model code from the model folder/hub to run (off by default).")(f)
+    f = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+                     help="Where compression runs: auto uses CUDA when torch sees a GPU.")(f)
+    return f
+
+
+@click.command()
+@click.argument("model", default="minilm", required=False)
+@click.option("--method", type=click.Choice(list(METHODS)), default=DEFAULT_METHOD, show_default=True,
+              help="plain: magnitude SVD; asvd: activation-scaled SVD; whiten: truncation-aware whitening; "
+                   "learned: whitened candidates, learned component importance, global rank selection and "
+                   "distillation fine-tuning (slower, best quality).")
+@click.option("--keep", type=float, default=0.5, show_default=True,
+              help="Parameters of the targeted Linear layers after ÷ before, in (0, 1].")
+@click.option("--rank-multiple", type=int, default=8, show_default=True,
+              help="Round every rank to a multiple of this (8/16 suits CPU SIMD, 64 GPU tensor cores).")
+@calibration_options
+@model_options
+@click.option("--batch-size", type=int, default=16, show_default=True, help="Sequences per forward pass.")
+@click.option("--steps", type=int, default=Learned.steps, show_default=True,
+              help="learned: stage-2 steps that train the importance scores and prune gradually to the budget.")
+@click.option("--finetune-steps", type=int, default=Learned.finetune_steps, show_default=True,
+              help="learned: stage-3 steps that fine-tune the kept factors against the dense model (0: none).")
+@click.option("--margin", type=float, default=Learned.margin, show_default=True,
+              help="learned: stage-1 candidates per layer, as extra fraction over the budget (0.5: 1.5×keep).")
+@click.option("--lr", type=float, default=Learned.lr, show_default=True, help="learned: learning rate of the scores.")
+@click.option("--finetune-lr", type=float, default=Learned.finetune_lr, show_default=True,
+              help="learned: learning rate of the factors in stage 3.")
+@click.option("--out", "out", type=PATH, required=True, help="Checkpoint folder to write.")
+@click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def compress(model, method, keep, rank_multiple, calib, calib_samples, calib_len, seed, include, exclude,
+             trust_remote_code, device, batch_size, steps, finetune_steps, margin, lr, finetune_lr, out, force, quiet):
+    """Compress MODEL (alias 'minilm', a local folder, or a hub id) into a checkpoint folder."""
+    check_output_dir(out, force)
+    config = method_config(method, keep=keep, rank_multiple=rank_multiple, steps=steps, finetune_steps=finetune_steps,
+                           margin=margin, lr=lr, finetune_lr=finetune_lr)
+    result = compress_model(model, config, calib=calibration(calib, calib_samples, calib_len, seed), include=include,
+                            exclude=exclude, device=device, batch_size=batch_size,
+                            trust_remote_code=trust_remote_code, reporter=reporter(quiet))
+    result.save(out, force=force)
+    r = result.record
+    click.echo(f"wrote {out}: method={r.method} keep={r.keep_actual:.3f} (requested {r.keep_requested}) "
+               f"layers={sum(l.rank is not None for l in r.layers)}/{len(r.layers)} factorized "
+               f"in {r.details.get('wall_s', 0):.1f}s")
+
+
+@click.command()
+@click.argument("checkpoint", type=PATH)
+def inspect(checkpoint):
+    """Per-layer table of a compressed CHECKPOINT: shape, rank, break-even rank, parameters, bytes."""
+    print_checkpoint(out_console(), checkpoint, checkpoint_summary(checkpoint))

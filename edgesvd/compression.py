@@ -1,0 +1,367 @@
+"""compress(model, method): load → calibrate → statistics → spectra → importance → ranks → factors → fine-tune.
+
+The public verb of the core, in the style of `quantize_(model, config)`: a method is a small
+config (`Plain`, `Asvd`, `Whiten`, `Learned`, from edgesvd.methods), and the result (`Compressed`) holds the compressed
+model in memory, the record that goes into the checkpoint, and — for the whitened and learned
+methods — the component importance that `deploy` uses to plan other ranks for other devices.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .calibration import CalibrationBatch, CalibrationConfig, calibration_config, sample_calibration
+from .checkpoint import CompressionRecord, library_versions, save_compressed
+from .costmodel import LayerShape
+from .device import resolve_device
+from .errors import ConfigError
+from .factorize import LayerRecord, apply_ranks
+from .finetune import MiniBatches, Teacher, finetune_factors, probe_loss
+from .importance import (
+    ScoredLowRank,
+    attach_scores,
+    importance_order,
+    layer_shape,
+    learn_scores,
+    learned_importances,
+    scored_importances,
+    select,
+    whitened_importances,
+)
+from .loading import (
+    DEFAULT_MODEL,
+    ModelSource,
+    load_model,
+    load_tokenizer,
+    resolve_model,
+    select_targets,
+    set_submodule,
+)
+from .methods import DEFAULT_METHOD, Learned, Method, Whiten, method_config
+from .planner import LayerImportance, uniform_rank
+from .reporting import SILENT, Reporter
+from .spectra import Spectrum, spectra_of
+from .statistics import ActivationStats, collect_statistics
+
+
+# -- the model prepared for compression --------------------------------------------------------------
+@dataclass
+class Prepared:
+    """A loaded model with its targets, calibration sample and statistics."""
+
+    source: ModelSource
+    model: nn.Module
+    tokenizer: object
+    targets: list[str]
+    calib: CalibrationBatch | None
+    stats: ActivationStats | None
+    device: torch.device
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+
+    @property
+    def seed(self) -> int:
+        """Calibration sampling and training seed."""
+        return self.calibration.seed
+
+
+def prepare(model: str | os.PathLike | ModelSource = DEFAULT_MODEL,
+            calib: CalibrationConfig | str | Sequence[str] = "builtin", include: Sequence[str] = (),
+            exclude: Sequence[str] = (), device: str = "auto", batch_size: int = 16, trust_remote_code: bool = False,
+            need_stats: bool = True, reporter: Reporter = SILENT) -> Prepared:
+    """Load the model and tokenizer, pick targets, sample calibration data, collect XᵀX."""
+    if batch_size < 1:
+        raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    calib = calibration_config(calib)
+    source = model if isinstance(model, ModelSource) else resolve_model(model)
+    torch_device = resolve_device(device)
+    loaded = load_model(source, trust_remote_code).to(torch_device)
+    tokenizer = load_tokenizer(source.path, trust_remote_code)
+    targets = select_targets(loaded, include, exclude)
+    sample = stats = None
+    if need_stats:
+        sample = sample_calibration(tokenizer, calib, source.family)
+        stats = collect_statistics(loaded, targets, sample, batch_size, reporter)
+    return Prepared(source, loaded, tokenizer, targets, sample, stats, torch_device, calib)
+
+
+# -- the learned method's stages -------------------------------------------------------------------
+@dataclass
+class LearnedState:
+    """Stages 1–2 done: `model` holds scored layers; stage 3 can finish it for any rank plan.
+
+    `dense` holds the original Linears (frozen, shared by every finished copy), `spectra` their
+    whitened spectra, `scored` the scored layers inside `model`.
+    """
+
+    model: nn.Module
+    targets: list[str]
+    dense: dict[str, nn.Linear]
+    spectra: dict[str, Spectrum]
+    scored: dict[str, ScoredLowRank]
+    teacher: Teacher
+    probe: list[torch.Tensor]
+    stage2_batches: MiniBatches
+    method: Learned
+    keep: float
+    losses: dict[str, float]
+    curve2: list[float]
+    timings: dict[str, float]
+
+    @property
+    def shapes(self) -> dict[str, LayerShape]:
+        return {n: layer_shape(self.dense[n], n) for n in self.targets}
+
+    @property
+    def total_dense(self) -> int:
+        return sum(l.weight.numel() for l in self.dense.values())
+
+    def batches(self) -> MiniBatches:
+        """Stage 3's mini-batches: stage 2's sequence continued, the same for every finished copy."""
+        return copy.deepcopy(self.stage2_batches)
+
+
+def learn_importance(prepared: Prepared, method: Learned, reporter: Reporter = SILENT,
+                     spectra: dict[str, Spectrum] | None = None) -> LearnedState:
+    """Stages 1 and 2 on `prepared.model` in place: whitened candidates, then scores learned while
+    pruning gradually down to `method.keep` of the targeted parameters. `spectra`: the targets'
+    whitened spectra when the caller has them already (saves one SVD per layer)."""
+    torch.manual_seed(prepared.seed)
+    model, family, stats = prepared.model, prepared.source.family, prepared.stats
+    if stats is None or prepared.calib is None:
+        raise ConfigError("method 'learned' needs calibration statistics")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    teacher = Teacher(model, prepared.calib, family, prepared.device)
+    timings["teacher_s"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    spectra = dict(spectra or {})
+    missing = [t for t in prepared.targets if t not in spectra]
+    spectra.update(spectra_of(model, missing, "whiten", stats))
+    spectra = {t: spectra[t] for t in prepared.targets}
+    dense, scored = attach_scores(model, spectra, method.keep, method.margin, method.rank_multiple, reporter)
+    timings["stage1_s"] = time.perf_counter() - t0
+
+    n = prepared.calib.input_ids.shape[0]
+    batches = MiniBatches(n, method.batch_size, prepared.seed)
+    probe_gen = MiniBatches(n, method.batch_size, prepared.seed + 1)
+    probe = [probe_gen.next() for _ in range(min(4, max(1, n // method.batch_size)))]
+    losses: dict[str, float] = {"stage1": probe_loss(model, teacher, probe)}
+
+    t0 = time.perf_counter()
+    shapes = {name: layer_shape(dense[name], name) for name in prepared.targets}
+    total_dense = sum(s.params(None) for s in shapes.values())
+    curve2 = learn_scores(model, scored, shapes, teacher, method.keep * total_dense, method.rank_multiple,
+                          method.steps, method.lr, batches, method.budget_weight, method.max_score,
+                          method.selection, reporter)
+    timings["stage2_s"] = time.perf_counter() - t0
+    losses["before_switch"] = probe_loss(model, teacher, probe)
+    return LearnedState(model, list(prepared.targets), dense, spectra, scored, teacher, probe, batches, method,
+                        method.keep, losses, curve2, timings)
+
+
+def finish(state: LearnedState, plan: "Plan", model: nn.Module | None = None, reporter: Reporter = SILENT
+           ) -> tuple[nn.Module, list[LayerRecord], dict[str, dict[str, torch.Tensor]], dict]:
+    """Stage 3 for one rank plan: keep each layer's first `rank` candidates of the plan's orders,
+    fold its scores into their factors, fine-tune the factors.
+
+    Works on `model` (a copy of `state.model`, so one learning pass can finish several plans) or
+    on `state.model` itself. Returns the model, the per-layer records (None = left dense), the
+    spectra (`sigma`, `scores`, `kept` over the full whitened spectrum) and the details.
+    """
+    model = state.model if model is None else model
+    t0 = time.perf_counter()
+    for name in state.targets:
+        # Back to dense first (it stays so where the plan says None); a copy gets its own Linear,
+        # so moving one finished model between devices leaves the shared originals alone.
+        linear = state.dense[name]
+        set_submodule(model, name, linear if model is state.model else copy.deepcopy(linear))
+    records, entries, factored = apply_ranks(model, state.spectra, plan.ranks, plan.orders, plan.scores)
+    losses = dict(state.losses)
+    losses["after_switch"] = probe_loss(model, state.teacher, state.probe)
+    method = state.method
+    curve3 = (finetune_factors(model, factored, state.teacher, method.finetune_steps, method.finetune_lr,
+                               state.batches(), reporter)
+              if method.finetune_steps and factored else [])
+    losses["after_finetune"] = probe_loss(model, state.teacher, state.probe)
+    timings = {**state.timings, "stage3_s": time.perf_counter() - t0}
+    details = {
+        "learned": asdict(method),
+        "importance_keep": state.keep,
+        "losses": {k: round(v, 6) for k, v in losses.items()},
+        "stage2_curve": [round(v, 5) for v in state.curve2[:: max(1, len(state.curve2) // 20)]],
+        "stage3_curve": [round(v, 5) for v in curve3[:: max(1, len(curve3) // 20)]],
+        "timings": {k: round(v, 2) for k, v in timings.items()},
+        "teacher_cached": state.teacher.cache is not None,
+    }
+    return model, records, entries, details
+
+
+# -- component importance: one pass, any rank plan ---------------------------------------------------
+@dataclass
+class Plan:
+    """Per-layer ranks (None: dense), the component order each layer keeps a prefix of, and the
+    learned scores to fold (None for whitened plans)."""
+
+    ranks: dict[str, int | None]
+    orders: dict[str, torch.Tensor]
+    scores: dict[str, torch.Tensor] | None = None
+
+
+@dataclass
+class ComponentImportance:
+    """One importance pass shared by every rank plan: what the planner ranks, and how a plan
+    becomes a model.
+
+    'whiten': components ordered by whitened σ²; a plan is cut from the spectra of a dense copy.
+    'learned': components ordered by learned importance along the pruning path; a plan is
+    finished by stage 3 of the learned method (scores folded, factors fine-tuned) on a copy.
+    """
+
+    method: str
+    layers: list[LayerImportance]      # per target, for the planner
+    orders: dict[str, torch.Tensor]    # component indices, most important first
+    dense: nn.Module                   # the dense model on the CPU (whitened cuts, quality reference)
+    spectra: dict[str, Spectrum]       # whitened spectra of every target
+    state: LearnedState | None = None  # 'learned'
+    scores: dict[str, torch.Tensor] | None = None
+
+    def plan(self, ranks: dict[str, int | None]) -> Plan:
+        """A plan for `ranks` in the planner's component order."""
+        return Plan(ranks, self.orders, self.scores)
+
+    def at_keep(self, keep: float, multiple: int) -> Plan:
+        """The plan that keeps `keep` of the targeted parameters: the learned method's final
+        global selection (current importance, as stage 2 left it), or uniform whitened ranks."""
+        if self.state is None:
+            ranks = {l.shape.name: uniform_rank(l.shape.out_features, l.shape.in_features, keep, multiple)
+                     for l in self.layers}
+            return self.plan(ranks)
+        state = self.state
+        layers = scored_importances(state.scored, state.shapes)
+        ranks = select(layers, keep * state.total_dense, state.total_dense, multiple, state.method.selection)
+        orders = {n: importance_order(layer.importance) for n, layer in state.scored.items()}
+        scores = {n: layer.kept_scores() for n, layer in state.scored.items()}
+        return Plan(ranks, orders, scores)
+
+    def build(self, plan: Plan, reporter: Reporter = SILENT
+              ) -> tuple[nn.Module, list[LayerRecord], dict[str, dict[str, torch.Tensor]], dict]:
+        """The compressed model (CPU, eval mode) for one plan, its layer records, spectrum entries
+        and details."""
+        if self.state is None:
+            model = copy.deepcopy(self.dense)
+            records, entries, _ = apply_ranks(model, self.spectra, plan.ranks, plan.orders)
+            return model.eval(), records, entries, {}
+        model, records, entries, details = finish(self.state, plan, copy.deepcopy(self.state.model), reporter)
+        return model.cpu().eval(), records, entries, details
+
+
+def importance_pass(prepared: Prepared, method: Method, spectra: dict[str, Spectrum] | None = None,
+                    dense: nn.Module | None = None, reporter: Reporter = SILENT) -> ComponentImportance:
+    """Whitened spectra of every target and, for the learned method, stages 1–2 (which change
+    `prepared.model` in place: a dense copy is kept on the CPU). `spectra` and `dense`: what an
+    earlier pass over the same prepared model already has."""
+    if not isinstance(method, (Whiten, Learned)):
+        raise ConfigError(f"component importance comes from the whiten or learned method, not '{method.name}'")
+    missing = [t for t in prepared.targets if t not in (spectra or {})]
+    spectra = {**(spectra or {}), **spectra_of(prepared.model, missing, "whiten", prepared.stats, reporter)}
+    spectra = {t: spectra[t] for t in prepared.targets}
+    dense = dense if dense is not None else copy.deepcopy(prepared.model).cpu().eval()
+    if isinstance(method, Whiten):
+        layers, orders = whitened_importances(dense, spectra)
+        return ComponentImportance("whiten", layers, orders, dense, {k: s.cpu() for k, s in spectra.items()})
+    state = learn_importance(prepared, method, reporter, spectra)
+    layers, orders, scores = learned_importances(state.scored, state.shapes)
+    return ComponentImportance("learned", layers, orders, dense, state.spectra, state=state, scores=scores)
+
+
+# -- compress ------------------------------------------------------------------------------------------
+@dataclass
+class Compressed:
+    """What `compress` returns: the compressed model in memory (CPU, eval mode), its tokenizer, the
+    checkpoint record and spectrum entries, the source, and — for 'whiten' and 'learned' — the
+    component importance `deploy` plans other devices from."""
+
+    model: nn.Module | None  # None when made only to be planned per device (see compress_prepared)
+    tokenizer: object
+    record: CompressionRecord
+    spectra: dict[str, dict[str, torch.Tensor]]
+    source: ModelSource
+    importance: ComponentImportance | None = field(default=None, repr=False)
+    calibration: CalibrationConfig | None = None
+
+    @property
+    def family(self):
+        return self.source.family
+
+    def save(self, out: str | os.PathLike, force: bool = False) -> Path:
+        """Write the checkpoint folder (config.json with an `edgesvd` section, model.safetensors,
+        spectrum.safetensors, tokenizer) atomically."""
+        return save_compressed(self.model, self.tokenizer, self.record, out, self.spectra, force=force)
+
+
+def _record(prepared: Prepared, method: Method, layers: list[LayerRecord], details: dict, model_ref: str
+            ) -> CompressionRecord:
+    return CompressionRecord(
+        method=method.name, keep_requested=method.keep, family=prepared.source.family.name,
+        source_model=model_ref, layers=layers, rank_multiple=method.rank_multiple,
+        calibration=prepared.calib.summary if prepared.calib is not None else {},
+        details=details, versions=library_versions())
+
+
+def compress_prepared(prepared: Prepared, method: Method, model_ref: str | None = None,
+                      importance: ComponentImportance | None = None, build: bool = True,
+                      reporter: Reporter = SILENT) -> Compressed:
+    """Compress a prepared model with `method` (its model is changed in place). `importance`: a
+    pass already made for this model (whiten or learned), reused instead of a new one. Without
+    `build` nothing is built at `method.keep` (a run that plans every device from the importance
+    does not need it): the result has no model and records no layers."""
+    start = time.perf_counter()
+    model_ref = model_ref or prepared.source.name
+    if isinstance(method, (Whiten, Learned)):
+        importance = importance or importance_pass(prepared, method, reporter=reporter)
+        if build:
+            model, layers, entries, details = importance.build(
+                importance.at_keep(method.keep, method.rank_multiple), reporter)
+        else:
+            model, layers, entries, details = None, [], {}, {}
+    else:
+        ranks = {t: uniform_rank(*prepared.model.get_submodule(t).weight.shape, method.keep, method.rank_multiple)
+                 for t in prepared.targets}
+        spectra = spectra_of(prepared.model, [t for t, r in ranks.items() if r is not None], method.name,
+                             prepared.stats, reporter)
+        layers, entries, _ = apply_ranks(prepared.model, spectra, ranks)
+        model, details = prepared.model.cpu().eval(), {}
+    details.update({"wall_s": round(time.perf_counter() - start, 2), "device": str(prepared.device)})
+    if prepared.stats is not None:
+        details["statistics_bytes"] = prepared.stats.nbytes()
+    return Compressed(model, prepared.tokenizer, _record(prepared, method, layers, details, model_ref),
+                      entries, prepared.source, importance, prepared.calibration)
+
+
+def compress(model: str | os.PathLike = DEFAULT_MODEL, method: Method | str = DEFAULT_METHOD, *,
+             calib: CalibrationConfig | str | Sequence[str] = "builtin", include: Sequence[str] = (),
+             exclude: Sequence[str] = (), device: str = "auto", batch_size: int = 16,
+             trust_remote_code: bool = False, reporter: Reporter = SILENT) -> Compressed:
+    """Compress `model` (the alias 'minilm', a local folder or a hub id) with `method` (a config
+    such as `Learned(keep=0.5)`, or a method name with its defaults); nothing is written.
+
+    calib: 'builtin', a .txt/.jsonl file or folder, several of them, or a CalibrationConfig
+    (sequences, length, seed). include / exclude: glob patterns on layer names. device: where
+    torch runs ('auto' uses CUDA when present). batch_size: sequences per forward pass while
+    collecting statistics.
+    """
+    method = method_config(method)
+    prepared = prepare(model, calib, include, exclude, device, batch_size, trust_remote_code,
+                       need_stats=method.needs_statistics, reporter=reporter)
+    return compress_prepared(prepared, method, str(model), reporter=reporter)

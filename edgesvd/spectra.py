@@ -1,0 +1,126 @@
+"""Spectra: a weight and its input statistics → singular components (plain, asvd or whitened SVD)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import ConfigError
+from .reporting import SILENT, Reporter
+from .statistics import ActivationStats
+
+SPECTRA = ("plain", "asvd", "whiten")
+
+
+@dataclass
+class Spectrum:
+    """W ≈ left · diag(sigma) · right, components sorted by decreasing sigma.
+
+    `left` is out×k with orthonormal columns, `right` is k×in (for `whiten` and `asvd` it is
+    the right singular vectors mapped back through the input transform). All float64.
+    """
+
+    left: torch.Tensor
+    sigma: torch.Tensor
+    right: torch.Tensor
+
+    def cpu(self) -> "Spectrum":
+        return Spectrum(self.left.cpu(), self.sigma.cpu(), self.right.cpu())
+
+    def factors(self, rank: int, scores: torch.Tensor | None = None,
+                index: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (r×in) and B (out×r) of the components `index` (default: the top `rank`).
+
+        `scores` (one per component of the full spectrum) multiply the singular values; the
+        scaled value is split as a square root over both factors so neither side carries the
+        whole dynamic range (that matters once exported to fp16).
+        """
+        idx = torch.arange(rank, device=self.sigma.device) if index is None else index
+        s = self.sigma[idx] if scores is None else self.sigma[idx] * scores[idx].to(self.sigma)
+        sign = torch.where(s < 0, -1.0, 1.0).to(s)
+        root = s.abs().sqrt()
+        a = (root * sign)[:, None] * self.right[idx]
+        b = self.left[:, idx] * root[None, :]
+        return a, b
+
+
+def _svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    return u, s, vh
+
+
+def plain_spectrum(weight: torch.Tensor) -> Spectrum:
+    """Magnitude SVD of the weight itself: ignores the data."""
+    u, s, vh = _svd(weight.double())
+    return Spectrum(u, s, vh)
+
+
+def asvd_spectrum(weight: torch.Tensor, gram: torch.Tensor, tokens: int, alpha: float = 0.5) -> Spectrum:
+    """Activation-aware SVD: scale input channels by (RMS activation)^alpha before the SVD."""
+    rms = (gram.diagonal().clamp_min(0) / max(tokens, 1)).sqrt()
+    scale = rms.clamp_min(rms.max() * 1e-6 + 1e-12) ** alpha
+    u, s, vh = _svd(weight.double() * scale[None, :])
+    return Spectrum(u, s, vh / scale[None, :])
+
+
+def whitening_factor(gram: torch.Tensor, tokens: int, damp: float = 1e-2, max_tries: int = 8) -> torch.Tensor:
+    """Lower-triangular L with L·Lᵀ = XᵀX/n + λI, λ = damp·mean(diag).
+
+    The damping is multiplied by 10 until the Cholesky factorization succeeds, so a singular
+    XᵀX (dead channels, too few tokens) still gives a usable factor.
+    """
+    g = gram.double() / max(tokens, 1)
+    mean_diag = g.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    for attempt in range(max_tries):
+        lam = damp * (10.0 ** attempt) * mean_diag
+        chol, info = torch.linalg.cholesky_ex(g + lam * eye)
+        if int(info) == 0:
+            return chol
+    raise RuntimeError("input statistics are not positive definite even after heavy damping")
+
+
+def whiten_spectrum(weight: torch.Tensor, gram: torch.Tensor, tokens: int, damp: float = 1e-2) -> Spectrum:
+    """Truncation-aware whitening (SVD-LLM): SVD of W·L, right factors mapped back by L⁻¹.
+
+    Truncating this SVD minimises the error of the layer's *output* on the calibration inputs,
+    not of the weight. L⁻¹ is applied by a triangular solve, never formed.
+    """
+    chol = whitening_factor(gram, tokens, damp)
+    u, s, vh = _svd(weight.double() @ chol)
+    right = torch.linalg.solve_triangular(chol, vh, upper=False, left=False)
+    return Spectrum(u, s, right)
+
+
+def spectrum(method: str, weight: torch.Tensor, gram: torch.Tensor | None, tokens: int) -> Spectrum:
+    """The spectrum of `weight` under `method` ('plain', 'asvd' or 'whiten')."""
+    if method == "plain":
+        return plain_spectrum(weight)
+    if gram is None:
+        raise ConfigError(f"method '{method}' needs activation statistics")
+    if method == "asvd":
+        return asvd_spectrum(weight, gram, tokens)
+    if method == "whiten":
+        return whiten_spectrum(weight, gram, tokens)
+    raise ConfigError(f"unknown method '{method}' (choose from {', '.join(SPECTRA)})")
+
+
+def layer_spectrum(model: nn.Module, name: str, method: str, stats: ActivationStats | None) -> Spectrum:
+    """The spectrum of the Linear at `name` under `method`, on the device of its statistics."""
+    weight = model.get_submodule(name).weight.detach()
+    gram = stats.gram_for(name) if stats is not None else None
+    tokens = stats.tokens_for(name) if stats is not None else 0
+    return spectrum(method, weight.to(gram.device) if gram is not None else weight, gram, tokens)
+
+
+def spectra_of(model: nn.Module, targets: list[str], method: str, stats: ActivationStats | None,
+               reporter: Reporter = SILENT) -> dict[str, Spectrum]:
+    """The spectrum of every target under `method`, with a progress bar."""
+    out = {}
+    with reporter.progress(f"spectra ({method})", total=len(targets)) as bar:
+        for name in targets:
+            out[name] = layer_spectrum(model, name, method, stats)
+            bar.advance()
+    return out
