@@ -939,6 +939,30 @@ def test_two_concurrent_writers_of_one_out(world, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["same"], "a temporary folder was left behind"
 
 
+def test_a_second_writer_meets_the_first_ones_lock_or_its_result(world, tmp_path):
+    """Deterministic forms of the race above. While one writer holds an output's temporary, the CLI
+    writing the same --out fails with one line naming it; and an output that appears while a writer
+    works is never replaced by it (the later writer fails; what the first wrote stays)."""
+    from edgesvd.errors import OutputExistsError
+    from edgesvd.outputs import atomic_output_dir
+
+    out = tmp_path / "same"
+    with atomic_output_dir(out, force=False) as tmp:
+        (tmp / "first.txt").write_text("first\n")
+        r = CliRunner().invoke(main, ["compress", str(world.llama), *FAST, "--out", str(out)])
+        assert r.exit_code == 2 and r.output.startswith("error: ") and "writing" in r.output, r.output
+        assert not out.exists()
+    assert (out / "first.txt").read_text() == "first\n"
+    other = tmp_path / "other"
+    with pytest.raises(OutputExistsError, match="other"):
+        with atomic_output_dir(other, force=False) as tmp:
+            (tmp / "late.txt").write_text("late\n")
+            other.mkdir()
+            (other / "early.txt").write_text("early\n")  # another process finished first
+    assert sorted(p.name for p in other.iterdir()) == ["early.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other", "same"], "a temporary was left behind"
+
+
 def test_a_killed_runs_temporary_is_removed_and_a_users_folder_is_not(world, tmp_path):
     """SIGKILL leaves edgesvd's marked temporary behind: the next run removes it, and leaves alone a
     user's folder that merely looks like one."""
