@@ -301,18 +301,20 @@ def _cost_models(ck: Compressed, profiles: list[Profile], reporter: Reporter) ->
 
 def deploy(ck: Compressed, profiles: Sequence[str | Profile] = (), out: str | Path | None = None, *,
            budgets: dict[str, str] | None = None, config: DeployConfig = DeployConfig(), force: bool = False,
-           reporter: Reporter = SILENT, cost_models: dict | None = None) -> Deployment:
+           reporter: Reporter = SILENT, cost_models: dict | None = None, inputs: Sequence = ()) -> Deployment:
     """Turn a compression into bundles under `out` (default `edgesvd-out/<model>`), atomically.
 
     Without profiles: one bundle of the model as compressed, measured beside the dense model.
     With profiles (names, .toml paths or Profile objects; `budgets` override theirs, e.g.
     {"latency_p50": "60%"}): one plan, bundle and report per device from the compression's
-    component importance, and a comparison across devices.
+    component importance, and a comparison across devices. `inputs`: paths `out` must not overlap
+    (the source model, data files), besides the source recorded in the compression.
     """
     chosen = load_profiles(profiles, budgets)
     require_measurable(chosen)
     out = Path(out) if out is not None else Path("edgesvd-out") / ck.source.name
-    check_output_dir(out, force)
+    inputs = (ck.source.path, config.eval_file, *inputs)
+    check_output_dir(out, force, inputs)
     if config.eval_file is not None:
         check_eval_data(config.eval_file, ck.source.family)
     if chosen and ck.importance is None:
@@ -321,7 +323,7 @@ def deploy(ck: Compressed, profiles: Sequence[str | Profile] = (), out: str | Pa
     costs = cost_models or (_cost_models(ck, chosen, reporter) if chosen else {})
     for p in chosen:  # an infeasible budget fails here, before anything is exported
         plan_ranks(ck.importance.layers, costs[p.name])
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, inputs) as tmp:
         job = _Job(ck, tmp, config, reporter)
         if not chosen:
             return Deployment(out, summary=_deploy_as_is(job, out))
@@ -365,7 +367,9 @@ def run(cfg: RunConfig = RunConfig(), reporter: Reporter = SILENT) -> Deployment
     start = time.perf_counter()
     source = resolve_model(cfg.model)
     out = Path(cfg.out_root) / source.name
-    check_output_dir(out, cfg.force)
+    calib = cfg.calibration.source
+    inputs = (source.path, cfg.deploy.eval_file, *([calib] if isinstance(calib, str) else calib))
+    check_output_dir(out, cfg.force, inputs)
     profiles = load_profiles(cfg.profiles or (("host",) if cfg.budgets else ()), cfg.budgets)
     require_measurable(profiles)
     if cfg.deploy.eval_file is not None:
@@ -373,16 +377,17 @@ def run(cfg: RunConfig = RunConfig(), reporter: Reporter = SILENT) -> Deployment
     method = method_config(cfg.method or DEFAULT_METHOD, keep=cfg.keep, rank_multiple=cfg.rank_multiple)
     if profiles and not isinstance(method, (Whiten, Learned)):
         raise ConfigError(f"--profile plans with method learned or whiten, not '{method.name}'")
+    multiple = min(p.rank_multiple for p in profiles) if profiles else method.rank_multiple
     reporter.step("compress")
     prepared = prepare(source, cfg.calibration, device=cfg.device, need_stats=method.needs_statistics,
-                       reporter=reporter)
+                       reporter=reporter, rank_multiple=multiple)
     if not profiles:
         ck = compress_prepared(prepared, method, cfg.model, reporter=reporter)
         compressed_s = time.perf_counter() - start
-        deployment = deploy(ck, (), out, config=cfg.deploy, force=cfg.force, reporter=reporter)
+        deployment = deploy(ck, (), out, config=cfg.deploy, force=cfg.force, reporter=reporter, inputs=inputs)
         deployment.summary.seconds = {"compress": round(compressed_s, 2), **deployment.summary.seconds}
         return deployment
-    method = replace(method, rank_multiple=min(p.rank_multiple for p in profiles))
+    method = replace(method, rank_multiple=multiple)
     whitened = importance_pass(prepared, Whiten(keep=method.keep, rank_multiple=method.rank_multiple),
                                reporter=reporter)
     ck = compress_prepared(prepared, method, cfg.model, whitened, build=False, reporter=reporter)
@@ -395,4 +400,5 @@ def run(cfg: RunConfig = RunConfig(), reporter: Reporter = SILENT) -> Deployment
         method = replace(method, keep=keep)
         importance = importance_pass(prepared, method, whitened.spectra, whitened.dense, reporter)
         ck = compress_prepared(prepared, method, cfg.model, importance, build=False, reporter=reporter)
-    return deploy(ck, profiles, out, config=cfg.deploy, force=cfg.force, reporter=reporter, cost_models=costs)
+    return deploy(ck, profiles, out, config=cfg.deploy, force=cfg.force, reporter=reporter, cost_models=costs,
+                  inputs=inputs)

@@ -15,11 +15,13 @@ from torch import nn
 
 from edgesvd.checkpoint import CompressionRecord, load_compressed, read_record
 from edgesvd.errors import ConfigError, ExportError, first_line
-from edgesvd.families import Family, family_named
+from edgesvd.families import FAMILIES, Family, family_named
+from edgesvd.inputs import read_json
 from edgesvd.loading import load_model, load_tokenizer, resolve_model
 from edgesvd.outputs import atomic_output_dir, check_output_dir
+from edgesvd.units import PRECISIONS
 
-from .graphcheck import GraphCheck, check_onnx_file, require_factorized
+from .graphcheck import GraphCheck, check_onnx_file, load_graph, require_factorized
 
 MODEL_FILE = "model.onnx"
 META_FILE = "edgesvd_export.json"
@@ -28,6 +30,18 @@ QUANTIZE = (None, "int8")
 POOLED_OUTPUT = "sentence_embedding"
 # Protobuf cannot serialize a message above 2 GB; keep a margin for the graph itself.
 EXTERNAL_DATA_BYTES = 1_800_000_000
+
+# edgesvd_export.json as `export` writes it and `verify`, `profile` and `pack` read it back.
+META_SCHEMA: dict = {
+    "type": "object", "required": ["kind", "source", "family", "task", "model_type", "precision", "opset"],
+    "properties": {
+        "kind": {"enum": ["dense", "compressed"]}, "source": {"type": "string"},
+        "family": {"enum": sorted(FAMILIES)}, "task": {"type": "string"}, "model_type": {"type": "string"},
+        "precision": {"enum": list(PRECISIONS)}, "opset": {"type": "integer"},
+        "model_file": {"type": "string"}, "config": {"type": "object"},
+        "graph_check": {"type": ["object", "null"]}, "seconds": {"type": "number"},
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -115,12 +129,6 @@ def save_onnx(model, path: Path) -> None:
         onnx.save_model(model, str(path))
 
 
-def _load_onnx(path: Path):
-    import onnx
-
-    return onnx.load(str(path), load_external_data=True)
-
-
 def opset_of(model) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
@@ -189,21 +197,20 @@ def _optimum_export(model: nn.Module, out: Path, task: str, opset: int | None) -
 
 def export_model(model: nn.Module, tokenizer, family: Family, out: str | os.PathLike, cfg: ExportConfig,
                  record: CompressionRecord | None = None, source: str = "", force: bool = False) -> ExportResult:
-    """Export an in-memory model to `out` (atomically); with a record, check the factorization."""
-    import onnx
-
+    """Export an in-memory model to `out` (atomically; never onto or around the `source` folder);
+    with a record, check the factorization."""
     start = time.perf_counter()
     out = Path(out)
     task = family.onnx_task
     if cfg.pooled and not family.pooled_output:
         raise ConfigError("--pooled adds a sentence embedding and applies to encoders only")
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, inputs=(source,) if source else ()) as tmp:
         _optimum_export(model, tmp, task, cfg.opset)
         path = tmp / MODEL_FILE
         if not path.is_file():
             raise ExportError(f"optimum wrote no {MODEL_FILE} (files: {sorted(p.name for p in tmp.iterdir())})")
         if cfg.pooled or cfg.dtype == "fp16":
-            proto = _load_onnx(path)
+            proto = load_graph(path)
             if cfg.dtype == "fp16":
                 proto = to_fp16(proto)
             if cfg.pooled:  # after fp16: the pooling reads the float32 output and stays float32
@@ -215,7 +222,7 @@ def export_model(model: nn.Module, tokenizer, family: Family, out: str | os.Path
         if record is not None:
             check = require_factorized(check_onnx_file(path, record), path)
         tokenizer.save_pretrained(tmp)
-        opset = opset_of(onnx.load(str(path), load_external_data=False))
+        opset = opset_of(load_graph(path, external_data=False))
         meta = {"kind": "dense" if record is None else "compressed", "source": source, "family": family.name,
                 "task": task, "model_type": model.config.model_type, "config": asdict(cfg),
                 "precision": cfg.precision, "opset": opset, "model_file": MODEL_FILE,
@@ -230,7 +237,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, cfg
                       force: bool = False) -> ExportResult:
     """Export a compressed checkpoint folder; fails if a factor was folded back into a dense weight."""
     checkpoint = Path(checkpoint)
-    check_output_dir(Path(out), force)
+    check_output_dir(Path(out), force, inputs=(checkpoint,))
     read_record(checkpoint)  # a one-line error for a folder that is not a checkpoint, before loading
     tokenizer = load_tokenizer(checkpoint)
     model, record = load_compressed(checkpoint)
@@ -241,8 +248,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, cfg
 def export_dense(model_ref: str, out: str | os.PathLike, cfg: ExportConfig = ExportConfig(),
                  force: bool = False) -> ExportResult:
     """Export the original (dense) model through the same path, as the baseline for profiling."""
-    check_output_dir(Path(out), force)
     source = resolve_model(model_ref)
+    check_output_dir(Path(out), force, inputs=(source.path,))
     model = load_model(source)
     tokenizer = load_tokenizer(source.path)
     return export_model(model, tokenizer, source.family, out, cfg, None, str(source.path), force)
@@ -254,9 +261,6 @@ def read_export(onnx_dir: str | os.PathLike) -> dict:
     if not (onnx_dir / MODEL_FILE).is_file():
         raise ExportError(f"no {MODEL_FILE} in {onnx_dir} (export it with `edgesvd export` first)")
     meta = onnx_dir / META_FILE
-    if not meta.is_file():
+    if not os.path.lexists(meta):
         raise ExportError(f"no {META_FILE} in {onnx_dir}: not a folder written by `edgesvd export`")
-    try:
-        return json.loads(meta.read_text())
-    except json.JSONDecodeError as exc:
-        raise ExportError(f"unreadable {meta}: {exc}") from exc
+    return read_json(meta, "export metadata", META_SCHEMA, error=ExportError)

@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgesvd.checkpoint import CompressionRecord
-from edgesvd.errors import FactorizationError
+from edgesvd.errors import ExportError, FactorizationError, first_line
 
 # Ops that multiply an activation by a weight: plain, int8-dynamic-quantized and fused forms.
 MATMUL_OPS = {"MatMul", "Gemm", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
@@ -141,12 +141,22 @@ def check_graph(model, record: CompressionRecord) -> GraphCheck:
     return result
 
 
-def check_onnx_file(onnx_path: str | os.PathLike, record: CompressionRecord) -> GraphCheck:
-    """Load an ONNX file's graph (initializer metadata only, no external data) and check it."""
+def load_graph(path: str | os.PathLike, external_data: bool = True):
+    """An ONNX ModelProto from a file; ExportError (one line) when it is missing or not a readable graph
+    (a truncated or foreign file makes protobuf raise DecodeError)."""
     import onnx
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    return check_graph(model, record)
+    try:
+        return onnx.load(str(path), load_external_data=external_data)
+    except FileNotFoundError:
+        raise ExportError(f"{path} does not exist") from None
+    except Exception as exc:  # google.protobuf DecodeError, onnx's ValidationError, OSError on external data
+        raise ExportError(f"{path} is not a readable ONNX model: {first_line(exc)}") from None
+
+
+def check_onnx_file(onnx_path: str | os.PathLike, record: CompressionRecord) -> GraphCheck:
+    """Load an ONNX file's graph (initializer metadata only, no external data) and check it."""
+    return check_graph(load_graph(onnx_path, external_data=False), record)
 
 
 def require_factorized(check: GraphCheck, where: str | Path) -> GraphCheck:

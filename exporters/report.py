@@ -11,7 +11,7 @@ from pathlib import Path
 from edgesvd.units import fmt_bytes
 
 from . import plots
-from .manifest import record_file
+from .manifest import record_file, refuse_signed
 from .report_data import BudgetRow, ReportInputs, read_bundle
 
 REPORT_FILE = "report.html"
@@ -241,6 +241,7 @@ def write_report(bundle: str | os.PathLike, compare: tuple[str | os.PathLike, ..
     """Write `bundle`/report.html from the bundle's contents (atomically) and return its path;
     `compare`: other bundles (other keeps or devices) to chart the trade-off against."""
     bundle = Path(bundle)
+    refuse_signed(bundle)
     page = render_html(read_bundle(bundle, tuple(compare)))
     out = bundle / REPORT_FILE
     fd, tmp = tempfile.mkstemp(prefix=".report.", suffix=".html", dir=bundle)
