@@ -19,12 +19,12 @@ from edgesvd.families import Family, family_named
 from edgesvd.loading import load_model, load_tokenizer, resolve_model
 from edgesvd.outputs import atomic_output_dir, check_output_dir
 
-from .graphcheck import GraphCheck, check_onnx_file, require_factorized
+from .graphcheck import GraphCheck, check_graph, embedding_storage, require_factorized
+from .quantize import QUANTIZATIONS, quantize_file
 
 MODEL_FILE = "model.onnx"
 META_FILE = "edgesvd_export.json"
 DTYPES = ("fp32", "fp16")
-QUANTIZE = (None, "int8")
 POOLED_OUTPUT = "sentence_embedding"
 # Protobuf cannot serialize a message above 2 GB; keep a margin for the graph itself.
 EXTERNAL_DATA_BYTES = 1_800_000_000
@@ -32,7 +32,8 @@ EXTERNAL_DATA_BYTES = 1_800_000_000
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """How to export: opset (None: optimum's default), weight dtype, int8 quantization, pooled output."""
+    """How to export: opset (None: optimum's default), weight dtype, quantization (int8 or int4,
+    exporters/quantize.py), pooled output."""
 
     opset: int | None = None
     dtype: str = "fp32"
@@ -42,16 +43,17 @@ class ExportConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown export dtype '{self.dtype}' (choose from {', '.join(DTYPES)})")
-        if self.quantize not in QUANTIZE:
-            raise ConfigError(f"unknown quantization '{self.quantize}' (only int8 is supported)")
+        if self.quantize is not None and self.quantize not in QUANTIZATIONS:
+            raise ConfigError(f"unknown quantization '{self.quantize}' (choose from {', '.join(QUANTIZATIONS)})")
         if self.quantize and self.dtype != "fp32":
-            raise ConfigError("int8 quantization starts from fp32 weights: use --dtype fp32 with --quantize int8")
+            raise ConfigError(f"{self.quantize} quantization starts from fp32 weights: use --dtype fp32 with "
+                              f"--quantize {self.quantize}")
         if self.opset is not None and not 14 <= self.opset <= 21:
             raise ConfigError(f"opset must be between 14 and 21, got {self.opset}")
 
     @property
     def precision(self) -> str:
-        """The name parity thresholds are keyed by: fp32, fp16 or int8."""
+        """The name parity thresholds are keyed by: fp32, fp16, int8 or int4."""
         return self.quantize or self.dtype
 
 
@@ -159,23 +161,6 @@ def to_fp16(model):
     return convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
 
 
-def quantize_int8(path: Path) -> None:
-    """Dynamic int8 weight quantization of the MatMuls (factors included), in place."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    tmp = path.with_name("model.int8.onnx")
-    big = onnx_files_bytes(path.parent) > EXTERNAL_DATA_BYTES
-    with _quiet():  # the quantizer logs a pre-processing hint on the root logger
-        # Per-channel scales: per-tensor int8 loses too much on whitened factors (MiniLM cosine 0.96 → 0.99).
-        quantize_dynamic(str(path), str(tmp), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
-                         per_channel=True, use_external_data_format=big)
-    for p in list(path.parent.iterdir()):
-        if p.name.startswith("model.onnx"):
-            p.unlink()
-    # The graph refers to its external data file (if any) by the name it was saved with: keep it.
-    tmp.rename(path)
-
-
 def _optimum_export(model: nn.Module, out: Path, task: str, opset: int | None) -> None:
     from optimum.exporters.onnx import onnx_export_from_model
 
@@ -209,16 +194,18 @@ def export_model(model: nn.Module, tokenizer, family: Family, out: str | os.Path
             if cfg.pooled:  # after fp16: the pooling reads the float32 output and stays float32
                 add_mean_pooling(proto)
             save_onnx(proto, path)
-        if cfg.quantize == "int8":
-            quantize_int8(path)
+        if cfg.quantize:
+            quantize_file(path, cfg.quantize, external_data=onnx_files_bytes(tmp) > EXTERNAL_DATA_BYTES)
+        graph = onnx.load(str(path), load_external_data=False)
         check = None
         if record is not None:
-            check = require_factorized(check_onnx_file(path, record), path)
+            check = require_factorized(check_graph(graph, record), path)
         tokenizer.save_pretrained(tmp)
-        opset = opset_of(onnx.load(str(path), load_external_data=False))
+        opset = opset_of(graph)
         meta = {"kind": "dense" if record is None else "compressed", "source": source, "family": family.name,
                 "task": task, "model_type": model.config.model_type, "config": asdict(cfg),
                 "precision": cfg.precision, "opset": opset, "model_file": MODEL_FILE,
+                "embedding": embedding_storage(graph),
                 "graph_check": check.to_json() if check else None,
                 "seconds": round(time.perf_counter() - start, 2)}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")

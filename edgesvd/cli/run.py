@@ -10,6 +10,7 @@ from edgesvd.exporters.deploy import DeployConfig, RunConfig
 from edgesvd.exporters.deploy import run as run_job
 from edgesvd.exporters.export import ExportConfig
 from edgesvd.exporters.providers import SessionConfig, resolve_eps
+from edgesvd.exporters.quantize import QUANTIZATIONS
 from edgesvd.profiles import parse_budget_overrides
 
 from .options import (
@@ -36,7 +37,8 @@ from .printing import print_devices, print_summary
 @click.option("--out-root", type=PATH, default=Path("edgesvd-out"), show_default=True,
               help="Everything goes to OUT_ROOT/<model>/.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
-@click.option("--quantize", type=click.Choice(["int8"]), default=None)
+@click.option("--quantize", type=click.Choice(QUANTIZATIONS), default=None,
+              help="int8 (dynamic, MatMuls and embedding Gathers) or int4 (weight-only blocks), as `export`.")
 @ep_options
 @session_options
 @click.option("--runs", type=int, default=30, show_default=True, help="Timed onnxruntime runs per model.")
