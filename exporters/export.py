@@ -19,6 +19,7 @@ from edgesvd.families import Family, family_named
 from edgesvd.loading import load_model, load_tokenizer, resolve_model
 from edgesvd.outputs import atomic_output_dir, check_output_dir
 
+from .fusions import FUSIONS, apply_fusions, fused_for
 from .graphcheck import GraphCheck, check_graph, embedding_storage, require_factorized
 from .quantize import QUANTIZATIONS, quantize_file
 
@@ -33,14 +34,21 @@ EXTERNAL_DATA_BYTES = 1_800_000_000
 @dataclass(frozen=True)
 class ExportConfig:
     """How to export: opset (None: optimum's default), weight dtype, quantization (int8 or int4,
-    exporters/quantize.py), pooled output."""
+    exporters/quantize.py), pooled output, graph fusions (exporters/fusions.py; none by default:
+    on the CPUs measured they are not faster, README "Fusions")."""
 
     opset: int | None = None
     dtype: str = "fp32"
     quantize: str | None = None
     pooled: bool = False  # encoders: add a mean-pooled `sentence_embedding` output
+    fuse: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        fuse = tuple(FUSIONS) if "all" in self.fuse else tuple(f for f in FUSIONS if f in self.fuse)
+        unknown = set(self.fuse) - set(FUSIONS) - {"all"}
+        if unknown:
+            raise ConfigError(f"unknown fusion '{sorted(unknown)[0]}' (choose from {', '.join(FUSIONS)}, or all)")
+        object.__setattr__(self, "fuse", fuse)  # canonical order, and a tuple when read back from JSON
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown export dtype '{self.dtype}' (choose from {', '.join(DTYPES)})")
         if self.quantize is not None and self.quantize not in QUANTIZATIONS:
@@ -187,8 +195,12 @@ def export_model(model: nn.Module, tokenizer, family: Family, out: str | os.Path
         path = tmp / MODEL_FILE
         if not path.is_file():
             raise ExportError(f"optimum wrote no {MODEL_FILE} (files: {sorted(p.name for p in tmp.iterdir())})")
-        if cfg.pooled or cfg.dtype == "fp16":
+        fusions = None
+        if cfg.fuse or cfg.pooled or cfg.dtype == "fp16":
             proto = _load_onnx(path)
+            if cfg.fuse:  # on the float32 graph as optimum wrote it, before any conversion
+                proto, fusions = apply_fusions(proto, fused_for(cfg.fuse, family), record,
+                                               model.config.num_attention_heads, model.config.hidden_size)
             if cfg.dtype == "fp16":
                 proto = to_fp16(proto)
             if cfg.pooled:  # after fp16: the pooling reads the float32 output and stays float32
@@ -199,7 +211,8 @@ def export_model(model: nn.Module, tokenizer, family: Family, out: str | os.Path
         graph = onnx.load(str(path), load_external_data=False)
         check = None
         if record is not None:
-            check = require_factorized(check_graph(graph, record), path)
+            groups = [asdict(g) for g in fusions.groups] if fusions else []
+            check = require_factorized(check_graph(graph, record, groups), path)
         tokenizer.save_pretrained(tmp)
         opset = opset_of(graph)
         meta = {"kind": "dense" if record is None else "compressed", "source": source, "family": family.name,
@@ -207,6 +220,7 @@ def export_model(model: nn.Module, tokenizer, family: Family, out: str | os.Path
                 "precision": cfg.precision, "opset": opset, "model_file": MODEL_FILE,
                 "embedding": embedding_storage(graph),
                 "graph_check": check.to_json() if check else None,
+                "fusions": fusions.to_json() if fusions else None,
                 "seconds": round(time.perf_counter() - start, 2)}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         onnx_bytes = onnx_files_bytes(tmp)

@@ -12,8 +12,10 @@ from edgesvd.errors import FactorizationError
 # Ops that multiply an activation by a weight: plain, int8-dynamic-quantized and fused forms.
 MATMUL_OPS = {"MatMul", "Gemm", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat",
               "MatMulNBits", "FusedMatMul"}
-# Ops that read rows of an embedding table: plain, and onnxruntime's block-quantized form.
-GATHER_OPS = {"Gather", "GatherBlockQuantized"}
+# Ops that read rows of an embedding table → (input holding the token ids, input holding the
+# table): plain Gather, onnxruntime's block-quantized form, and its fused embedding + LayerNorm.
+GATHER_OPS = {"Gather": (1, 0), "GatherBlockQuantized": (1, 0), "EmbedLayerNormalization": (0, 2),
+              "QEmbedLayerNormalization": (0, 2)}
 # Stored forms of an embedding table that count as quantized (8 or 4 bits per value).
 QUANTIZED_STORAGE = ("int8", "uint8", "int4", "uint4")
 # Ops between `input_ids` and the embedding Gather that keep the token ids (GPT-2 reshapes them).
@@ -132,12 +134,15 @@ class GraphIndex:
     def embedding_table(self):
         """(Gather node, table initializer) of the word embedding: the Gather indexed by `input_ids`."""
         for node in self.nodes:
-            if node.op_type not in GATHER_OPS or len(node.input) < 2:
+            if node.op_type not in GATHER_OPS:
                 continue
-            index = node.input[1]
+            ids_at, table_at = GATHER_OPS[node.op_type]
+            if len(node.input) <= max(ids_at, table_at):
+                continue
+            index = node.input[ids_at]
             while index in self.producer and self.producer[index].op_type in _INDEX_PASS_THROUGH:
                 index = self.producer[index].input[0]
-            table = self.weight_of(node, 0)
+            table = self.weight_of(node, table_at)
             if index == "input_ids" and table is not None:
                 return node, table
         return None, None
@@ -160,10 +165,36 @@ def embedding_storage(model) -> str | None:
     return onnx.helper.tensor_dtype_to_np_dtype(init.data_type).name
 
 
-def check_graph(model, record: CompressionRecord) -> GraphCheck:
-    """Compare a loaded ONNX ModelProto with the checkpoint's ranks (no exception on failure)."""
+def _fused_a(graph: GraphIndex, matmuls: list, groups: list[dict]) -> dict[str, tuple[tuple[int, int], int]]:
+    """Per member layer of a fused A group (exporters/fusions.py): its slice of the one MatMul,
+    ((in, rank), its share of the weight's bytes), when the MatMul's weight is (in, Σ ranks) and
+    the Split after it cuts exactly the members' ranks in order; members of a group that does not
+    hold are left out (and so reported as not factorized)."""
+    import onnx
+
+    out = {}
+    splits = {n.name: n for n in graph.nodes if n.op_type == "Split"}
+    for g in groups:
+        base = "." + g["node"].removesuffix("/MatMul").replace("/", ".").strip(".") + "."
+        hit = next(((node, w) for norm, node, w in matmuls if base in norm), None)
+        split = splits.get(g["split"])
+        if hit is None or split is None or len(split.input) < 2 or split.input[1] not in graph.init_proto:
+            continue
+        sizes = [int(x) for x in onnx.numpy_helper.to_array(graph.init_proto[split.input[1]])]
+        shape = graph.weight_shape(*hit)
+        if sizes != list(g["ranks"]) or len(shape) != 2 or shape[1] != sum(sizes):
+            continue
+        for name, rank in zip(g["layers"], sizes):
+            out[name] = ((shape[0], rank), graph.init_bytes[hit[1]] * rank // shape[1])
+    return out
+
+
+def check_graph(model, record: CompressionRecord, fused_groups: list[dict] | None = None) -> GraphCheck:
+    """Compare a loaded ONNX ModelProto with the checkpoint's ranks (no exception on failure).
+    `fused_groups`: the A factors fused into one MatMul, as the export recorded them."""
     graph = GraphIndex(model)
     matmuls = list(graph.weight_matmuls())
+    fused = _fused_a(graph, matmuls, fused_groups or [])
     result = GraphCheck(initializer_bytes=sum(graph.init_bytes.values()), embedding=embedding_storage(graph))
     for layer in record.layers:
         if layer.rank is None:
@@ -179,11 +210,14 @@ def check_graph(model, record: CompressionRecord) -> GraphCheck:
             elif prefix in norm:
                 dense = (node, w)
         a_shape = graph.weight_shape(*found["a"]) if "a" in found else None
+        a_bytes = graph.init_bytes[found["a"][1]] if "a" in found else 0
+        if a_shape is None and layer.name in fused:  # its columns of a fused A MatMul
+            a_shape, a_bytes = fused[layer.name]
         b_shape = graph.weight_shape(*found["b"]) if "b" in found else None
         expect_a, expect_b = (layer.in_features, layer.rank), (layer.rank, layer.out_features)
         if a_shape == expect_a and b_shape == expect_b:
             result.layers.append(LayerCheck(layer.name, layer.rank, a_shape, b_shape, True))
-            result.factor_bytes += graph.init_bytes[found["a"][1]] + graph.init_bytes[found["b"][1]]
+            result.factor_bytes += a_bytes + graph.init_bytes[found["b"][1]]
             continue
         if dense is not None:
             reason = f"folded back into one dense MatMul with weight {graph.weight_shape(*dense)}"

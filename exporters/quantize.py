@@ -21,8 +21,8 @@ INT4_ACCURACY_LEVEL = 4
 
 
 @contextmanager
-def _quiet():
-    """onnxruntime's quantizers log hints and progress on the root logger; the caller reports."""
+def quiet_tooling():
+    """onnxruntime's Python tooling (quantizers, optimizer) logs hints on the root logger; the caller reports."""
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
@@ -42,7 +42,7 @@ def quantize_int8(src: Path, dst: Path, embeddings: bool = True, external_data: 
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     ops = ["MatMul", "Gather"] if embeddings else ["MatMul"]
-    with _quiet():
+    with quiet_tooling():
         try:
             # Per-channel scales: a factor's columns (components, output channels) differ in range.
             # DefaultTensorType: contrib ops from fusions carry no type information for the quantizer.
@@ -63,7 +63,7 @@ def quantize_int4(src: Path, dst: Path, embeddings: bool = True, external_data: 
 
     ops = ("MatMul", "Gather") if embeddings else ("MatMul",)
     axes = (("MatMul", 0), ("Gather", 1))
-    with _quiet():
+    with quiet_tooling():
         try:
             model = onnx.load(str(src), load_external_data=True)
             config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True,

@@ -20,6 +20,7 @@ from .options import (
     calibration_options,
     ep_options,
     exit_cleanly_on_sigterm,
+    fuse_option,
     out_console,
     reporter,
     session_options,
@@ -39,6 +40,7 @@ from .printing import print_devices, print_summary
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--quantize", type=click.Choice(QUANTIZATIONS), default=None,
               help="int8 (dynamic, MatMuls and embedding Gathers) or int4 (weight-only blocks), as `export`.")
+@fuse_option
 @ep_options
 @session_options
 @click.option("--runs", type=int, default=30, show_default=True, help="Timed onnxruntime runs per model.")
@@ -58,7 +60,7 @@ from .printing import print_devices, print_summary
                    "Shown in the summary, recorded in the manifest and the report.")
 @click.option("--force", is_flag=True, help="Replace OUT_ROOT/<model>/ if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def run(model, method, keep, rank_multiple, calib, calib_samples, calib_len, seed, out_root, dtype, quantize, eps,
+def run(model, method, keep, rank_multiple, calib, calib_samples, calib_len, seed, out_root, dtype, quantize, fuse, eps,
         allow_cpu_fallback, threads, inter_threads, opt_level, runs, batch, seq_len, device, profile_refs,
         budget_items, max_plans, eval_file, force, quiet):
     """The whole job: compress MODEL, export, verify, profile dense vs compressed, pack a bundle.
@@ -66,7 +68,7 @@ def run(model, method, keep, rank_multiple, calib, calib_samples, calib_len, see
     With --profile / --budget: ranks per device from its budgets (--budget alone means --profile host).
     """
     exit_cleanly_on_sigterm()
-    deploy = DeployConfig(export=ExportConfig(dtype=dtype, quantize=quantize, pooled=True),
+    deploy = DeployConfig(export=ExportConfig(dtype=dtype, quantize=quantize, pooled=True, fuse=fuse),
                           eps=tuple(resolve_eps(tuple(eps), allow_cpu_fallback)),
                           session=SessionConfig(threads, inter_threads, opt_level), runs=runs, batch=batch,
                           seq_len=seq_len, max_plans=max_plans, eval_file=eval_file)
