@@ -16,7 +16,7 @@ from edgesvd.evaluate import spearman
 from edgesvd.families import Family
 from edgesvd.reporting import SILENT, Reporter
 
-from .export import MODEL_FILE, ExportConfig, export_checkpoint, export_model, onnx_files_bytes
+from .export import MODEL_FILE, ExportConfig, export_checkpoint, export_model, onnx_files_bytes, read_export
 from .onnx_scores import task_score_onnx
 from .providers import CPU, SessionConfig, create_session
 
@@ -117,35 +117,48 @@ def _dense_specs(family: Family) -> list[tuple[str, ExportConfig]]:
             ("dense + ort-opt + int8", ExportConfig(pooled=pooled, fuse=("ort",), quantize="int8"))]
 
 
+def _exported_as(where: Path, cfg: ExportConfig) -> bool:
+    try:
+        return ExportConfig(**read_export(where)["config"]) == cfg
+    except (ExportError, TypeError, ConfigError):
+        return False
+
+
 def edgesvd_precisions(family: Family) -> tuple[str | None, ...]:
     """The precisions edgesvd's model is compared at: fp32 and int8, plus int4 for decoders."""
     return (None, "int8", "int4") if family.causal else (None, "int8")
 
 
 def baseline_variants(dense_model, tokenizer, family: Family, source: str, folder: Path,
-                      reporter: Reporter = SILENT) -> list[Variant]:
+                      reporter: Reporter = SILENT, reuse: bool = False) -> list[Variant]:
     """Export the dense baselines from the dense model into `folder`/dense-<n>; the first is the
-    dense fp32 model, the reference of every ratio."""
+    dense fp32 model, the reference of every ratio. `reuse`: keep a variant already exported
+    there with the same export configuration (benchmarks that run again)."""
     variants = []
     for i, (label, cfg) in enumerate(_dense_specs(family)):
         reporter.step(f"comparison: exporting {label}")
         where = folder / f"dense-{i}"
-        export_model(dense_model, tokenizer, family, where, cfg, None, source, force=True)
+        if not (reuse and _exported_as(where, cfg)):
+            export_model(dense_model, tokenizer, family, where, cfg, None, source, force=True)
         variants.append(Variant(label, BASELINE, cfg.precision, cfg.fuse, where))
     return variants
 
 
 def edgesvd_variants(checkpoint: Path, name: str, family: Family, folder: Path, fuse: tuple[str, ...] = (),
-                     reporter: Reporter = SILENT) -> list[Variant]:
-    """Export a compressed checkpoint at each compared precision (with `fuse`) into `folder`/<name>-<n>."""
+                     reporter: Reporter = SILENT, precisions: tuple[str | None, ...] | None = None,
+                     reuse: bool = False) -> list[Variant]:
+    """Export a compressed checkpoint at each compared precision (or `precisions`; None is fp32),
+    with `fuse`, into `folder`/<name>-<fusions>-<n>."""
     variants = []
-    suffix = " + " + "+".join(ExportConfig(fuse=fuse).fuse) if fuse else ""
-    for i, q in enumerate(edgesvd_precisions(family)):
+    fuse = ExportConfig(fuse=fuse).fuse
+    suffix = " + " + "+".join(fuse) if fuse else ""
+    for i, q in enumerate(precisions or edgesvd_precisions(family)):
         cfg = ExportConfig(pooled=family.pooled_output, quantize=q, fuse=fuse)
         label = f"{name} {cfg.precision}{suffix}"
         reporter.step(f"comparison: exporting {label}")
-        where = folder / f"{name.replace(' ', '-')}-{i}"
-        export_checkpoint(checkpoint, where, cfg, force=True)
+        where = folder / f"{name.replace(' ', '-')}-{'+'.join(fuse) or 'plain'}-{i}"
+        if not (reuse and _exported_as(where, cfg)):
+            export_checkpoint(checkpoint, where, cfg, force=True)
         variants.append(Variant(label, EDGESVD, cfg.precision, cfg.fuse, where))
     return variants
 

@@ -32,7 +32,15 @@ from edgesvd.profiles import Profile, load_profiles
 from edgesvd.reporting import SILENT, Reporter
 
 from .baselines import CompareConfig, compare_quantized
-from .budgets import cost_model_for, export_config_for, is_local, measure_export, plan_keep, require_measurable
+from .budgets import (
+    at_export_precision,
+    cost_model_for,
+    export_config_for,
+    is_local,
+    measure_export,
+    plan_keep,
+    require_measurable,
+)
 from .bundle import pack
 from .closed_loop import closed_loop, missed_budgets
 from .comparison import DeviceResult, comparison_markdown
@@ -328,7 +336,7 @@ def deploy(ck: Compressed, profiles: Sequence[str | Profile] = (), out: str | Pa
     {"latency_p50": "60%"}): one plan, bundle and report per device from the compression's
     component importance, and a comparison across devices.
     """
-    chosen = load_profiles(profiles, budgets)
+    chosen = at_export_precision(load_profiles(profiles, budgets), config.export)
     require_measurable(chosen)
     out = Path(out) if out is not None else Path("edgesvd-out") / ck.source.name
     check_output_dir(out, force)
@@ -386,7 +394,8 @@ def run(cfg: RunConfig = RunConfig(), reporter: Reporter = SILENT) -> Deployment
     source = resolve_model(cfg.model)
     out = Path(cfg.out_root) / source.name
     check_output_dir(out, cfg.force)
-    profiles = load_profiles(cfg.profiles or (("host",) if cfg.budgets else ()), cfg.budgets)
+    profiles = at_export_precision(load_profiles(cfg.profiles or (("host",) if cfg.budgets else ()), cfg.budgets),
+                                   cfg.deploy.export)
     require_measurable(profiles)
     if profiles and cfg.deploy.compare is not None:
         raise ConfigError("--compare-quantized measures the model as compressed at one keep; run it without "
