@@ -59,7 +59,7 @@ SCHEMA: dict = {
             "properties": {
                 "execution_provider": {"enum": list(PROVIDERS), "description": "onnxruntime execution provider."},
                 "threads": {"type": "integer", "minimum": 0, "description": "Intra-op threads (0: all cores)."},
-                "precision": {"enum": list(PRECISIONS), "description": "Weight precision: fp32, fp16 or int8 (sets bytes per parameter)."},
+                "precision": {"enum": list(PRECISIONS), "description": "Weight precision: fp32, fp16, int8 or int4 (the export's; sets bytes per parameter)."},
                 "efficiency": {"type": "number", "exclusiveMinimum": 0, "maximum": 1,
                                "description": "Fraction of peak compute and bandwidth a real kernel reaches (estimate only; default 0.5)."},
                 "op_overhead_us": {"type": "number", "minimum": 0,
@@ -150,7 +150,8 @@ class Runtime:
     overhead_bytes: float = 50e6
 
     @property
-    def bytes_per_param(self) -> int:
+    def bytes_per_param(self) -> float:
+        """Bytes per weight-matrix parameter at this precision (units.BYTES_PER_PARAM)."""
         return BYTES_PER_PARAM[self.precision]
 
 

@@ -31,7 +31,16 @@ from edgesvd.planner import Receipt, plan_ranks, resolve_limits
 from edgesvd.profiles import Profile, load_profiles
 from edgesvd.reporting import SILENT, Reporter
 
-from .budgets import cost_model_for, export_config_for, is_local, measure_export, plan_keep, require_measurable
+from .baselines import CompareConfig, compare_quantized
+from .budgets import (
+    at_export_precision,
+    cost_model_for,
+    export_config_for,
+    is_local,
+    measure_export,
+    plan_keep,
+    require_measurable,
+)
 from .bundle import pack
 from .closed_loop import closed_loop, missed_budgets
 from .comparison import DeviceResult, comparison_markdown
@@ -46,7 +55,8 @@ from .report import write_report
 class DeployConfig:
     """How a compressed model becomes bundles: export options, execution providers and session
     options, the timed workload of the fixed-keep case (profiles bring their own), repetitions,
-    plans tried per device on this machine, and an optional task-score file (`--eval`)."""
+    plans tried per device on this machine, an optional task-score file (`--eval`), and the
+    comparison with onnxruntime's own quantization of the dense model (`--compare-quantized`)."""
 
     export: ExportConfig = field(default_factory=lambda: ExportConfig(pooled=True))
     eps: tuple[str, ...] = (CPU,)
@@ -57,6 +67,7 @@ class DeployConfig:
     seq_len: int = 128
     max_plans: int = 3
     eval_file: Path | None = None
+    compare: CompareConfig | None = None  # `run --compare-quantized`: measure the dense baselines beside it
 
     def __post_init__(self) -> None:
         if self.runs < 1:
@@ -86,6 +97,7 @@ class RunSummary:
     latency: list[dict]  # per EP and mode: dense/compressed p50 and speedup
     seconds: dict[str, float]
     quality: dict = field(default_factory=dict)  # with --eval: {score: {dense, compressed, dataset}}
+    baselines: dict = field(default_factory=dict)  # with --compare-quantized: Comparison.to_json()
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -205,8 +217,17 @@ def _deploy_as_is(job: _Job, out: Path) -> RunSummary:
     prof = profile(tmp / "onnx", dense_dir, ProfileConfig(batch=cfg.batch, seq_len=cfg.seq_len, warmup=cfg.warmup,
                                                           runs=cfg.runs, eps=cfg.eps, session=cfg.session))
     job.done("profile")
+    baselines = {}
+    if cfg.compare is not None:
+        job.step("compare")
+        name = f"edgesvd keep {keep_of(ck.record.layers):.2f}"
+        baselines = compare_quantized(job.dense_model(), ck.tokenizer, job.family, tmp / "checkpoint", name,
+                                      str(ck.source.path), tmp / "baselines", cfg.compare, cfg.eval_file,
+                                      _held_out(ck), export_cfg.fuse, job.reporter).to_json()
+        job.done("compare")
     job.step("pack")
-    job.bundle(tmp, parity, prof.to_json(), {"quality": quality} if quality else None)
+    extra = {k: v for k, v in (("quality", quality), ("baselines", baselines)) if v}
+    job.bundle(tmp, parity, prof.to_json(), extra or None)
     job.done("pack")
     summary = RunSummary(
         model=ck.source.name, method=ck.record.method, keep=ck.record.keep_requested, out=out, bundle=out / "bundle",
@@ -215,7 +236,7 @@ def _deploy_as_is(job: _Job, out: Path) -> RunSummary:
         parity_ok=parity.ok, parity_detail=parity_detail(parity),
         latency=[{k: c[k] for k in ("provider", "mode", "dense_p50_ms", "compressed_p50_ms", "speedup",
                                     "flop_bound_speedup")} for c in prof.comparisons],
-        seconds=job.seconds, quality=quality)
+        seconds=job.seconds, quality=quality, baselines=baselines)
     (tmp / "summary.json").write_text(json.dumps(summary.to_json(), indent=2) + "\n")
     return summary
 
@@ -294,6 +315,12 @@ def _deploy_profile(job: _Job, p: Profile, cost, held_out, out: Path) -> DeviceR
                         history, quality, parity.ok)
 
 
+def _held_out(ck: Compressed):
+    """32 calibration sequences the compression did not see (the next seed): the quality proxy's text."""
+    calib = ck.calibration or CalibrationConfig()
+    return sample_calibration(ck.tokenizer, replace(calib, num_sequences=32, seed=calib.seed + 1), ck.source.family)
+
+
 def _cost_models(ck: Compressed, profiles: list[Profile], reporter: Reporter) -> dict:
     facts = model_facts(ck.importance.dense, [l.shape.name for l in ck.importance.layers], ck.source.family)
     return {p.name: cost_model_for(p, facts, reporter=reporter) for p in profiles}
@@ -310,13 +337,16 @@ def deploy(ck: Compressed, profiles: Sequence[str | Profile] = (), out: str | Pa
     component importance, and a comparison across devices. `inputs`: paths `out` must not overlap
     (the source model, data files), besides the source recorded in the compression.
     """
-    chosen = load_profiles(profiles, budgets)
+    chosen = at_export_precision(load_profiles(profiles, budgets), config.export)
     require_measurable(chosen)
     out = Path(out) if out is not None else Path("edgesvd-out") / ck.source.name
     inputs = (ck.source.path, config.eval_file, *inputs)
     check_output_dir(out, force, inputs)
     if config.eval_file is not None:
         check_eval_data(config.eval_file, ck.source.family)
+    if chosen and config.compare is not None:
+        raise ConfigError("--compare-quantized measures the model as compressed at one keep; run it without "
+                          "--profile/--budget")
     if chosen and ck.importance is None:
         raise ConfigError(f"plans for devices need component importance: compress with the whiten or learned "
                           f"method (this compression used '{ck.record.method}')")
@@ -327,9 +357,7 @@ def deploy(ck: Compressed, profiles: Sequence[str | Profile] = (), out: str | Pa
         job = _Job(ck, tmp, config, reporter)
         if not chosen:
             return Deployment(out, summary=_deploy_as_is(job, out))
-        calib = ck.calibration or CalibrationConfig()
-        held_out = sample_calibration(ck.tokenizer, replace(calib, num_sequences=32, seed=calib.seed + 1),
-                                      ck.source.family)
+        held_out = _held_out(ck)
         results = [_deploy_profile(job, p, costs[p.name], held_out, out) for p in chosen]
         (tmp / "comparison.json").write_text(json.dumps([r.to_json() for r in results], indent=2, default=str) + "\n")
         (tmp / "comparison.md").write_text(comparison_markdown(results) + "\n")
@@ -370,8 +398,12 @@ def run(cfg: RunConfig = RunConfig(), reporter: Reporter = SILENT) -> Deployment
     calib = cfg.calibration.source
     inputs = (source.path, cfg.deploy.eval_file, *([calib] if isinstance(calib, str) else calib))
     check_output_dir(out, cfg.force, inputs)
-    profiles = load_profiles(cfg.profiles or (("host",) if cfg.budgets else ()), cfg.budgets)
+    profiles = at_export_precision(load_profiles(cfg.profiles or (("host",) if cfg.budgets else ()), cfg.budgets),
+                                   cfg.deploy.export)
     require_measurable(profiles)
+    if profiles and cfg.deploy.compare is not None:
+        raise ConfigError("--compare-quantized measures the model as compressed at one keep; run it without "
+                          "--profile/--budget")
     if cfg.deploy.eval_file is not None:
         check_eval_data(cfg.deploy.eval_file, source.family)
     method = method_config(cfg.method or DEFAULT_METHOD, keep=cfg.keep, rank_multiple=cfg.rank_multiple)

@@ -32,11 +32,16 @@ class Thresholds:
 
 
 # fp32 differs only by kernel summation order; fp16 rounds weights and activations to 11 bits;
-# int8 quantizes weights per tensor, so only direction and arg-max are held to account there.
+# int8 rounds weights per channel and activations per tensor at run time, so only direction and
+# arg-max are held to account. int4 rounds weights to 16 levels per block of 32 and changes the
+# function visibly (MiniLM keep 0.5: embedding cosine 0.95; stories260K, whose 64-wide layers
+# suffer most: top-1 0.54): its gate catches a broken graph (a wrong scale or transposition gives
+# cosines near 0); quality is the task score's job (`--eval`, `run --compare-quantized`).
 THRESHOLDS = {
     "fp32": Thresholds(max_rel=1e-3, cosine=0.99999, top1=0.98, generation=1.0, embedding_cosine=0.99999),
     "fp16": Thresholds(max_rel=5e-2, cosine=0.999, top1=0.95, generation=0.5, embedding_cosine=0.999),
     "int8": Thresholds(max_rel=float("inf"), cosine=0.98, top1=0.80, generation=0.0, embedding_cosine=0.98),
+    "int4": Thresholds(max_rel=float("inf"), cosine=0.90, top1=0.40, generation=0.0, embedding_cosine=0.90),
 }
 
 

@@ -109,7 +109,7 @@ def graph_flops(onnx_dir: str | os.PathLike, context: int) -> dict[str, float]:
     graph = GraphIndex(load_graph(onnx_dir / MODEL_FILE, external_data=False))
     linear = 0.0
     for _norm, node, w in graph.weight_matmuls():
-        dims = graph.inits[w]
+        dims = graph.weight_shape(node, w)
         if len(dims) == 2:
             linear += 2.0 * dims[0] * dims[1]
     layers, hidden = _config_dims(onnx_dir)

@@ -96,7 +96,8 @@ class QualityRow:
 
 @dataclass(frozen=True)
 class ParetoPoint:
-    """One compressed variant (a keep or a device) for the quality / latency / size trade-off chart."""
+    """One variant (a keep, a device, or a baseline users have without edgesvd) for the quality /
+    latency / size trade-off chart."""
 
     label: str
     bytes: float
@@ -104,6 +105,8 @@ class ParetoPoint:
     latency_source: str  # measured | estimated
     quality: float
     quality_name: str
+    kind: str = "edgesvd"  # edgesvd | baseline
+    latencies: dict[str, float] = field(default_factory=dict)  # p50 per measured shape ('b1', 'b8', 'prefill', …)
 
 
 @dataclass
@@ -136,6 +139,8 @@ class ReportInputs:
     quality: list[QualityRow] = field(default_factory=list)
     pareto: list[ParetoPoint] = field(default_factory=list)
     pareto_note: str = ""  # why fewer than two comparable points exist
+    pareto_verdict: list[str] = field(default_factory=list)  # who dominates whom (run --compare-quantized)
+    pareto_source: str = ""  # how the points' scores and latencies were measured
     importance_kept: float | None = None  # planner's share of importance kept (a quality proxy)
     versions: dict = field(default_factory=dict)
 
@@ -344,6 +349,24 @@ def _run_comparison(bundle: Path) -> list[ParetoPoint]:
     return points if len({p.quality_name for p in points}) == 1 else []
 
 
+def _baseline_points(manifest: dict) -> tuple[list[ParetoPoint], list[str], str]:
+    """Points of `run --compare-quantized` (the manifest's `baselines`): the dense model through
+    onnxruntime's optimizer and quantization beside edgesvd's variants, all measured together."""
+    c = manifest.get("baselines")
+    if not isinstance(c, dict) or not c.get("points"):
+        return [], [], ""
+    name = str(c.get("score_name", "score")).replace("_", " ")
+    first = (c.get("shapes") or [None])[0]
+    points = [ParetoPoint(p["label"], float(p["onnx_bytes"]), p["latency_ms"].get(first), "measured",
+                          float(p["score"]), name, p.get("kind", "edgesvd"),
+                          {k: float(v) for k, v in p["latency_ms"].items()}) for p in c["points"]]
+    source = (f"Score: {c.get('score_source', '?')}. Latency: p50 of {c.get('runs')} rounds, every model once "
+              f"per round in rotating order in one process ({c.get('clock')} clock, session "
+              f"{c.get('session')}); load average {c.get('load_average')}. Dominance: no larger, faster at every "
+              f"shape, score within {c.get('tolerance')}.")
+    return points, list(c.get("verdict") or []), source
+
+
 def variant_point(r: ReportInputs) -> ParetoPoint | None:
     """This bundle as one point of a trade-off chart: its task score (else the planner's importance
     kept, a proxy), its p50 latency (measured when there is one) and its ONNX bytes."""
@@ -411,6 +434,10 @@ def read_bundle(bundle: str | os.PathLike, compare: tuple[str | os.PathLike, ...
         parity=parity_rows, layers=layers, spectra=_spectra(bundle, layers, record), latency=latency, latency_shape=shape,
         comparisons=comparisons, quality=parity_quality + _proxy_quality(info) + _task_quality(manifest),
         pareto=_run_comparison(bundle), importance_kept=info.get("receipt", {}).get("importance_kept"), versions=manifest.get("versions", {}))
+    baseline_points, inputs.pareto_verdict, inputs.pareto_source = _baseline_points(manifest)
+    if baseline_points:
+        inputs.pareto = baseline_points
     if compare:
         inputs.pareto, inputs.pareto_note = _compare_points(inputs, [read_bundle(c) for c in compare])
+        inputs.pareto_verdict, inputs.pareto_source = [], ""
     return inputs

@@ -15,10 +15,11 @@ from edgesvd.exporters.parity import ParityConfig
 from edgesvd.exporters.parity import verify as verify_export
 from edgesvd.exporters.profiling import ProfileConfig, profile_against_dense
 from edgesvd.exporters.providers import CUDA, SessionConfig, resolve_eps
+from edgesvd.exporters.quantize import QUANTIZATIONS
 from edgesvd.exporters.report import write_report
 from edgesvd.outputs import check_output_file, write_file
 
-from .options import PATH, ep_options, exit_cleanly_on_sigterm, out_console, reporter, session_options
+from .options import PATH, ep_options, exit_cleanly_on_sigterm, fuse_option, out_console, reporter, session_options
 from .printing import print_parity, print_profile
 
 
@@ -41,15 +42,17 @@ def _write_json(path: Path | None, data: dict, force: bool) -> None:
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: optimum's choice for the model).")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="Weight and compute dtype; fp16 keeps float32 inputs/outputs.")
-@click.option("--quantize", type=click.Choice(["int8"]), default=None,
-              help="Dynamic int8 weight quantization of the MatMuls (per channel), on top of the factorization.")
+@click.option("--quantize", type=click.Choice(QUANTIZATIONS), default=None,
+              help="On top of the factorization: int8 = onnxruntime's dynamic int8 of every MatMul (per channel) "
+                   "and of the embedding Gathers; int4 = 4-bit weight-only blocks (MatMulNBits), for decoders.")
 @click.option("--pooled", is_flag=True, help="Encoders: add a mean-pooled `sentence_embedding` output.")
+@fuse_option
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
-def export(checkpoint, out, opset, dtype, quantize, pooled, force):
+def export(checkpoint, out, opset, dtype, quantize, pooled, fuse, force):
     """Export a compressed CHECKPOINT to ONNX (each factorized layer stays two MatMuls)."""
     exit_cleanly_on_sigterm()
-    r = export_checkpoint(checkpoint, out, ExportConfig(opset=opset, dtype=dtype, quantize=quantize, pooled=pooled),
-                          force)
+    r = export_checkpoint(checkpoint, out, ExportConfig(opset=opset, dtype=dtype, quantize=quantize, pooled=pooled,
+                                                        fuse=fuse), force)
     click.echo(f"wrote {out}: {r.task}, {r.precision}, opset {r.opset}, {r.onnx_bytes / 1e6:.2f} MB ONNX "
                f"in {r.seconds:.1f}s; {r.check.summary()}")
 
