@@ -49,7 +49,11 @@ from .printing import print_devices, print_summary
                    "or .toml path). Repeatable: one importance pass, one bundle per device.")
 @budget_option
 @click.option("--max-plans", type=int, default=3, show_default=True,
-              help="With --profile on this machine: plans tried while a measured budget is missed.")
+              help="With --profile on this machine: plans measured while searching for the one that certifies "
+                   "every budget with the most importance.")
+@click.option("--max-pairs", type=int, default=960, show_default=True,
+              help="With --profile on this machine: most dense/compressed run pairs timed per plan before a "
+                   "latency budget is declared impossible to certify (a quarter first, doubling while undecided).")
 @click.option("--eval", "eval_file", type=PATH, default=None, metavar="FILE",
               help="Also score dense and compressed PyTorch models on a task: STS-B Spearman for encoders "
                    "(an STS-B tab-separated file, e.g. sts-dev.csv), perplexity for decoders (a text file). "
@@ -58,7 +62,7 @@ from .printing import print_devices, print_summary
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def run(model, method, keep, rank_multiple, calib, calib_samples, calib_len, seed, out_root, dtype, quantize, eps,
         allow_cpu_fallback, threads, inter_threads, opt_level, runs, batch, seq_len, device, profile_refs,
-        budget_items, max_plans, eval_file, force, quiet):
+        budget_items, max_plans, max_pairs, eval_file, force, quiet):
     """The whole job: compress MODEL, export, verify, profile dense vs compressed, pack a bundle.
 
     With --profile / --budget: ranks per device from its budgets (--budget alone means --profile host).
@@ -67,7 +71,8 @@ def run(model, method, keep, rank_multiple, calib, calib_samples, calib_len, see
     deploy = DeployConfig(export=ExportConfig(dtype=dtype, quantize=quantize, pooled=True),
                           eps=tuple(resolve_eps(tuple(eps), allow_cpu_fallback)),
                           session=SessionConfig(threads, inter_threads, opt_level), runs=runs, batch=batch,
-                          seq_len=seq_len, max_plans=max_plans, eval_file=eval_file)
+                          seq_len=seq_len, max_plans=max_plans, max_pairs=max_pairs,
+                          eval_file=eval_file)
     cfg = RunConfig(model=model, method=method, keep=keep, rank_multiple=rank_multiple,
                     calibration=calibration(calib, calib_samples, calib_len, seed), device=device,
                     profiles=tuple(profile_refs), budgets=parse_budget_overrides(budget_items) or None,
