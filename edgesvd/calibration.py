@@ -17,10 +17,17 @@ import torch
 
 from .errors import CalibrationError
 from .families import Family
+from .inputs import read_text
 
 BUILTIN = "builtin"
 _TEXT_SUFFIXES = {".txt", ".text", ".md", ".tokens", ".utf8", ".raw", ""}
 _JSONL_SUFFIXES = {".jsonl", ".json"}
+# At most this many bytes are read from each --calib source (a file, or a folder's files together,
+# in name order): calibration uses about 100 kB of text, and a huge corpus must not fill memory.
+MAX_SOURCE_BYTES = 64 << 20
+# Characters of a text tokenized to find its first N tokens: N × this, more only when that is not
+# enough; a token of real text rarely spans 16 characters, so a huge line is never tokenized whole.
+_CHARS_PER_TOKEN = 16
 
 # The built-in corpus is English prose taken from the documentation strings of Python's own
 # standard library: it needs neither the network nor files outside the package, it is present
@@ -100,11 +107,13 @@ def builtin_documents() -> list[str]:
     return docs
 
 
-def _read_file(path: Path) -> list[str]:
-    try:
-        raw = path.read_text(encoding="utf-8", errors="replace")
-    except OSError as exc:
-        raise CalibrationError(f"cannot read calibration file {path}: {exc.strerror}") from exc
+def _read_file(path: Path, limit: int) -> tuple[list[str], int]:
+    """The documents of one file and the bytes read: a regular file, UTF-8 (anything else is refused,
+    not decoded with replacement characters that would calibrate on noise), at most `limit` bytes."""
+    raw = read_text(path, "calibration file", limit=limit, error=CalibrationError)
+    used = len(raw.encode("utf-8"))
+    if used >= limit and path.suffix.lower() in _JSONL_SUFFIXES:
+        raw = raw[: raw.rfind("\n") + 1]  # cut at the cap: the last record is incomplete
     if path.suffix.lower() in _JSONL_SUFFIXES:
         docs = []
         for lineno, line in enumerate(raw.splitlines(), 1):
@@ -118,9 +127,9 @@ def _read_file(path: Path) -> list[str]:
             if not isinstance(text, str):
                 raise CalibrationError(f"{path}:{lineno}: JSONL record has no string 'text' field")
             docs.append(text)
-        return docs
+        return docs, used
     # Plain text: blank-line separated paragraphs are documents.
-    return [p.strip() for p in raw.split("\n\n") if p.strip()]
+    return [p.strip() for p in raw.split("\n\n") if p.strip()], used
 
 
 def read_documents(source: str | Sequence[str]) -> list[str]:
@@ -136,12 +145,20 @@ def read_documents(source: str | Sequence[str]) -> list[str]:
         path = Path(src).expanduser()
         if not path.exists():
             raise CalibrationError(f"calibration source does not exist: {path}")
-        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-        files = [p for p in files if p.suffix.lower() in _TEXT_SUFFIXES | _JSONL_SUFFIXES]
-        if not files:
-            raise CalibrationError(f"no .txt or .jsonl files in calibration folder {path}")
+        if path.is_dir():  # every entry named like text is read: a pipe or device there is refused
+            files = sorted(p for p in path.rglob("*") if not p.is_dir()
+                           and p.suffix.lower() in _TEXT_SUFFIXES | _JSONL_SUFFIXES)
+            if not files:
+                raise CalibrationError(f"no .txt or .jsonl files in calibration folder {path}")
+        else:
+            files = [path]
+        budget = MAX_SOURCE_BYTES
         for f in files:
-            docs.extend(_read_file(f))
+            if budget <= 0:
+                break
+            found, used = _read_file(f, budget)
+            docs.extend(found)
+            budget -= used
     docs = [d for d in docs if d.strip()]
     if not docs:
         raise CalibrationError(f"calibration source {', '.join(map(str, sources))} contains no text")
@@ -160,6 +177,19 @@ def sentences(docs: list[str], min_words: int = 4) -> list[str]:
     return long_enough or pieces
 
 
+def _head(tokenizer, text: str, tokens: int) -> str:
+    """The start of `text` that holds more than `tokens` tokens (all of it when shorter): only what
+    is used is tokenized, so one 17 MB line costs a few kB of tokenizer work, not gigabytes."""
+    limit = max(tokens, 1) * _CHARS_PER_TOKEN
+    while len(text) > limit:
+        head = text[:limit]
+        # max_length: counting needs no more, and keeps transformers from warning about long input
+        if len(tokenizer(head, add_special_tokens=False, truncation=True, max_length=tokens + 1)["input_ids"]) > tokens:
+            return head
+        limit *= 4
+    return text
+
+
 def _windows(tokenizer, docs: list[str], count: int, seq_len: int, rng: random.Random) -> tuple[torch.Tensor, torch.Tensor]:
     """Windows of `seq_len` tokens cut at random from the concatenated token stream (documents
     in random order, BOS before and EOS after each): what a decoder sees in training."""
@@ -170,7 +200,8 @@ def _windows(tokenizer, docs: list[str], count: int, seq_len: int, rng: random.R
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     needed = count * seq_len * 2
     for i in order:
-        stream.extend(bos + tokenizer(docs[i], add_special_tokens=False)["input_ids"] + sep)
+        text = _head(tokenizer, docs[i], needed - len(stream))
+        stream.extend(bos + tokenizer(text, add_special_tokens=False)["input_ids"] + sep)
         if len(stream) >= needed:
             break
     if len(stream) < 2:
@@ -186,7 +217,7 @@ def _sentences(tokenizer, docs: list[str], count: int, seq_len: int, rng: random
     calibrated on sentences scores 0.838 on STS-B at keep 0.5, against 0.813 when calibrated on
     the first 128 tokens of whole paragraphs)."""
     units = sentences(docs)
-    picks = [units[rng.randrange(len(units))] for _ in range(count)]
+    picks = [_head(tokenizer, units[rng.randrange(len(units))], seq_len) for _ in range(count)]
     enc = tokenizer(picks, truncation=True, max_length=seq_len, padding="longest", return_tensors="pt")
     ids, mask = enc["input_ids"], enc["attention_mask"]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0

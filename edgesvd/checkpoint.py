@@ -14,15 +14,42 @@ import torch
 from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
-from .errors import CheckpointError, first_line
-from .factorize import LayerRecord, LowRankLinear, keep_of
-from .families import family_named
+from .errors import CheckpointError, OutputError, first_line
+from .factorize import LayerRecord, LowRankLinear, dense_or_rank, keep_of
+from .families import FAMILIES, family_named
+from .inputs import read_json, validate
 from .loading import linearize_conv1d, set_submodule
 from .outputs import atomic_output_dir
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 SPECTRUM = "spectrum.safetensors"
+SPECTRUM_ENTRIES = ("sigma", "kept", "scores")  # per layer, each over the layer's whole spectrum
+
+_LAYER = {
+    "type": "object", "additionalProperties": False,
+    "required": ["name", "in_features", "out_features", "rank", "bias"],
+    "properties": {"name": {"type": "string", "minLength": 1}, "in_features": {"type": "integer", "minimum": 1},
+                   "out_features": {"type": "integer", "minimum": 1},
+                   "rank": {"type": ["integer", "null"], "minimum": 1},
+                   "bias": {"type": "boolean"}},
+}
+# The `edgesvd` section of a checkpoint's config.json, format 1 (CompressionRecord.to_json).
+SECTION_SCHEMA: dict = {
+    "type": "object", "additionalProperties": False,
+    "required": ["method", "keep_requested", "family", "source_model", "layers", "format_version"],
+    "properties": {
+        "format_version": {"const": FORMAT_VERSION},
+        "method": {"type": "string", "minLength": 1},
+        "keep_requested": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "keep_actual": {"type": "number"},
+        "family": {"enum": sorted(FAMILIES)},
+        "source_model": {"type": "string"},
+        "layers": {"type": "array", "minItems": 1, "items": _LAYER},
+        "rank_multiple": {"type": "integer", "minimum": 1},
+        "calibration": {"type": "object"}, "details": {"type": "object"}, "versions": {"type": "object"},
+    },
+}
 
 
 @dataclass
@@ -72,7 +99,7 @@ def save_compressed(model: nn.Module, tokenizer, record: CompressionRecord, out:
     given, spectrum.safetensors (per layer: singular values, scores, kept mask) atomically."""
     out = Path(out)
     record.versions = record.versions or library_versions()
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, inputs=(record.source_model,)) as tmp:
         config = model.config.to_dict()
         config["edgesvd"] = record.to_json()
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -80,36 +107,124 @@ def save_compressed(model: nn.Module, tokenizer, record: CompressionRecord, out:
         if gen is not None and family_named(record.family).causal:
             gen.save_pretrained(tmp)
         # save_model de-duplicates tied tensors (embedding / LM head), which save_file refuses.
-        save_model(model, str(tmp / WEIGHTS))
+        _saved(save_model, model, tmp / WEIGHTS, out)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if spectra:
             flat = {f"{layer}.{key}": t.detach().float().cpu().contiguous()
                     for layer, entries in spectra.items() for key, t in entries.items()}
-            save_file(flat, str(tmp / SPECTRUM))
+            _saved(save_file, flat, tmp / SPECTRUM, out)
     return out
 
 
-def read_record(path: str | os.PathLike) -> tuple[dict, CompressionRecord]:
-    """The raw config dict and the parsed `edgesvd` section of a checkpoint folder."""
+def _saved(save, tensors, path: Path, out: Path) -> None:
+    """Write a safetensors file; its writer (Rust) raises SafetensorError, not OSError, when the disk
+    is full or a file-size limit is hit: that is one OutputError line too."""
+    try:
+        save(tensors, str(path))
+    except Exception as exc:
+        if type(exc).__name__ != "SafetensorError":
+            raise
+        raise OutputError(f"{out} not written: {path.name}: {first_line(exc)}") from None
+
+
+def check_section(section, where: str, error: type = CheckpointError) -> CompressionRecord:
+    """The `edgesvd` section validated (schema, then what a schema cannot say: one entry per layer,
+    each rank one that factorization can give) and parsed."""
+    if isinstance(section, dict) and isinstance(section.get("format_version"), int) \
+            and section["format_version"] > FORMAT_VERSION:
+        raise error(f"{where} uses checkpoint format {section['format_version']}; this edgesvd reads up to "
+                    f"{FORMAT_VERSION}")
+    validate(section, SECTION_SCHEMA, where, error)
+    names = [layer["name"] for layer in section["layers"]]
+    if len(set(names)) != len(names):
+        raise error(f"{where}: layer {next(n for n in names if names.count(n) > 1)} is listed twice")
+    for layer in section["layers"]:
+        rank, out_f, in_f = layer["rank"], layer["out_features"], layer["in_features"]
+        if rank is not None and dense_or_rank(out_f, in_f, rank) is None:
+            raise error(f"{where}: layer {layer['name']} has rank {rank}, not below its break-even rank "
+                        f"{out_f * in_f / (out_f + in_f):.1f} ({out_f}×{in_f}): no factorization keeps it")
+    return CompressionRecord.from_json(section)
+
+
+def _factor_shapes(layer: LayerRecord) -> dict[str, tuple[int, ...]]:
+    """The tensors a layer has in model.safetensors and their shapes (LowRankLinear: a, b)."""
+    n = layer.name
+    if layer.rank is None:
+        return {f"{n}.weight": (layer.out_features, layer.in_features)}
+    shapes = {f"{n}.a.weight": (layer.rank, layer.in_features), f"{n}.b.weight": (layer.out_features, layer.rank)}
+    if layer.bias:
+        shapes[f"{n}.b.bias"] = (layer.out_features,)
+    return shapes
+
+
+def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """Names and shapes from a safetensors header (no tensor is read); CheckpointError when corrupt."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as exc:  # SafetensorError (Rust), OSError
+        raise CheckpointError(f"corrupt {path}: {first_line(exc)}") from None
+
+
+def _check_weights(path: Path, record: CompressionRecord, tied_output: bool) -> None:
+    """Every layer of the section against model.safetensors: factor shapes of its rank (or its dense
+    weight), and no factors of a layer the section does not list."""
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise CheckpointError(f"no {WEIGHTS} in checkpoint {path}")
+    stored = _tensor_shapes(weights)
+    for layer in record.layers:
+        for name, shape in _factor_shapes(layer).items():
+            if name not in stored:
+                if layer.rank is None and tied_output:  # a dense, tied output embedding is saved once
+                    continue
+                raise CheckpointError(f"{weights} has no tensor {name} for layer {layer.name} of the edgesvd "
+                                      f"section (rank {layer.rank}): the section does not describe these weights")
+            if stored[name] != shape:
+                raise CheckpointError(f"{weights}: {name} has shape {list(stored[name])}, but the edgesvd section "
+                                      f"says layer {layer.name} is {layer.out_features}×{layer.in_features} at rank "
+                                      f"{layer.rank} (shape {list(shape)})")
+    listed = {layer.name for layer in record.layers}
+    extra = sorted({k.rsplit(".", 2)[0] for k in stored if k.endswith((".a.weight", ".b.weight"))} - listed)
+    if extra:
+        raise CheckpointError(f"{weights} holds the factors of {extra[0]}, which the edgesvd section does not list")
+
+
+def check_spectrum_shapes(shapes: dict[str, tuple[int, ...]], record: CompressionRecord, where: str,
+                          error: type = CheckpointError) -> None:
+    """spectrum.safetensors (by tensor shapes): entries of listed layers only, 1-D, each as long as the
+    layer's spectrum (min(out, in))."""
+    layers = {layer.name: layer for layer in record.layers}
+    for key, shape in shapes.items():
+        name, _, entry = key.rpartition(".")
+        if name not in layers or entry not in SPECTRUM_ENTRIES:
+            raise error(f"{where}: unexpected entry {key} (no such layer or entry in the edgesvd section)")
+        full = min(layers[name].out_features, layers[name].in_features)
+        if shape != (full,):
+            raise error(f"{where}: {key} has shape {list(shape)}, expected [{full}] for layer {name}")
+
+
+def read_record(path: str | os.PathLike, weights: bool = True) -> tuple[dict, CompressionRecord]:
+    """Open a checkpoint folder: the raw config dict and its `edgesvd` section, validated once here —
+    against SECTION_SCHEMA, and (with `weights`) against the tensor shapes stored in
+    model.safetensors and spectrum.safetensors (headers only, nothing is loaded)."""
     path = Path(path)
     cfg_file = path / "config.json"
     if not path.is_dir():
         raise CheckpointError(f"checkpoint is not a folder: {path}")
     if not cfg_file.is_file():
         raise CheckpointError(f"no config.json in checkpoint {path}")
-    try:
-        config = json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"unreadable config.json in {path}: {exc}") from exc
+    config = read_json(cfg_file, "checkpoint config", {"type": "object"}, error=CheckpointError)
     if "edgesvd" not in config:
         raise CheckpointError(f"{path} is not an edgesvd checkpoint (config.json has no 'edgesvd' section)")
-    try:
-        record = CompressionRecord.from_json(config["edgesvd"])
-    except (TypeError, KeyError) as exc:
-        raise CheckpointError(f"malformed 'edgesvd' section in {cfg_file}: {exc}") from exc
-    if record.format_version > FORMAT_VERSION:
-        raise CheckpointError(f"{path} uses checkpoint format {record.format_version}; this edgesvd reads up to {FORMAT_VERSION}")
+    record = check_section(config["edgesvd"], f"'edgesvd' section of {cfg_file}")
+    if weights:
+        _check_weights(path, record, bool(config.get("tie_word_embeddings")))
+        if (path / SPECTRUM).is_file():
+            check_spectrum_shapes(_tensor_shapes(path / SPECTRUM), record, str(path / SPECTRUM))
     return config, record
 
 
@@ -141,7 +256,11 @@ def load_spectra(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
     if not f.is_file():
         return {}
     out: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in load_file(str(f)).items():
+    try:
+        tensors = load_file(str(f))
+    except Exception as exc:  # SafetensorError: truncated or not a safetensors file
+        raise CheckpointError(f"corrupt {f}: {first_line(exc)}") from None
+    for key, t in tensors.items():
         layer, _, entry = key.rpartition(".")
         out.setdefault(layer, {})[entry] = t
     return out

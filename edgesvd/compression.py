@@ -46,7 +46,7 @@ from .loading import (
     set_submodule,
 )
 from .methods import DEFAULT_METHOD, Learned, Method, Whiten, method_config
-from .planner import LayerImportance, uniform_rank
+from .planner import LayerImportance, check_rank_multiple, uniform_rank
 from .reporting import SILENT, Reporter
 from .spectra import Spectrum, spectra_of
 from .statistics import ActivationStats, collect_statistics
@@ -72,11 +72,21 @@ class Prepared:
         return self.calibration.seed
 
 
+def _check_positions(config, seq_len: int) -> None:
+    """Calibration sequences must fit the model: past its learned positions it fails (or, with
+    rotary positions, runs where it was never trained)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if isinstance(limit, int) and 0 < limit < seq_len:
+        raise ConfigError(f"calibration length {seq_len} (--calib-len) exceeds the model's {limit} positions "
+                          f"(max_position_embeddings): use --calib-len {limit} or less")
+
+
 def prepare(model: str | os.PathLike | ModelSource = DEFAULT_MODEL,
             calib: CalibrationConfig | str | Sequence[str] = "builtin", include: Sequence[str] = (),
             exclude: Sequence[str] = (), device: str = "auto", batch_size: int = 16, trust_remote_code: bool = False,
-            need_stats: bool = True, reporter: Reporter = SILENT) -> Prepared:
-    """Load the model and tokenizer, pick targets, sample calibration data, collect XᵀX."""
+            need_stats: bool = True, reporter: Reporter = SILENT, rank_multiple: int | None = None) -> Prepared:
+    """Load the model and tokenizer, pick targets, sample calibration data, collect XᵀX; with
+    `rank_multiple`, refuse one no targeted layer can be factorized at (before any calibration)."""
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
     calib = calibration_config(calib)
@@ -85,8 +95,11 @@ def prepare(model: str | os.PathLike | ModelSource = DEFAULT_MODEL,
     loaded = load_model(source, trust_remote_code).to(torch_device)
     tokenizer = load_tokenizer(source.path, trust_remote_code)
     targets = select_targets(loaded, include, exclude)
+    if rank_multiple is not None:
+        check_rank_multiple({t: tuple(loaded.get_submodule(t).weight.shape) for t in targets}, rank_multiple)
     sample = stats = None
     if need_stats:
+        _check_positions(loaded.config, calib.seq_len)
         sample = sample_calibration(tokenizer, calib, source.family)
         stats = collect_statistics(loaded, targets, sample, batch_size, reporter)
     return Prepared(source, loaded, tokenizer, targets, sample, stats, torch_device, calib)
@@ -363,5 +376,5 @@ def compress(model: str | os.PathLike = DEFAULT_MODEL, method: Method | str = DE
     """
     method = method_config(method)
     prepared = prepare(model, calib, include, exclude, device, batch_size, trust_remote_code,
-                       need_stats=method.needs_statistics, reporter=reporter)
+                       need_stats=method.needs_statistics, reporter=reporter, rank_multiple=method.rank_multiple)
     return compress_prepared(prepared, method, str(model), reporter=reporter)

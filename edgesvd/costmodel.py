@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from torch import nn
@@ -10,6 +11,7 @@ from torch import nn
 from .factorize import break_even_rank, params_at
 from .families import Family
 from .profiles import Profile
+from .units import BYTES_PER_COLUMN, BYTES_PER_VECTOR_PARAM
 
 # Labels shown next to every latency number, so nobody mistakes an estimate for a measurement.
 MEASURED, CALIBRATED, ESTIMATED = "measured", "calibrated", "estimated"
@@ -51,6 +53,7 @@ class ModelFacts:
     num_kv_heads: int
     head_dim: int
     vocab: int
+    vector_params: int = 0  # parameters of 1-D tensors (biases, norms): float32 under weight quantization
 
     @property
     def targeted_params(self) -> int:
@@ -71,12 +74,13 @@ def model_facts(model, targets: list[str], family: Family) -> ModelFacts:
             (layers if name in chosen else others).append(shape)
     order = {n: i for i, n in enumerate(targets)}
     layers.sort(key=lambda s: order[s.name])
+    params = {id(p): p for p in model.parameters()}.values()  # tied weights once, as the export stores them
     return ModelFacts(
-        family=family, total_params=sum(p.numel() for p in model.parameters()), layers=tuple(layers),
+        family=family, total_params=sum(p.numel() for p in params), layers=tuple(layers),
         other_linears=tuple(others), hidden=hidden, intermediate=get("intermediate_size", "n_inner", default=4 * hidden),
         num_layers=get("num_hidden_layers", "n_layer"), num_heads=heads,
         num_kv_heads=get("num_key_value_heads", default=heads), head_dim=get("head_dim", default=hidden // heads),
-        vocab=get("vocab_size", default=0))
+        vocab=get("vocab_size", default=0), vector_params=sum(p.numel() for p in params if p.dim() == 1))
 
 
 def candidate_ranks(shape: LayerShape, multiple: int) -> list[int]:
@@ -123,7 +127,9 @@ class CostModel:
                  fixed_ms: float | None = None, tail: float | None = None, table_info: dict | None = None) -> None:
         self.profile, self.facts, self.table = profile, facts, table or {}
         self.table_info = table_info or {}  # where the layer table came from (cache, load), for the receipt
-        self.bpp = profile.runtime.bytes_per_param
+        precision = profile.runtime.precision
+        self.bpp = profile.runtime.bytes_per_param  # weight matrices
+        self.bpc, self.bpv = BYTES_PER_COLUMN[precision], BYTES_PER_VECTOR_PARAM[precision]
         self.act_bytes = 2 if profile.runtime.precision == "fp16" else 4
         self.tokens = profile.workload.tokens(facts.family)
         self._fit = _fit_matmul_table(profile.measured.matmul) if profile.measured else None
@@ -202,8 +208,12 @@ class CostModel:
 
     # -- per-layer costs -----------------------------------------------------------------------
     def layer_bytes(self, shape: LayerShape, rank: int | None) -> float:
-        """Weight bytes of one layer at `rank` (None: dense), bias included."""
-        return self.bpp * (shape.params(rank) + (shape.out_features if shape.bias else 0))
+        """Weight bytes of one layer at `rank` (None: dense) at the export precision: the weight
+        matrices, their per-column quantization scales (A has `rank` columns, B and a dense
+        weight `out`) and the bias, which quantization leaves in float32."""
+        columns = shape.out_features + (rank or 0)
+        return (self.bpp * shape.params(rank) + self.bpc * columns
+                + (self.bpv * shape.out_features if shape.bias else 0))
 
     def layer_ms(self, shape: LayerShape, rank: int | None) -> float:
         """p50 time of one layer at `rank` (None: dense) at the workload's token count."""
@@ -243,11 +253,16 @@ class CostModel:
         return t_lo + (t_hi - t_lo) * (rank - lo) / (hi - lo)
 
     # -- whole-model quantities ----------------------------------------------------------------
-    @property
+    @cached_property
     def fixed_bytes(self) -> float:
-        """Weight bytes outside the targeted layers (embeddings, norms, untargeted Linear layers)."""
-        targeted = sum(s.params(None) + (s.out_features if s.bias else 0) for s in self.facts.layers)
-        return self.bpp * (self.facts.total_params - targeted)
+        """Weight bytes outside the targeted layers at the export precision: embedding tables and
+        untargeted Linear weights as matrices (quantized with `--quantize`, as the export does),
+        norms and biases as vectors."""
+        f = self.facts
+        targeted = sum(s.params(None) + (s.out_features if s.bias else 0) for s in f.layers)
+        vectors = max(f.vector_params - sum(s.out_features for s in f.layers if s.bias), 0)
+        matrices = f.total_params - targeted - vectors
+        return self.bpp * matrices + self.bpv * vectors + self.bpc * sum(s.out_features for s in f.other_linears)
 
     @property
     def activation_bytes(self) -> float:

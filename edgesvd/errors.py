@@ -29,8 +29,18 @@ class CheckpointError(EdgesvdError):
     """A compressed checkpoint is missing files, corrupt, or inconsistent with its config."""
 
 
-class OutputExistsError(EdgesvdError):
-    """The output folder exists and overwriting was not allowed."""
+class InputFileError(EdgesvdError):
+    """An input file is missing, not a regular file (a link where none may be, a FIFO, a device), not
+    UTF-8 text, or not the JSON/TOML document it should be."""
+
+
+class OutputError(EdgesvdError):
+    """An output cannot be written: its place is not a writable folder, it overlaps an input, another
+    edgesvd process is writing it, or a write failed (disk full, file-size limit)."""
+
+
+class OutputExistsError(OutputError):
+    """The output exists and overwriting was not allowed (or it is not what --force may replace)."""
 
 
 class BudgetError(EdgesvdError):

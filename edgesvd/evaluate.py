@@ -13,24 +13,25 @@ from torch import nn
 
 from .errors import CalibrationError, ConfigError
 from .families import Family
+from .inputs import open_regular, read_text
 
 
 def read_stsb(path: str | os.PathLike, limit: int | None = None) -> tuple[list[str], list[str], np.ndarray]:
     """Sentence pairs and gold scores from an STS-B tab-separated file (extra trailing fields ignored)."""
     s1, s2, gold = [], [], []
-    with open(path, encoding="utf-8") as f:
-        for row in csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE):
-            if len(row) < 7:
-                continue
-            try:
-                score = float(row[4])
-            except ValueError:  # a header line
-                continue
-            s1.append(row[5])
-            s2.append(row[6])
-            gold.append(score)
-            if limit is not None and len(gold) >= limit:
-                break
+    text = read_text(path, "--eval file", error=CalibrationError)
+    for row in csv.reader(text.splitlines(), delimiter="\t", quoting=csv.QUOTE_NONE):
+        if len(row) < 7:
+            continue
+        try:
+            score = float(row[4])
+        except ValueError:  # a header line
+            continue
+        s1.append(row[5])
+        s2.append(row[6])
+        gold.append(score)
+        if limit is not None and len(gold) >= limit:
+            break
     if not gold:
         raise CalibrationError(f"no scored sentence pairs in {path} (an STS-B file has tab-separated "
                                "columns with the score in the 5th and the two sentences in the 6th and 7th)")
@@ -83,7 +84,7 @@ def stsb_spearman(model: nn.Module, tokenizer, csv_path: str | os.PathLike, limi
 
 def read_chunks(path: str | os.PathLike, max_chunks: int | None = None) -> list[str]:
     """Blank-line separated chunks of a text file."""
-    text = Path(path).read_text(encoding="utf-8", errors="replace")
+    text = read_text(path, "--eval file", error=CalibrationError)
     chunks = [c.strip() for c in text.split("\n\n") if c.strip()]
     return chunks[:max_chunks] if max_chunks else chunks
 
@@ -123,8 +124,7 @@ def perplexity(model: nn.Module, tokenizer, text_path: str | os.PathLike, max_ch
 def check_eval_file(path: str | os.PathLike) -> Path:
     """`--eval` input: an existing file (STS-B .tsv/.csv for encoders, plain text for decoders)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"--eval file does not exist: {path}")
+    open_regular(path, "--eval file", error=ConfigError).close()  # exists, and is a regular file
     return path
 
 

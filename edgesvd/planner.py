@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from .costmodel import CostModel, LayerShape, candidate_ranks
-from .errors import BudgetError
+from .errors import BudgetError, ConfigError
 from .factorize import break_even_rank, dense_or_rank, params_at
 from .profiles import BUDGET_KEYS, BUDGET_LABELS, Budget
 from .units import fmt_bytes, fmt_ms
@@ -31,6 +31,17 @@ class LayerImportance:
 
 
 # -- rank choice under a parameter budget --------------------------------------------------------
+def check_rank_multiple(shapes: dict[str, tuple[int, int]], multiple: int) -> None:
+    """Refuse a rank multiple at or above every layer's break-even rank: every rank is at least one
+    multiple, so every layer would stay dense and the "compressed" model would be the dense one."""
+    usable = [name for name, (out_f, in_f) in shapes.items() if dense_or_rank(out_f, in_f, multiple) is not None]
+    if shapes and not usable:
+        name, (out_f, in_f) = max(shapes.items(), key=lambda kv: break_even_rank(*kv[1]))
+        raise ConfigError(f"rank multiple {multiple} (--rank-multiple) is not below the break-even rank of any "
+                          f"targeted layer (the largest is {break_even_rank(out_f, in_f):.1f}, {name}, "
+                          f"{out_f}×{in_f}): every layer would stay dense; use a smaller multiple")
+
+
 def round_rank(rank: float, multiple: int) -> int:
     """Nearest multiple of `multiple`, at least one multiple."""
     return max(multiple, int(round(rank / multiple)) * multiple)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import re
-import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -13,6 +13,7 @@ from pathlib import Path
 from .errors import ConfigError
 from .families import Family
 from .host import this_cpu, this_gpu
+from .inputs import read_toml, require_finite, validate
 from .units import BYTES_PER_PARAM, PRECISIONS, fmt_bytes
 
 SCHEMA_VERSION = 1
@@ -58,7 +59,7 @@ SCHEMA: dict = {
             "properties": {
                 "execution_provider": {"enum": list(PROVIDERS), "description": "onnxruntime execution provider."},
                 "threads": {"type": "integer", "minimum": 0, "description": "Intra-op threads (0: all cores)."},
-                "precision": {"enum": list(PRECISIONS), "description": "Weight precision: fp32, fp16 or int8 (sets bytes per parameter)."},
+                "precision": {"enum": list(PRECISIONS), "description": "Weight precision: fp32, fp16, int8 or int4 (the export's; sets bytes per parameter)."},
                 "efficiency": {"type": "number", "exclusiveMinimum": 0, "maximum": 1,
                                "description": "Fraction of peak compute and bandwidth a real kernel reaches (estimate only; default 0.5)."},
                 "op_overhead_us": {"type": "number", "minimum": 0,
@@ -149,7 +150,8 @@ class Runtime:
     overhead_bytes: float = 50e6
 
     @property
-    def bytes_per_param(self) -> int:
+    def bytes_per_param(self) -> float:
+        """Bytes per weight-matrix parameter at this precision (units.BYTES_PER_PARAM)."""
         return BYTES_PER_PARAM[self.precision]
 
 
@@ -229,7 +231,7 @@ def parse_budget(key: str, value, where: str) -> Budget:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise ConfigError(f"{where}: budget '{key}' must be a number or a string like '60%', got {value!r}")
     if isinstance(value, (int, float)):
-        if value <= 0:
+        if not math.isfinite(value) or value <= 0:
             raise ConfigError(f"{where}: budget '{key}' must be > 0, got {value}")
         return Budget(key, absolute=float(value))
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(%|[kKMG]i?B|B|ms|s)?\s*", value)
@@ -248,23 +250,6 @@ def parse_budget(key: str, value, where: str) -> Budget:
     return Budget(key, absolute=number * _UNITS[unit])
 
 
-def _validate(data: dict, where: str) -> None:
-    import jsonschema
-
-    validator = jsonschema.Draft202012Validator(SCHEMA)
-    errors = sorted(validator.iter_errors(data), key=lambda e: list(e.absolute_path))
-    if errors:
-        err = min(errors, key=lambda e: -len(e.absolute_path))  # the deepest: names the offending key
-        key = ".".join(str(p) for p in err.absolute_path) or "(top level)"
-        if err.validator == "required":
-            missing = err.message.split("'")[1]
-            key = f"{key}.{missing}" if err.absolute_path else missing
-            raise ConfigError(f"{where}: key '{key}' is required")
-        if err.validator == "additionalProperties":
-            raise ConfigError(f"{where}: {'in ' + key + ': ' if err.absolute_path else ''}{err.message}")
-        raise ConfigError(f"{where}: key '{key}': {err.message}")
-
-
 def profile_from_dict(data: dict, where: str) -> Profile:
     """Validate a parsed profile against SCHEMA and build the Profile; errors name `where` and the key."""
     if not isinstance(data, dict):
@@ -272,7 +257,8 @@ def profile_from_dict(data: dict, where: str) -> Profile:
     if "schema_version" in data and data["schema_version"] != SCHEMA_VERSION:
         raise ConfigError(f"{where}: key 'schema_version' is {data['schema_version']!r}; "
                           f"this edgesvd reads schema version {SCHEMA_VERSION}")
-    _validate(data, where)
+    require_finite(data, where, ConfigError)  # NaN and inf pass every numeric bound of the schema
+    validate(data, SCHEMA, where, ConfigError)
     d, r, w = data["device"], data["runtime"], data["workload"]
     gpu = d["kind"] == "gpu"
     device = Device(name=d["name"], kind=d["kind"], source=d["source"], cores=d.get("cores"),
@@ -318,13 +304,7 @@ def builtin_names() -> list[str]:
 
 def read_profile_file(path: Path) -> Profile:
     """Parse and validate one TOML profile file (no host measurement)."""
-    try:
-        data = tomllib.loads(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"cannot read profile {path}: {exc.strerror or exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-    return profile_from_dict(data, str(path))
+    return profile_from_dict(read_toml(path, "profile", ConfigError), str(path))
 
 
 def load_profile(name_or_path: str | os.PathLike, measure_host: bool = True) -> Profile:

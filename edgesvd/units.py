@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-PRECISIONS = ("fp32", "fp16", "int8")
-BYTES_PER_PARAM = {"fp32": 4, "fp16": 2, "int8": 1}
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+# Bytes on disk per parameter of a weight matrix (MatMul weights, embedding tables) as edgesvd
+# exports it: int8 is onnxruntime's dynamic quantization (embedding tables uint8 too), int4 is
+# 4-bit blocks of 32 with one float32 scale each (MatMulNBits, GatherBlockQuantized): 0.5 + 4/32.
+BYTES_PER_PARAM = {"fp32": 4, "fp16": 2, "int8": 1, "int4": 0.625}
+# Bytes per output column of a quantized MatMul weight: int8 per-channel scale (float32) and zero point.
+BYTES_PER_COLUMN = {"fp32": 0, "fp16": 0, "int8": 5, "int4": 0}
+# Bytes per parameter of a bias or norm: weight quantization leaves them in float32.
+BYTES_PER_VECTOR_PARAM = {"fp32": 4, "fp16": 2, "int8": 4, "int4": 4}
 
 
 def fmt_bytes(n: float | None) -> str:

@@ -40,6 +40,7 @@ from .profiling import (
 )
 from .profiling import profile as profile_onnx
 from .providers import CUDA, SessionConfig, cuda_status
+from .quantize import QUANTIZATIONS
 
 
 def is_local(profile: Profile) -> bool:
@@ -73,7 +74,17 @@ def export_config_for(base: ExportConfig, profile: Profile, family: Family) -> E
     """The export a profile runs: its precision, and the pooled output where the family has one."""
     precision = profile.runtime.precision
     return replace(base, dtype="fp16" if precision == "fp16" else "fp32",
-                   quantize="int8" if precision == "int8" else None, pooled=base.pooled and family.pooled_output)
+                   quantize=precision if precision in QUANTIZATIONS else None,
+                   pooled=base.pooled and family.pooled_output)
+
+
+def at_export_precision(profiles: Sequence[Profile], export: ExportConfig) -> list[Profile]:
+    """The profiles at the precision the user asked for (`--quantize`, `--dtype fp16`): it
+    overrides the profiles' own, so the plan counts bytes as the export stores them; the default
+    fp32 leaves every profile as written."""
+    if export.precision == "fp32":
+        return list(profiles)
+    return [replace(p, runtime=replace(p.runtime, precision=export.precision)) for p in profiles]
 
 
 def plan_keep(receipt: Receipt) -> float:

@@ -6,24 +6,68 @@ import datetime as _dt
 import json
 import os
 import shutil
+import stat
 from importlib.metadata import version
 from pathlib import Path
 
+from edgesvd.checkpoint import SPECTRUM, read_record
 from edgesvd.checkpoint import library_versions as core_versions
-from edgesvd.checkpoint import read_record
-from edgesvd.errors import BundleError, ConfigError
+from edgesvd.errors import BundleError, ConfigError, InputFileError
+from edgesvd.inputs import kind_of, open_regular, read_json
 from edgesvd.loading import check_model_folder, model_path
-from edgesvd.outputs import atomic_output_dir, check_output_dir
+from edgesvd.outputs import atomic_output_dir, check_output_dir, check_output_file
 
 from .export import MODEL_FILE, onnx_files_bytes, read_export
-from .manifest import SCHEMA_VERSION, file_table, sha256_file, write_manifest, write_tarball
+from .manifest import (
+    SCHEMA_VERSION,
+    file_table,
+    load_signing_key,
+    sha256_file,
+    sign_bundle,
+    write_manifest,
+    write_tarball,
+)
+from .parity import REPORT_SCHEMA as PARITY_SCHEMA
 from .parity import ParityConfig, verify
+from .profiling import REPORT_SCHEMA as PROFILE_SCHEMA
 from .profiling import ProfileConfig, profile
 from .report import write_report
 
 RUNNER = "run.py"
 # Files of the exported folder that a bundle carries (the graph, its data, configs, tokenizer).
 _CARRIED_SUFFIXES = (".onnx", ".onnx_data", ".data", ".json", ".txt", ".model")
+
+
+def carried_files(onnx_dir: Path) -> list[Path]:
+    """The files of an export folder a bundle carries, each a regular file: a symbolic link (even
+    one that stays inside), a pipe or a device there is refused, so a bundle holds only bytes the
+    export wrote and never the target of a link."""
+    carried = []
+    for path in sorted(Path(onnx_dir).iterdir()):
+        if path.name.endswith(_CARRIED_SUFFIXES):
+            mode = path.lstat().st_mode
+            if not stat.S_ISREG(mode):
+                raise InputFileError(f"bundle input {path} is {kind_of(mode)}, not a regular file: a bundle "
+                                     "carries only regular files that `edgesvd export` wrote")
+            carried.append(path)
+    return carried
+
+
+def _spectrum_of(checkpoint: Path) -> Path | None:
+    """The checkpoint's spectrum.safetensors (a regular file), or None."""
+    path = checkpoint / SPECTRUM
+    if not os.path.lexists(path):
+        return None
+    mode = path.lstat().st_mode
+    if not stat.S_ISREG(mode):
+        raise InputFileError(f"bundle input {path} is {kind_of(mode)}, not a regular file")
+    return path
+
+
+def _copy_regular(src: Path, dst: Path) -> None:
+    """Copy a regular file without following a link (one swapped in after the check is refused too)."""
+    with open_regular(src, "bundle input", follow_symlinks=False) as f, open(dst, "wb") as out:
+        shutil.copyfileobj(f, out, 1 << 20)
 
 
 def _weights_sha(folder: Path) -> str | None:
@@ -120,28 +164,34 @@ def markdown_report(manifest: dict) -> str:
     return "\n".join(lines)
 
 
+def _tarball(out: Path) -> Path:
+    return out.with_name(out.name + ".tar.gz")
+
+
 def pack(onnx_dir: str | os.PathLike, checkpoint: str | os.PathLike, out: str | os.PathLike,
          parity: dict | None = None, profile: dict | None = None, session: dict | None = None,
-         force: bool = False, extra: dict | None = None) -> Path:
-    """Write the bundle folder `out` and `out`.tar.gz; returns the folder. Reports are JSON dicts."""
+         force: bool = False, extra: dict | None = None, sign_key=None) -> Path:
+    """Write the bundle folder `out` and `out`.tar.gz; returns the folder. Reports are JSON dicts;
+    `sign_key`: an Ed25519 private key (or the path of its PEM file) that signs the manifest."""
     onnx_dir, checkpoint, out = Path(onnx_dir), Path(checkpoint), Path(out)
-    tarball = out.with_name(out.name + ".tar.gz")
-    check_output_dir(out, force)
-    check_output_dir(tarball, force)
+    check_output_dir(out, force, inputs=(onnx_dir, checkpoint))
+    check_output_file(_tarball(out), force)
+    if isinstance(sign_key, (str, os.PathLike)):
+        sign_key = load_signing_key(sign_key)
     meta = read_export(onnx_dir)
     raw_config, record = read_record(checkpoint)
     if meta["kind"] != "compressed":
         raise BundleError(f"{onnx_dir} is a dense export; pack a compressed one")
+    carried, spectrum = carried_files(onnx_dir), _spectrum_of(checkpoint)
     parity, profile = _portable(parity), _portable(profile)
     providers = sorted({r["provider"] for r in parity["results"] if r["status"] == "passed"}) if parity else ["CPUExecutionProvider"]
-    with atomic_output_dir(out, force) as tmp:
-        for p in sorted(onnx_dir.iterdir()):
-            if p.is_file() and p.name.endswith(_CARRIED_SUFFIXES):
-                shutil.copy2(p, tmp / p.name)
+    with atomic_output_dir(out, force, inputs=(onnx_dir, checkpoint)) as tmp:
+        for path in carried:
+            _copy_regular(path, tmp / path.name)
         shutil.copy2(Path(__file__).with_name("runner_template.py"), tmp / RUNNER)
         (tmp / "reports").mkdir()
-        if (checkpoint / "spectrum.safetensors").is_file():  # singular values/scores for the HTML report
-            shutil.copy2(checkpoint / "spectrum.safetensors", tmp / "reports" / "spectrum.safetensors")
+        if spectrum is not None:  # singular values/scores for the HTML report
+            _copy_regular(spectrum, tmp / "reports" / SPECTRUM)
         if parity:
             (tmp / "reports" / "parity.json").write_text(json.dumps(parity, indent=2) + "\n")
         if profile:
@@ -173,33 +223,37 @@ def pack(onnx_dir: str | os.PathLike, checkpoint: str | os.PathLike, out: str | 
         write_report(tmp)
         manifest["files"] = file_table(tmp)
         write_manifest(tmp, manifest)
-        write_tarball(tmp, tarball, out.name)
+        if sign_key is not None:
+            sign_bundle(tmp, sign_key)
+        write_tarball(tmp, _tarball(out), out.name, force)
     return out
-
-
-def _read_report(path: Path) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"cannot read report {path}: {exc}") from exc
 
 
 def pack_export(onnx_dir: str | os.PathLike, out: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
                 parity_report: str | os.PathLike | None = None, profile_report: str | os.PathLike | None = None,
-                runs: int = 20, force: bool = False) -> Path:
+                runs: int = 20, force: bool = False, sign: str | os.PathLike | None = None) -> Path:
     """`edgesvd pack`: bundle an export, with the checkpoint recorded at export unless given, and
     the parity and latency reports read from `verify --json` / `profile --json` files or measured
-    now. A parity report that records a failure is refused."""
-    onnx_dir = Path(onnx_dir)
+    now; with `sign`, the manifest is signed with that PEM Ed25519 private key. Everything that
+    can be refused (inputs, reports, key, output) is, before anything is measured. A parity report
+    that records a failure is refused."""
+    onnx_dir, out = Path(onnx_dir), Path(out)
     meta = read_export(onnx_dir)
     checkpoint = Path(checkpoint) if checkpoint else Path(meta["source"])
-    if parity_report:
-        parity = _read_report(parity_report)
-        if not parity.get("ok"):
-            raise ConfigError(f"{parity_report} records a failed parity check; refusing to pack")
-    else:
+    check_output_dir(out, force, inputs=(onnx_dir, checkpoint))
+    check_output_file(_tarball(out), force)
+    read_record(checkpoint)
+    carried_files(onnx_dir)
+    _spectrum_of(checkpoint)
+    key = load_signing_key(sign) if sign is not None else None
+    parity = read_json(parity_report, "parity report", PARITY_SCHEMA) if parity_report else None
+    prof = read_json(profile_report, "profile report", PROFILE_SCHEMA) if profile_report else None
+    if parity is not None and not parity["ok"]:
+        raise ConfigError(f"{parity_report} records a failed parity check; refusing to pack")
+    if parity is None:
         parity = verify(checkpoint, onnx_dir, ParityConfig()).to_json()
-    prof = _read_report(profile_report) if profile_report else profile(onnx_dir, None, ProfileConfig(runs=runs)).to_json()
-    return pack(onnx_dir, checkpoint, out, parity, prof, force=force)
+    if prof is None:
+        prof = profile(onnx_dir, None, ProfileConfig(runs=runs)).to_json()
+    return pack(onnx_dir, checkpoint, out, parity, prof, force=force, sign_key=key)
 
 

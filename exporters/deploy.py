@@ -32,9 +32,11 @@ from edgesvd.planner import Receipt, plan_ranks, resolve_limits
 from edgesvd.profiles import Profile, load_profiles
 from edgesvd.reporting import SILENT, Reporter
 
+from .baselines import CompareConfig, compare_quantized
 from .budgets import (
     Measuring,
     PlanMeasurement,
+    at_export_precision,
     cost_model_for,
     export_config_for,
     is_local,
@@ -58,7 +60,8 @@ class DeployConfig:
     """How a compressed model becomes bundles: export options, execution providers and session
     options, the timed workload of the fixed-keep case (profiles bring their own), repetitions,
     plans tried per device on this machine, the most dense/compressed pairs a latency verdict may
-    take, and an optional task-score file (`--eval`)."""
+    take, an optional task-score file (`--eval`), and the comparison with onnxruntime's own
+    quantization of the dense model (`--compare-quantized`)."""
 
     export: ExportConfig = field(default_factory=lambda: ExportConfig(pooled=True))
     eps: tuple[str, ...] = (CPU,)
@@ -70,6 +73,7 @@ class DeployConfig:
     max_plans: int = 3
     max_pairs: int = 960
     eval_file: Path | None = None
+    compare: CompareConfig | None = None  # `run --compare-quantized`: measure the dense baselines beside it
 
     def __post_init__(self) -> None:
         if self.runs < 1:
@@ -101,6 +105,7 @@ class RunSummary:
     latency: list[dict]  # per EP and mode: dense/compressed p50 and speedup
     seconds: dict[str, float]
     quality: dict = field(default_factory=dict)  # with --eval: {score: {dense, compressed, dataset}}
+    baselines: dict = field(default_factory=dict)  # with --compare-quantized: Comparison.to_json()
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -220,8 +225,17 @@ def _deploy_as_is(job: _Job, out: Path) -> RunSummary:
     prof = profile(tmp / "onnx", dense_dir, ProfileConfig(batch=cfg.batch, seq_len=cfg.seq_len, warmup=cfg.warmup,
                                                           runs=cfg.runs, eps=cfg.eps, session=cfg.session))
     job.done("profile")
+    baselines = {}
+    if cfg.compare is not None:
+        job.step("compare")
+        name = f"edgesvd keep {keep_of(ck.record.layers):.2f}"
+        baselines = compare_quantized(job.dense_model(), ck.tokenizer, job.family, tmp / "checkpoint", name,
+                                      str(ck.source.path), tmp / "baselines", cfg.compare, cfg.eval_file,
+                                      _held_out(ck), export_cfg.fuse, job.reporter).to_json()
+        job.done("compare")
     job.step("pack")
-    job.bundle(tmp, parity, prof.to_json(), {"quality": quality} if quality else None)
+    extra = {k: v for k, v in (("quality", quality), ("baselines", baselines)) if v}
+    job.bundle(tmp, parity, prof.to_json(), extra or None)
     job.done("pack")
     summary = RunSummary(
         model=ck.source.name, method=ck.record.method, keep=ck.record.keep_requested, out=out, bundle=out / "bundle",
@@ -230,7 +244,7 @@ def _deploy_as_is(job: _Job, out: Path) -> RunSummary:
         parity_ok=parity.ok, parity_detail=parity_detail(parity),
         latency=[{k: c[k] for k in ("provider", "mode", "dense_p50_ms", "compressed_p50_ms", "speedup",
                                     "flop_bound_speedup")} for c in prof.comparisons],
-        seconds=job.seconds, quality=quality)
+        seconds=job.seconds, quality=quality, baselines=baselines)
     (tmp / "summary.json").write_text(json.dumps(summary.to_json(), indent=2) + "\n")
     return summary
 
@@ -329,6 +343,12 @@ def _deploy_profile(job: _Job, p: Profile, cost, held_out, out: Path) -> DeviceR
                         history, quality, parity.ok, verdicts)
 
 
+def _held_out(ck: Compressed):
+    """32 calibration sequences the compression did not see (the next seed): the quality proxy's text."""
+    calib = ck.calibration or CalibrationConfig()
+    return sample_calibration(ck.tokenizer, replace(calib, num_sequences=32, seed=calib.seed + 1), ck.source.family)
+
+
 def _measuring(cfg: DeployConfig) -> Measuring:
     return Measuring(cfg.runs, cfg.warmup, cfg.session, cfg.max_pairs)
 
@@ -356,33 +376,36 @@ def _cost_models(ck: Compressed, profiles: list[Profile], config: DeployConfig, 
 
 def deploy(ck: Compressed, profiles: Sequence[str | Profile] = (), out: str | Path | None = None, *,
            budgets: dict[str, str] | None = None, config: DeployConfig = DeployConfig(), force: bool = False,
-           reporter: Reporter = SILENT, cost_models: dict | None = None) -> Deployment:
+           reporter: Reporter = SILENT, cost_models: dict | None = None, inputs: Sequence = ()) -> Deployment:
     """Turn a compression into bundles under `out` (default `edgesvd-out/<model>`), atomically.
 
     Without profiles: one bundle of the model as compressed, measured beside the dense model.
     With profiles (names, .toml paths or Profile objects; `budgets` override theirs, e.g.
     {"latency_p50": "60%"}): one plan, bundle and report per device from the compression's
-    component importance, and a comparison across devices.
+    component importance, and a comparison across devices. `inputs`: paths `out` must not overlap
+    (the source model, data files), besides the source recorded in the compression.
     """
-    chosen = load_profiles(profiles, budgets)
+    chosen = at_export_precision(load_profiles(profiles, budgets), config.export)
     require_measurable(chosen)
     out = Path(out) if out is not None else Path("edgesvd-out") / ck.source.name
-    check_output_dir(out, force)
+    inputs = (ck.source.path, config.eval_file, *inputs)
+    check_output_dir(out, force, inputs)
     if config.eval_file is not None:
         check_eval_data(config.eval_file, ck.source.family)
+    if chosen and config.compare is not None:
+        raise ConfigError("--compare-quantized measures the model as compressed at one keep; run it without "
+                          "--profile/--budget")
     if chosen and ck.importance is None:
         raise ConfigError(f"plans for devices need component importance: compress with the whiten or learned "
                           f"method (this compression used '{ck.record.method}')")
     costs = cost_models or (_cost_models(ck, chosen, config, reporter) if chosen else {})
     for p in chosen:  # an infeasible budget fails here, before anything is exported
         plan_ranks(ck.importance.layers, costs[p.name])
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, inputs) as tmp:
         job = _Job(ck, tmp, config, reporter)
         if not chosen:
             return Deployment(out, summary=_deploy_as_is(job, out))
-        calib = ck.calibration or CalibrationConfig()
-        held_out = sample_calibration(ck.tokenizer, replace(calib, num_sequences=32, seed=calib.seed + 1),
-                                      ck.source.family)
+        held_out = _held_out(ck)
         results = [_deploy_profile(job, p, costs[p.name], held_out, out) for p in chosen]
         (tmp / "comparison.json").write_text(json.dumps([r.to_json() for r in results], indent=2, default=str) + "\n")
         (tmp / "comparison.md").write_text(comparison_markdown(results) + "\n")
@@ -420,24 +443,31 @@ def run(cfg: RunConfig = RunConfig(), reporter: Reporter = SILENT) -> Deployment
     start = time.perf_counter()
     source = resolve_model(cfg.model)
     out = Path(cfg.out_root) / source.name
-    check_output_dir(out, cfg.force)
-    profiles = load_profiles(cfg.profiles or (("host",) if cfg.budgets else ()), cfg.budgets)
+    calib = cfg.calibration.source
+    inputs = (source.path, cfg.deploy.eval_file, *([calib] if isinstance(calib, str) else calib))
+    check_output_dir(out, cfg.force, inputs)
+    profiles = at_export_precision(load_profiles(cfg.profiles or (("host",) if cfg.budgets else ()), cfg.budgets),
+                                   cfg.deploy.export)
     require_measurable(profiles)
+    if profiles and cfg.deploy.compare is not None:
+        raise ConfigError("--compare-quantized measures the model as compressed at one keep; run it without "
+                          "--profile/--budget")
     if cfg.deploy.eval_file is not None:
         check_eval_data(cfg.deploy.eval_file, source.family)
     method = method_config(cfg.method or DEFAULT_METHOD, keep=cfg.keep, rank_multiple=cfg.rank_multiple)
     if profiles and not isinstance(method, (Whiten, Learned)):
         raise ConfigError(f"--profile plans with method learned or whiten, not '{method.name}'")
+    multiple = min(p.rank_multiple for p in profiles) if profiles else method.rank_multiple
     reporter.step("compress")
     prepared = prepare(source, cfg.calibration, device=cfg.device, need_stats=method.needs_statistics,
-                       reporter=reporter)
+                       reporter=reporter, rank_multiple=multiple)
     if not profiles:
         ck = compress_prepared(prepared, method, cfg.model, reporter=reporter)
         compressed_s = time.perf_counter() - start
-        deployment = deploy(ck, (), out, config=cfg.deploy, force=cfg.force, reporter=reporter)
+        deployment = deploy(ck, (), out, config=cfg.deploy, force=cfg.force, reporter=reporter, inputs=inputs)
         deployment.summary.seconds = {"compress": round(compressed_s, 2), **deployment.summary.seconds}
         return deployment
-    method = replace(method, rank_multiple=min(p.rank_multiple for p in profiles))
+    method = replace(method, rank_multiple=multiple)
     whitened = importance_pass(prepared, Whiten(keep=method.keep, rank_multiple=method.rank_multiple),
                                reporter=reporter)
     ck = compress_prepared(prepared, method, cfg.model, whitened, build=False, reporter=reporter)
@@ -450,4 +480,5 @@ def run(cfg: RunConfig = RunConfig(), reporter: Reporter = SILENT) -> Deployment
         method = replace(method, keep=keep)
         importance = importance_pass(prepared, method, whitened.spectra, whitened.dense, reporter)
         ck = compress_prepared(prepared, method, cfg.model, importance, build=False, reporter=reporter)
-    return deploy(ck, profiles, out, config=cfg.deploy, force=cfg.force, reporter=reporter, cost_models=costs)
+    return deploy(ck, profiles, out, config=cfg.deploy, force=cfg.force, reporter=reporter, cost_models=costs,
+                  inputs=inputs)

@@ -15,43 +15,67 @@ from torch import nn
 
 from edgesvd.checkpoint import CompressionRecord, load_compressed, read_record
 from edgesvd.errors import ConfigError, ExportError, first_line
-from edgesvd.families import Family, family_named
+from edgesvd.families import FAMILIES, Family, family_named
+from edgesvd.inputs import read_json
 from edgesvd.loading import load_model, load_tokenizer, resolve_model
 from edgesvd.outputs import atomic_output_dir, check_output_dir
+from edgesvd.units import PRECISIONS
 
-from .graphcheck import GraphCheck, check_onnx_file, require_factorized
+from .fusions import FUSIONS, apply_fusions, fused_for
+from .graphcheck import GraphCheck, check_graph, embedding_storage, load_graph, require_factorized
+from .quantize import QUANTIZATIONS, quantize_file
 
 MODEL_FILE = "model.onnx"
 META_FILE = "edgesvd_export.json"
 DTYPES = ("fp32", "fp16")
-QUANTIZE = (None, "int8")
 POOLED_OUTPUT = "sentence_embedding"
 # Protobuf cannot serialize a message above 2 GB; keep a margin for the graph itself.
 EXTERNAL_DATA_BYTES = 1_800_000_000
 
+# edgesvd_export.json as `export` writes it and `verify`, `profile` and `pack` read it back.
+META_SCHEMA: dict = {
+    "type": "object", "required": ["kind", "source", "family", "task", "model_type", "precision", "opset"],
+    "properties": {
+        "kind": {"enum": ["dense", "compressed"]}, "source": {"type": "string"},
+        "family": {"enum": sorted(FAMILIES)}, "task": {"type": "string"}, "model_type": {"type": "string"},
+        "precision": {"enum": list(PRECISIONS)}, "opset": {"type": "integer"},
+        "model_file": {"type": "string"}, "config": {"type": "object"},
+        "graph_check": {"type": ["object", "null"]}, "seconds": {"type": "number"},
+    },
+}
+
 
 @dataclass(frozen=True)
 class ExportConfig:
-    """How to export: opset (None: optimum's default), weight dtype, int8 quantization, pooled output."""
+    """How to export: opset (None: optimum's default), weight dtype, quantization (int8 or int4,
+    exporters/quantize.py), pooled output, graph fusions (exporters/fusions.py; none by default:
+    on the CPUs measured they are not faster, README "Fusions")."""
 
     opset: int | None = None
     dtype: str = "fp32"
     quantize: str | None = None
     pooled: bool = False  # encoders: add a mean-pooled `sentence_embedding` output
+    fuse: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        fuse = tuple(FUSIONS) if "all" in self.fuse else tuple(f for f in FUSIONS if f in self.fuse)
+        unknown = set(self.fuse) - set(FUSIONS) - {"all"}
+        if unknown:
+            raise ConfigError(f"unknown fusion '{sorted(unknown)[0]}' (choose from {', '.join(FUSIONS)}, or all)")
+        object.__setattr__(self, "fuse", fuse)  # canonical order, and a tuple when read back from JSON
         if self.dtype not in DTYPES:
             raise ConfigError(f"unknown export dtype '{self.dtype}' (choose from {', '.join(DTYPES)})")
-        if self.quantize not in QUANTIZE:
-            raise ConfigError(f"unknown quantization '{self.quantize}' (only int8 is supported)")
+        if self.quantize is not None and self.quantize not in QUANTIZATIONS:
+            raise ConfigError(f"unknown quantization '{self.quantize}' (choose from {', '.join(QUANTIZATIONS)})")
         if self.quantize and self.dtype != "fp32":
-            raise ConfigError("int8 quantization starts from fp32 weights: use --dtype fp32 with --quantize int8")
+            raise ConfigError(f"{self.quantize} quantization starts from fp32 weights: use --dtype fp32 with "
+                              f"--quantize {self.quantize}")
         if self.opset is not None and not 14 <= self.opset <= 21:
             raise ConfigError(f"opset must be between 14 and 21, got {self.opset}")
 
     @property
     def precision(self) -> str:
-        """The name parity thresholds are keyed by: fp32, fp16 or int8."""
+        """The name parity thresholds are keyed by: fp32, fp16, int8 or int4."""
         return self.quantize or self.dtype
 
 
@@ -115,12 +139,6 @@ def save_onnx(model, path: Path) -> None:
         onnx.save_model(model, str(path))
 
 
-def _load_onnx(path: Path):
-    import onnx
-
-    return onnx.load(str(path), load_external_data=True)
-
-
 def opset_of(model) -> int:
     return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
@@ -159,23 +177,6 @@ def to_fp16(model):
     return convert_float_to_float16(model, keep_io_types=True, disable_shape_infer=True)
 
 
-def quantize_int8(path: Path) -> None:
-    """Dynamic int8 weight quantization of the MatMuls (factors included), in place."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    tmp = path.with_name("model.int8.onnx")
-    big = onnx_files_bytes(path.parent) > EXTERNAL_DATA_BYTES
-    with _quiet():  # the quantizer logs a pre-processing hint on the root logger
-        # Per-channel scales: per-tensor int8 loses too much on whitened factors (MiniLM cosine 0.96 → 0.99).
-        quantize_dynamic(str(path), str(tmp), op_types_to_quantize=["MatMul"], weight_type=QuantType.QInt8,
-                         per_channel=True, use_external_data_format=big)
-    for p in list(path.parent.iterdir()):
-        if p.name.startswith("model.onnx"):
-            p.unlink()
-    # The graph refers to its external data file (if any) by the name it was saved with: keep it.
-    tmp.rename(path)
-
-
 def _optimum_export(model: nn.Module, out: Path, task: str, opset: int | None) -> None:
     from optimum.exporters.onnx import onnx_export_from_model
 
@@ -189,37 +190,44 @@ def _optimum_export(model: nn.Module, out: Path, task: str, opset: int | None) -
 
 def export_model(model: nn.Module, tokenizer, family: Family, out: str | os.PathLike, cfg: ExportConfig,
                  record: CompressionRecord | None = None, source: str = "", force: bool = False) -> ExportResult:
-    """Export an in-memory model to `out` (atomically); with a record, check the factorization."""
-    import onnx
-
+    """Export an in-memory model to `out` (atomically; never onto or around the `source` folder);
+    with a record, check the factorization."""
     start = time.perf_counter()
     out = Path(out)
     task = family.onnx_task
     if cfg.pooled and not family.pooled_output:
         raise ConfigError("--pooled adds a sentence embedding and applies to encoders only")
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, inputs=(source,) if source else ()) as tmp:
         _optimum_export(model, tmp, task, cfg.opset)
         path = tmp / MODEL_FILE
         if not path.is_file():
             raise ExportError(f"optimum wrote no {MODEL_FILE} (files: {sorted(p.name for p in tmp.iterdir())})")
-        if cfg.pooled or cfg.dtype == "fp16":
-            proto = _load_onnx(path)
+        fusions = None
+        if cfg.fuse or cfg.pooled or cfg.dtype == "fp16":
+            proto = load_graph(path)
+            if cfg.fuse:  # on the float32 graph as optimum wrote it, before any conversion
+                proto, fusions = apply_fusions(proto, fused_for(cfg.fuse, family), record,
+                                               model.config.num_attention_heads, model.config.hidden_size)
             if cfg.dtype == "fp16":
                 proto = to_fp16(proto)
             if cfg.pooled:  # after fp16: the pooling reads the float32 output and stays float32
                 add_mean_pooling(proto)
             save_onnx(proto, path)
-        if cfg.quantize == "int8":
-            quantize_int8(path)
+        if cfg.quantize:
+            quantize_file(path, cfg.quantize, external_data=onnx_files_bytes(tmp) > EXTERNAL_DATA_BYTES)
+        graph = load_graph(path, external_data=False)
         check = None
         if record is not None:
-            check = require_factorized(check_onnx_file(path, record), path)
+            groups = [asdict(g) for g in fusions.groups] if fusions else []
+            check = require_factorized(check_graph(graph, record, groups), path)
         tokenizer.save_pretrained(tmp)
-        opset = opset_of(onnx.load(str(path), load_external_data=False))
+        opset = opset_of(graph)
         meta = {"kind": "dense" if record is None else "compressed", "source": source, "family": family.name,
                 "task": task, "model_type": model.config.model_type, "config": asdict(cfg),
                 "precision": cfg.precision, "opset": opset, "model_file": MODEL_FILE,
+                "embedding": embedding_storage(graph),
                 "graph_check": check.to_json() if check else None,
+                "fusions": fusions.to_json() if fusions else None,
                 "seconds": round(time.perf_counter() - start, 2)}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         onnx_bytes = onnx_files_bytes(tmp)
@@ -230,7 +238,7 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, cfg
                       force: bool = False) -> ExportResult:
     """Export a compressed checkpoint folder; fails if a factor was folded back into a dense weight."""
     checkpoint = Path(checkpoint)
-    check_output_dir(Path(out), force)
+    check_output_dir(Path(out), force, inputs=(checkpoint,))
     read_record(checkpoint)  # a one-line error for a folder that is not a checkpoint, before loading
     tokenizer = load_tokenizer(checkpoint)
     model, record = load_compressed(checkpoint)
@@ -241,8 +249,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, cfg
 def export_dense(model_ref: str, out: str | os.PathLike, cfg: ExportConfig = ExportConfig(),
                  force: bool = False) -> ExportResult:
     """Export the original (dense) model through the same path, as the baseline for profiling."""
-    check_output_dir(Path(out), force)
     source = resolve_model(model_ref)
+    check_output_dir(Path(out), force, inputs=(source.path,))
     model = load_model(source)
     tokenizer = load_tokenizer(source.path)
     return export_model(model, tokenizer, source.family, out, cfg, None, str(source.path), force)
@@ -254,9 +262,6 @@ def read_export(onnx_dir: str | os.PathLike) -> dict:
     if not (onnx_dir / MODEL_FILE).is_file():
         raise ExportError(f"no {MODEL_FILE} in {onnx_dir} (export it with `edgesvd export` first)")
     meta = onnx_dir / META_FILE
-    if not meta.is_file():
+    if not os.path.lexists(meta):
         raise ExportError(f"no {META_FILE} in {onnx_dir}: not a folder written by `edgesvd export`")
-    try:
-        return json.loads(meta.read_text())
-    except json.JSONDecodeError as exc:
-        raise ExportError(f"unreadable {meta}: {exc}") from exc
+    return read_json(meta, "export metadata", META_SCHEMA, error=ExportError)

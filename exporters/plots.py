@@ -214,15 +214,21 @@ def _front(xs: np.ndarray, qs: np.ndarray) -> np.ndarray:
 
 
 def pareto_chart(points: list[ParetoPoint]) -> bytes:
-    """Quality against latency and against size for several keeps or devices; the Pareto front joined."""
+    """Quality against latency (one panel per measured shape) and against size for several keeps,
+    devices or baselines; the Pareto front over all points joined. edgesvd points are blue
+    circles, baselines (what users have without edgesvd) grey squares."""
+    from matplotlib.lines import Line2D
 
     with _style():
-        fig, axes = _subplots(1, 2, figsize=(11, 3.8))
+        shapes = list(dict.fromkeys(k for p in points for k in p.latencies))
         q = np.array([p.quality for p in points])
         scale, unit = _bytes_unit([p.bytes for p in points])
-        panels = [(axes[0], [p.latency_ms for p in points], "p50 latency (ms)", "Quality vs latency"),
-                  (axes[1], [p.bytes / scale for p in points], f"model size ({unit})", "Quality vs size")]
-        for ax, xs, xlabel, title in panels:
+        panels = ([([p.latencies.get(s) for p in points], f"p50 latency, {s} (ms)", f"Quality vs latency ({s})")
+                   for s in shapes] or [([p.latency_ms for p in points], "p50 latency (ms)", "Quality vs latency")])
+        panels.append(([p.bytes / scale for p in points], f"model size ({unit})", "Quality vs size"))
+        fig, axes = _subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2 if shapes else 3.8), squeeze=False)
+        baselines = any(p.kind == "baseline" for p in points)
+        for ax, (xs, xlabel, title) in zip(axes[0], panels):
             have = [i for i, x in enumerate(xs) if x is not None]
             if not have:
                 ax.text(0.5, 0.5, "no latency recorded", ha="center", va="center", transform=ax.transAxes)
@@ -231,17 +237,25 @@ def pareto_chart(points: list[ParetoPoint]) -> bytes:
             x = np.array([xs[i] for i in have], dtype=float)
             qq = q[have]
             front = _front(x, qq)
-            ax.step(x[front], qq[front], where="post", color=GREY, lw=1, label="Pareto front")
+            ax.step(x[front], qq[front], where="post", color=GREY, lw=1)
             for idx, i in enumerate(have):
                 est = points[i].latency_source == "estimated" and "latency" in xlabel
-                ax.scatter([x[idx]], [qq[idx]], s=36, marker="o", zorder=3,
-                           facecolors="white" if est else BLUE, edgecolors=BLUE)
+                base = points[i].kind == "baseline"
+                color = GREY if base else BLUE
+                ax.scatter([x[idx]], [qq[idx]], s=40, marker="s" if base else "o", zorder=3,
+                           facecolors="white" if est else color, edgecolors=INK if base else BLUE)
                 ax.annotate(points[i].label + (" (est.)" if est else ""), (x[idx], qq[idx]),
                             xytext=(5, 5 - 12 * (idx % 2)), textcoords="offset points", fontsize=7)
-            ax.margins(x=0.25, y=0.2)  # room for the labels of the outermost points
+            ax.margins(x=0.3, y=0.2)  # room for the labels of the outermost points
             ax.set_xlabel(xlabel)
             ax.set_ylabel(points[0].quality_name)
+            ax.ticklabel_format(axis="y", useOffset=False)  # scores near 1 read as scores, not "+1"
             ax.set_title(title)
-            ax.legend(loc="lower right")
-        fig.tight_layout()
+        handles = [Line2D([], [], color=GREY, lw=1, label="Pareto front"),
+                   Line2D([], [], marker="o", ls="", ms=6, color=BLUE, label="edgesvd")]
+        if baselines:
+            handles.append(Line2D([], [], marker="s", ls="", ms=6, mfc=GREY, mec=INK,
+                                  label="baseline (onnxruntime on the dense model)"))
+        fig.legend(handles=handles, loc="lower center", ncol=len(handles), bbox_to_anchor=(0.5, -0.02))
+        fig.tight_layout(rect=(0, 0.06, 1, 1))
         return _png(fig)

@@ -185,6 +185,40 @@ def serve_pairs(spec: dict, commands, reply) -> None:
         reply({"times": out, "load": os.getloadavg()[0]})
 
 
+def measure_many(spec: dict) -> dict:
+    """Several models in one process, interleaved: every round times each model once, in an order
+    that rotates from round to round, so load from other processes hits all of them alike. Per
+    shape (encoders: batch × seq_len forward; decoders: prefill and decode at batch 1) it returns
+    every model's times, in rounds, for paired ratios. clock "cpu" times the calling thread's CPU
+    (with one intra-op thread onnxruntime runs every kernel on it): time that other processes'
+    load does not inflate."""
+    import os
+
+    provider, cpu = spec["provider"], spec.get("clock") == "cpu"
+    clock = time.thread_time if cpu else time.perf_counter
+    load = [os.getloadavg()[0]]
+    sessions = [ort.InferenceSession(p, _options(spec, spin=False), providers=[provider]) for p in spec["models"]]
+    causal = any(i.name.startswith("past_key_values") for i in sessions[0].get_inputs())
+    seq = spec["seq_len"]
+    shapes = ([("prefill", 1, seq, 0), ("decode", 1, 1, seq)] if causal
+              else [(f"b{b}", b, seq, 0) for b in spec["batches"]])
+    out: dict[str, list[list[float]]] = {}
+    for name, batch, new, past in shapes:
+        runs = [_runner(s, feeds(s, batch, new, past, np.random.default_rng(0)), provider) for s in sessions]
+        times: list[list[float]] = [[] for _ in runs]
+        order = list(range(len(runs)))
+        for i in range(spec["warmup"] + spec["runs"]):
+            shift = i % len(order)
+            for k in order[shift:] + order[:shift]:
+                t = clock()
+                runs[k]()
+                if i >= spec["warmup"]:
+                    times[k].append((clock() - t) * 1000)
+        out[name] = times
+    load.append(os.getloadavg()[0])
+    return {"shapes": out, "load_average": load, "clock": "cpu" if cpu else "wall"}
+
+
 def _node_profile(spec: dict, mode: tuple) -> str:
     """Run a separate profiling session (never the timed one) and return its trace file."""
     sess = ort.InferenceSession(spec["path"], _options(spec, profile=True), providers=[spec["provider"]])
@@ -206,7 +240,7 @@ if __name__ == "__main__":
         if spec.get("pair"):
             serve_pairs(spec, sys.stdin, _reply)
         else:
-            _reply(measure(spec))
+            _reply(measure_many(spec) if spec.get("models") else measure(spec))
     except Exception as exc:  # reported by the parent as one line
         print(json.dumps({"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}))
         sys.exit(3)

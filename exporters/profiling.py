@@ -18,11 +18,32 @@ import numpy as np
 
 from edgesvd.checkpoint import read_record
 from edgesvd.errors import ConfigError, ExportError
+from edgesvd.inputs import read_json
 from edgesvd.reporting import SILENT, Reporter
 
 from .export import MODEL_FILE, ExportConfig, export_dense, onnx_files_bytes, read_export
-from .graphcheck import GraphIndex
+from .graphcheck import GraphIndex, load_graph
 from .providers import CPU, SessionConfig
+
+_STATS = {"type": "object", "required": ["p50_ms", "p90_ms", "p99_ms", "throughput_per_s"],
+          "properties": {k: {"type": "number"} for k in ("p50_ms", "p90_ms", "p99_ms", "throughput_per_s")}}
+# The JSON of `profile --json` (ProfileReport.to_json) as `pack --profile-report` and a bundle's report read it back.
+REPORT_SCHEMA: dict = {
+    "type": "object", "required": ["config", "measurements", "comparisons"],
+    "properties": {
+        "config": {"type": "object", "required": ["batch", "seq_len", "runs", "warmup"],
+                   "properties": {k: {"type": "integer"} for k in ("batch", "seq_len", "runs", "warmup")}},
+        "measurements": {"type": "array", "items": {
+            "type": "object", "required": ["model", "provider", "modes"],
+            "properties": {"model": {"type": "string"}, "provider": {"type": "string"},
+                           "onnx_bytes": {"type": ["integer", "null"]},
+                           "modes": {"type": "object", "additionalProperties": _STATS}}}},
+        "comparisons": {"type": "array", "items": {
+            "type": "object", "required": ["provider", "mode", "speedup", "flop_bound_speedup"],
+            "properties": {"provider": {"type": "string"}, "mode": {"type": "string"},
+                           "speedup": {"type": "number"}, "flop_bound_speedup": {"type": "number"}}}},
+    },
+}
 
 
 @dataclass(frozen=True)
@@ -75,7 +96,7 @@ class ProfileReport:
 
 def _config_dims(onnx_dir: Path) -> tuple[int, int]:
     """(layers, hidden) from the config.json beside the graph, for attention FLOPs."""
-    cfg = json.loads((onnx_dir / "config.json").read_text())
+    cfg = read_json(onnx_dir / "config.json", "model config", {"type": "object"}, error=ExportError)
     layers = cfg.get("num_hidden_layers") or cfg.get("n_layer") or 0
     hidden = cfg.get("hidden_size") or cfg.get("n_embd") or 0
     heads, head_dim = cfg.get("num_attention_heads"), cfg.get("head_dim")
@@ -87,13 +108,11 @@ def _config_dims(onnx_dir: Path) -> tuple[int, int]:
 def graph_flops(onnx_dir: str | os.PathLike, context: int) -> dict[str, float]:
     """FLOPs per token: 2·k·n for every MatMul fed by a weight (k, n), plus attention scores and
     mixing at `context` tokens (4·context·hidden per layer, identical in dense and compressed)."""
-    import onnx
-
     onnx_dir = Path(onnx_dir)
-    graph = GraphIndex(onnx.load(str(onnx_dir / MODEL_FILE), load_external_data=False))
+    graph = GraphIndex(load_graph(onnx_dir / MODEL_FILE, external_data=False))
     linear = 0.0
     for _norm, node, w in graph.weight_matmuls():
-        dims = graph.inits[w]
+        dims = graph.weight_shape(node, w)
         if len(dims) == 2:
             linear += 2.0 * dims[0] * dims[1]
     layers, hidden = _config_dims(onnx_dir)

@@ -11,7 +11,7 @@ from pathlib import Path
 from edgesvd.units import fmt_bytes
 
 from . import plots
-from .manifest import record_file
+from .manifest import record_file, refuse_signed
 from .report_data import BudgetRow, ReportInputs, read_bundle
 
 REPORT_FILE = "report.html"
@@ -207,15 +207,31 @@ def quality_section(r: ReportInputs) -> str:
 
 
 def pareto_section(r: ReportInputs) -> str:
-    out = ['<section id="pareto"><h2>Trade-off across keeps and devices</h2>']
+    baselines = any(p.kind == "baseline" for p in r.pareto)
+    title = "Trade-off: edgesvd against what users already have" if baselines else "Trade-off across keeps and devices"
+    out = [f'<section id="pareto"><h2>{title}</h2>']
     if len(r.pareto) < 2:
         out.append(_missing("Not applicable: " + (r.pareto_note or "this bundle comes from a single keep on a "
                             "single device, so there is no trade-off to chart (run several keeps or devices and "
-                            "pass the other bundles with `edgesvd report BUNDLE --compare OTHER`).")))
+                            "pass the other bundles with `edgesvd report BUNDLE --compare OTHER`, or compare "
+                            "with onnxruntime's own quantization: `edgesvd run --compare-quantized`).")))
         return "\n".join(out + ["</section>"])
-    out.append(_img(plots.pareto_chart(r.pareto), "quality vs latency and vs size",
-                    f"{r.pareto[0].quality_name} against p50 latency and model size; hollow points have estimated "
-                    "latency. The grey step joins the Pareto-optimal variants."))
+    caption = (f"{r.pareto[0].quality_name} against p50 latency and model size; hollow points have estimated "
+               "latency. The grey step joins the Pareto-optimal variants.")
+    if baselines:
+        caption += (" Grey squares: the dense model through onnxruntime's own optimizer and quantization (what "
+                    "users have without edgesvd); blue circles: edgesvd.")
+    out.append(_img(plots.pareto_chart(r.pareto), "quality vs latency and vs size", caption))
+    if r.pareto_verdict:
+        out.append("<ul>" + "".join(f"<li>{_e(line)}</li>" for line in r.pareto_verdict) + "</ul>")
+    if baselines:
+        shapes = list(dict.fromkeys(k for p in r.pareto for k in p.latencies))
+        rows = [[_e(p.label), _e(p.kind), _e(fmt_bytes(p.bytes)), f"{p.quality:.4f}",
+                 *(f"{p.latencies[s]:.2f}" if s in p.latencies else "–" for s in shapes)] for p in r.pareto]
+        out.append(_table(["model", "kind", "ONNX bytes", r.pareto[0].quality_name,
+                           *(f"p50 {s} ms" for s in shapes)], rows, numeric=set(range(2, 4 + len(shapes)))))
+    if r.pareto_source:
+        out.append(f'<p class="note">{_e(r.pareto_source)}</p>')
     return "\n".join(out + ["</section>"])
 
 
@@ -241,6 +257,7 @@ def write_report(bundle: str | os.PathLike, compare: tuple[str | os.PathLike, ..
     """Write `bundle`/report.html from the bundle's contents (atomically) and return its path;
     `compare`: other bundles (other keeps or devices) to chart the trade-off against."""
     bundle = Path(bundle)
+    refuse_signed(bundle)
     page = render_html(read_bundle(bundle, tuple(compare)))
     out = bundle / REPORT_FILE
     fd, tmp = tempfile.mkstemp(prefix=".report.", suffix=".html", dir=bundle)

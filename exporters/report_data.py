@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from edgesvd.errors import BundleError
+from edgesvd.checkpoint import check_section, check_spectrum_shapes
+from edgesvd.errors import InputFileError, first_line
 from edgesvd.families import FAMILIES
+from edgesvd.inputs import read_json
 from edgesvd.inspect import LayerRow
 from edgesvd.profiles import BUDGET_LABELS
 from edgesvd.units import BYTES_PER_PARAM
 
-from .manifest import MANIFEST
+from .manifest import read_manifest
+from .profiling import REPORT_SCHEMA as PROFILE_SCHEMA
 
 SPECTRUM_FILE = "reports/spectrum.safetensors"
 # How many layers the spectrum chart shows (one per distinct shape first, then the last layer).
@@ -94,7 +96,8 @@ class QualityRow:
 
 @dataclass(frozen=True)
 class ParetoPoint:
-    """One compressed variant (a keep or a device) for the quality / latency / size trade-off chart."""
+    """One variant (a keep, a device, or a baseline users have without edgesvd) for the quality /
+    latency / size trade-off chart."""
 
     label: str
     bytes: float
@@ -102,6 +105,8 @@ class ParetoPoint:
     latency_source: str  # measured | estimated
     quality: float
     quality_name: str
+    kind: str = "edgesvd"  # edgesvd | baseline
+    latencies: dict[str, float] = field(default_factory=dict)  # p50 per measured shape ('b1', 'b8', 'prefill', …)
 
 
 @dataclass
@@ -134,40 +139,44 @@ class ReportInputs:
     quality: list[QualityRow] = field(default_factory=list)
     pareto: list[ParetoPoint] = field(default_factory=list)
     pareto_note: str = ""  # why fewer than two comparable points exist
+    pareto_verdict: list[str] = field(default_factory=list)  # who dominates whom (run --compare-quantized)
+    pareto_source: str = ""  # how the points' scores and latencies were measured
     importance_kept: float | None = None  # planner's share of importance kept (a quality proxy)
     versions: dict = field(default_factory=dict)
 
 
-def _read_json(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"malformed {path}: {exc}") from exc
+def _read_json(path: Path, what: str, schema: dict | None = None):
+    """A JSON file of the bundle, validated when a schema is given; None when absent."""
+    return read_json(path, what, schema) if os.path.lexists(path) else None
 
 
-def _layers(bundle: Path, manifest: dict, bytes_per_param: int) -> list[LayerRow]:
-    """Shapes come from the edgesvd section of the bundle's config.json; ranks from the manifest."""
-    config = _read_json(bundle / "config.json") or {}
-    ranks = manifest.get("compression", {}).get("ranks", {})
-    rows = []
-    for layer in config.get("edgesvd", {}).get("layers", []):
-        rank = ranks.get(layer["name"], layer.get("rank"))
-        rows.append(LayerRow(layer["name"], int(layer["out_features"]), int(layer["in_features"]), rank,
-                             bytes_per_param))
-    return rows
+def _layers(bundle: Path, manifest: dict, bytes_per_param: int):
+    """Shapes come from the edgesvd section of the bundle's config.json (validated as a checkpoint's
+    is); ranks from the manifest. Also returns the parsed section (None without one)."""
+    config = _read_json(bundle / "config.json", "bundle config", {"type": "object"}) or {}
+    if "edgesvd" not in config:
+        return [], None
+    record = check_section(config["edgesvd"], f"'edgesvd' section of {bundle / 'config.json'}", InputFileError)
+    ranks = manifest["compression"].get("ranks", {})
+    rows = [LayerRow(layer.name, layer.out_features, layer.in_features, ranks.get(layer.name, layer.rank),
+                     bytes_per_param) for layer in record.layers]
+    return rows, record
 
 
-def _spectra(bundle: Path, layers: list[LayerRow]) -> list[SpectrumRow]:
+def _spectra(bundle: Path, layers: list[LayerRow], record) -> list[SpectrumRow]:
     """A few layers' spectra: the first layer of every distinct shape, then the last targeted layer."""
     path = bundle / SPECTRUM_FILE
-    if not path.is_file():
+    if not path.is_file() or record is None:
         return []
     from safetensors.numpy import load_file
 
+    try:
+        tensors = load_file(str(path))
+    except Exception as exc:  # SafetensorError: truncated or not a safetensors file
+        raise InputFileError(f"corrupt {path}: {first_line(exc)}") from None
+    check_spectrum_shapes({k: a.shape for k, a in tensors.items()}, record, str(path), InputFileError)
     entries: dict[str, dict[str, np.ndarray]] = {}
-    for key, arr in load_file(str(path)).items():
+    for key, arr in tensors.items():
         layer, _, entry = key.rpartition(".")
         entries.setdefault(layer, {})[entry] = arr
     chosen, shapes = [], set()
@@ -324,8 +333,9 @@ COMPARISON = "comparison.json"
 def _run_comparison(bundle: Path) -> list[ParetoPoint]:
     """Points of every device of an `edgesvd run --profile A --profile B` (its comparison.json sits
     two folders up: OUT/<model>/comparison.json beside OUT/<model>/<profile>/bundle)."""
-    entries = _read_json(bundle.resolve().parent.parent / COMPARISON)
-    if not isinstance(entries, list):
+    entries = _read_json(bundle.resolve().parent.parent / COMPARISON, "run comparison",
+                         {"type": "array", "items": {"type": "object"}})
+    if not entries:
         return []
     points = []
     for e in entries:
@@ -337,6 +347,24 @@ def _run_comparison(bundle: Path) -> list[ParetoPoint]:
                                   "measured" if e.get("measured") else "estimated", float(quality[1]),
                                   quality[0].replace("_", " ")))
     return points if len({p.quality_name for p in points}) == 1 else []
+
+
+def _baseline_points(manifest: dict) -> tuple[list[ParetoPoint], list[str], str]:
+    """Points of `run --compare-quantized` (the manifest's `baselines`): the dense model through
+    onnxruntime's optimizer and quantization beside edgesvd's variants, all measured together."""
+    c = manifest.get("baselines")
+    if not isinstance(c, dict) or not c.get("points"):
+        return [], [], ""
+    name = str(c.get("score_name", "score")).replace("_", " ")
+    first = (c.get("shapes") or [None])[0]
+    points = [ParetoPoint(p["label"], float(p["onnx_bytes"]), p["latency_ms"].get(first), "measured",
+                          float(p["score"]), name, p.get("kind", "edgesvd"),
+                          {k: float(v) for k, v in p["latency_ms"].items()}) for p in c["points"]]
+    source = (f"Score: {c.get('score_source', '?')}. Latency: p50 of {c.get('runs')} rounds, every model once "
+              f"per round in rotating order in one process ({c.get('clock')} clock, session "
+              f"{c.get('session')}); load average {c.get('load_average')}. Dominance: no larger, faster at every "
+              f"shape, score within {c.get('tolerance')}.")
+    return points, list(c.get("verdict") or []), source
 
 
 def variant_point(r: ReportInputs) -> ParetoPoint | None:
@@ -380,13 +408,14 @@ def read_bundle(bundle: str | os.PathLike, compare: tuple[str | os.PathLike, ...
     """Extract the report's inputs from a bundle folder; `compare`: other bundles (other keeps or
     devices) for the trade-off chart. BundleError when a folder has no manifest."""
     bundle = Path(bundle)
-    manifest = _read_json(bundle / MANIFEST)
-    if manifest is None:
-        raise BundleError(f"no {MANIFEST} in {bundle}: not an edgesvd bundle")
-    model, comp = manifest.get("model", {}), manifest.get("compression", {})
+    if not bundle.is_dir():
+        raise InputFileError(f"bundle does not exist: {bundle}" if not os.path.lexists(bundle)
+                             else f"bundle {bundle} is not a folder (the report is written into a bundle folder)")
+    manifest = read_manifest(bundle)
+    model, comp = manifest["model"], manifest["compression"]
     precision = model.get("precision", "fp32")
-    layers = _layers(bundle, manifest, BYTES_PER_PARAM.get(precision, 4))
-    profile = _read_json(bundle / "reports" / "profile.json")
+    layers, record = _layers(bundle, manifest, BYTES_PER_PARAM.get(precision, 4))
+    profile = _read_json(bundle / "reports" / "profile.json", "profile report", PROFILE_SCHEMA)
     latency, shape, comparisons, onnx_bytes = _latency(manifest, profile)
     info = _budget_info(manifest)
     latency += _budget_latency(info, latency)
@@ -402,9 +431,13 @@ def read_bundle(bundle: str | os.PathLike, compare: tuple[str | os.PathLike, ...
         keep_actual=comp.get("keep_actual"), created=manifest.get("created", ""),
         onnx_bytes=manifest.get("onnx_bytes"), dense_onnx_bytes=dense_bytes,
         profile=info.get("profile"), device=_device(info, model.get("family", "")), budgets=budgets, budget_notes=notes, parity_ok=parity_ok,
-        parity=parity_rows, layers=layers, spectra=_spectra(bundle, layers), latency=latency, latency_shape=shape,
+        parity=parity_rows, layers=layers, spectra=_spectra(bundle, layers, record), latency=latency, latency_shape=shape,
         comparisons=comparisons, quality=parity_quality + _proxy_quality(info) + _task_quality(manifest),
         pareto=_run_comparison(bundle), importance_kept=info.get("receipt", {}).get("importance_kept"), versions=manifest.get("versions", {}))
+    baseline_points, inputs.pareto_verdict, inputs.pareto_source = _baseline_points(manifest)
+    if baseline_points:
+        inputs.pareto = baseline_points
     if compare:
         inputs.pareto, inputs.pareto_note = _compare_points(inputs, [read_bundle(c) for c in compare])
+        inputs.pareto_verdict, inputs.pareto_source = [], ""
     return inputs

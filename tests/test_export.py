@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections import Counter
 
 import numpy as np
 import onnx
@@ -18,7 +19,9 @@ from edgesvd.checkpoint import load_compressed, read_record
 from edgesvd.cli import main
 from edgesvd.errors import FactorizationError
 from edgesvd.exporters.export import ExportConfig, export_model, read_export
-from edgesvd.exporters.graphcheck import check_graph, check_onnx_file
+from edgesvd.exporters.graphcheck import QUANTIZED_STORAGE, check_graph, check_onnx_file
+from edgesvd.exporters.parity import THRESHOLDS, ParityConfig, verify
+from edgesvd.exporters.providers import CPU
 from edgesvd.factorize import LowRankLinear
 from edgesvd.families import DECODER
 
@@ -86,6 +89,28 @@ def test_fp16_and_int8_keep_the_factorization(tiny_bert_dir, root, dtype, quanti
     if quantize:
         assert any(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in model.graph.node)
     assert read_export(onnx_dir)["precision"] == (quantize or dtype)
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+@pytest.mark.parametrize("family_fixture", FAMILIES)
+def test_quantized_exports_keep_factors_pass_parity_and_quantize_the_embedding(family_fixture, quantize, request,
+                                                                              root):
+    ck = checkpoint(request.getfixturevalue(family_fixture), root)
+    onnx_dir = exported(ck, root, quantize=quantize)
+    _, record = read_record(ck)
+    meta = read_export(onnx_dir)
+    assert meta["precision"] == quantize and meta["graph_check"]["ok"]
+    assert meta["graph_check"]["factorized"] == sum(l.rank is not None for l in record.layers) > 0
+    assert meta["embedding"] in QUANTIZED_STORAGE, f"the word embedding stayed {meta['embedding']}"
+    graph = onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False)
+    ops = Counter(n.op_type for n in graph.graph.node)
+    quantized_op = {"int8": "MatMulInteger", "int4": "MatMulNBits"}[quantize]
+    assert ops[quantized_op] >= 2 * meta["graph_check"]["factorized"]
+    assert ops["MatMul"] <= 2 * sum(l.rank is None for l in record.layers) + 8  # attention MatMuls stay float
+    report = verify(ck, onnx_dir, ParityConfig(eps=(CPU,)))  # raises ParityError beyond the int thresholds
+    assert report.ok and report.thresholds == THRESHOLDS[quantize]
+    fp32 = read_export(exported(ck, root))["graph_check"]["initializer_bytes"]
+    assert meta["graph_check"]["initializer_bytes"] < fp32 / (2.5 if quantize == "int8" else 4)
 
 
 class FoldedLowRank(LowRankLinear):

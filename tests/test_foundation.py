@@ -155,24 +155,38 @@ def test_whiten_beats_plain_on_real_minilm(minilm_dir, stsb_file):
 
 
 def test_a_killed_runs_temporary_folder_is_removed_by_the_next_run(tmp_path):
-    """SIGKILL leaves `.<out>.<pid>.*` behind; the next write to the same output removes it, and
-    leaves a live process's folder (a concurrent run) alone."""
-    import os
+    """SIGKILL leaves the marked `.<out>.<pid>.*` folder behind; the next write to the same output
+    removes it, refuses while a live writer holds one, and never touches an unmarked look-alike."""
     import signal
     import subprocess
     import sys
 
+    from edgesvd.errors import OutputError
     from edgesvd.outputs import atomic_output_dir
 
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    stale = tmp_path / f".out.{proc.pid}.abc123"
-    live = tmp_path / f".out.{os.getpid()}.def456"
-    for folder in (stale, live):
-        folder.mkdir()
-        (folder / "model.safetensors").write_bytes(b"half-written")
+    writer = ("import sys, time; from edgesvd.outputs import atomic_output_dir\n"
+              "with atomic_output_dir(sys.argv[1], force=False) as tmp:\n"
+              "    (tmp / 'model.safetensors').write_text('half'); print('ready', flush=True); time.sleep(60)\n")
+    def start() -> subprocess.Popen:
+        proc = subprocess.Popen([sys.executable, "-c", writer, str(tmp_path / "out")], stdout=subprocess.PIPE,
+                                text=True)
+        assert proc.stdout.readline().strip() == "ready"
+        return proc
+
+    killed = start()
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    lookalike = tmp_path / f".out.{killed.pid}.abc123"  # the user's, named like a temporary of a dead run
+    lookalike.mkdir()
+    (lookalike / "model.safetensors").write_bytes(b"the user's")
+    live = start()  # removes the killed run's folder, not the look-alike
+    assert len([p for p in tmp_path.iterdir() if p.name.startswith(".out.")]) == 2
+    with pytest.raises(OutputError, match=f"pid {live.pid}"):
+        with atomic_output_dir(tmp_path / "out", force=False):
+            pass
+    live.send_signal(signal.SIGKILL)
+    live.wait()
     with atomic_output_dir(tmp_path / "out", force=False) as tmp:
         (tmp / "done.txt").write_text("ok")
-    assert not stale.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["out", lookalike.name])
     assert (tmp_path / "out" / "done.txt").read_text() == "ok"

@@ -124,3 +124,13 @@ def test_ruff_finds_no_undefined_or_unused_names_and_imports_are_sorted():
     result = subprocess.run([str(ruff), "check", "--no-cache", "edgesvd", "exporters", "tests", "samples"],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-3000:]
+
+
+def test_the_readme_lists_every_module():
+    """The README's "How the code is laid out" tree names every module of the core and the exporters."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("<!-- section:layout -->"):]
+    section = section[:section.index("<!-- section:", 10)]
+    missing = [f"{p.parent.name}/{p.name}" for folder in ("edgesvd", "exporters")
+               for p in sorted((ROOT / folder).glob("*.py")) if f"  {p.name} " not in section]
+    assert not missing, f"modules missing from the README's layout section: {missing}"

@@ -174,10 +174,13 @@ def test_run_writes_the_report_and_says_where(tiny_bert_dir, tmp_path):
 
 
 def test_report_command_bad_input(tmp_path):
-    result = CliRunner().invoke(main, ["report", str(tmp_path / "missing")])
-    assert result.exit_code == 1
-    assert result.output.startswith("error: ") and "manifest.json" in result.output
-    assert "Traceback" not in result.output
+    """A missing bundle, and a folder that is not one: bad input, one line, exit 2."""
+    (tmp_path / "empty").mkdir()
+    for target, needle in ((tmp_path / "missing", "does not exist"), (tmp_path / "empty", "manifest.json")):
+        result = CliRunner().invoke(main, ["report", str(target)])
+        assert result.exit_code == 2, result.output
+        assert result.output.startswith("error: ") and needle in result.output
+        assert "Traceback" not in result.output
 
 
 @pytest.fixture(scope="module")

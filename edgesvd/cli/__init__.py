@@ -20,8 +20,9 @@ from .run import run
 
 
 class _Group(click.Group):
-    """Turns every EdgesvdError raised by a command, and click's usage errors, into one
-    `error: …` line and the error's exit code (2 for bad input or usage)."""
+    """Turns every EdgesvdError raised by a command, click's usage errors and an OSError that
+    escaped the library's own handling (an output it could not write) into one `error: …` line
+    and the error's exit code (2 for bad input, usage and the environment; 1 for a failed check)."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
         try:
@@ -39,6 +40,10 @@ class _Group(click.Group):
         except EdgesvdError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
+        except OSError as exc:  # the environment, not edgesvd: a disk, a permission, a limit
+            where = f" ({exc.filename})" if exc.filename else ""
+            click.echo(f"error: {exc.strerror or exc}{where}", err=True)
+            sys.exit(2)
         except KeyboardInterrupt:
             click.echo("error: interrupted", err=True)
             sys.exit(130)

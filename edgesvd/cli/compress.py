@@ -6,6 +6,7 @@ import click
 
 from edgesvd.compression import compress as compress_model
 from edgesvd.inspect import checkpoint_summary
+from edgesvd.loading import DEFAULT_MODEL
 from edgesvd.methods import DEFAULT_METHOD, METHODS, Learned, method_config
 from edgesvd.outputs import check_output_dir
 
@@ -54,7 +55,7 @@ def model_options(f):
 def compress(model, method, keep, rank_multiple, calib, calib_samples, calib_len, seed, include, exclude,
              trust_remote_code, device, batch_size, steps, finetune_steps, margin, lr, finetune_lr, out, force, quiet):
     """Compress MODEL (alias 'minilm', a local folder, or a hub id) into a checkpoint folder."""
-    check_output_dir(out, force)
+    check_output_dir(out, force, inputs=[*calib] + ([] if model == DEFAULT_MODEL else [model]))
     config = method_config(method, keep=keep, rank_multiple=rank_multiple, steps=steps, finetune_steps=finetune_steps,
                            margin=margin, lr=lr, finetune_lr=finetune_lr)
     result = compress_model(model, config, calib=calibration(calib, calib_samples, calib_len, seed), include=include,

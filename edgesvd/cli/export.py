@@ -10,21 +10,29 @@ import click
 from edgesvd.errors import ParityError
 from edgesvd.exporters.bundle import pack_export
 from edgesvd.exporters.export import ExportConfig, export_checkpoint
-from edgesvd.exporters.manifest import check_bundle
+from edgesvd.exporters.manifest import SIGNATURE, verify_bundle
 from edgesvd.exporters.parity import ParityConfig
 from edgesvd.exporters.parity import verify as verify_export
 from edgesvd.exporters.profiling import ProfileConfig, profile_against_dense
 from edgesvd.exporters.providers import CUDA, SessionConfig, resolve_eps
+from edgesvd.exporters.quantize import QUANTIZATIONS
 from edgesvd.exporters.report import write_report
+from edgesvd.outputs import check_output_file, write_file
 
-from .options import PATH, ep_options, exit_cleanly_on_sigterm, out_console, reporter, session_options
+from .options import PATH, ep_options, exit_cleanly_on_sigterm, fuse_option, out_console, reporter, session_options
 from .printing import print_parity, print_profile
 
 
-def _write_json(path: Path | None, data: dict) -> None:
+def json_option(f):
+    """`--json FILE` and the `--force` that lets it replace an existing file."""
+    f = click.option("--force", is_flag=True, help="Replace the --json file if it exists.")(f)
+    return click.option("--json", "json_out", type=PATH, default=None,
+                        help="Also write the report as JSON (an existing file is refused unless --force).")(f)
+
+
+def _write_json(path: Path | None, data: dict, force: bool) -> None:
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=2) + "\n")
+        write_file(path, json.dumps(data, indent=2) + "\n", force)
         click.echo(f"wrote {path}")
 
 
@@ -34,15 +42,17 @@ def _write_json(path: Path | None, data: dict) -> None:
 @click.option("--opset", type=int, default=None, help="ONNX opset (default: optimum's choice for the model).")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="Weight and compute dtype; fp16 keeps float32 inputs/outputs.")
-@click.option("--quantize", type=click.Choice(["int8"]), default=None,
-              help="Dynamic int8 weight quantization of the MatMuls (per channel), on top of the factorization.")
+@click.option("--quantize", type=click.Choice(QUANTIZATIONS), default=None,
+              help="On top of the factorization: int8 = onnxruntime's dynamic int8 of every MatMul (per channel) "
+                   "and of the embedding Gathers; int4 = 4-bit weight-only blocks (MatMulNBits), for decoders.")
 @click.option("--pooled", is_flag=True, help="Encoders: add a mean-pooled `sentence_embedding` output.")
+@fuse_option
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
-def export(checkpoint, out, opset, dtype, quantize, pooled, force):
+def export(checkpoint, out, opset, dtype, quantize, pooled, fuse, force):
     """Export a compressed CHECKPOINT to ONNX (each factorized layer stays two MatMuls)."""
     exit_cleanly_on_sigterm()
-    r = export_checkpoint(checkpoint, out, ExportConfig(opset=opset, dtype=dtype, quantize=quantize, pooled=pooled),
-                          force)
+    r = export_checkpoint(checkpoint, out, ExportConfig(opset=opset, dtype=dtype, quantize=quantize, pooled=pooled,
+                                                        fuse=fuse), force)
     click.echo(f"wrote {out}: {r.task}, {r.precision}, opset {r.opset}, {r.onnx_bytes / 1e6:.2f} MB ONNX "
                f"in {r.seconds:.1f}s; {r.check.summary()}")
 
@@ -55,10 +65,12 @@ def export(checkpoint, out, opset, dtype, quantize, pooled, force):
 @click.option("--batch", type=int, default=4, show_default=True, help="Sentences / sequences compared.")
 @click.option("--seq-len", type=int, default=64, show_default=True, help="Tokens per sequence.")
 @click.option("--new-tokens", type=int, default=16, show_default=True, help="Decoders: greedy tokens compared.")
-@click.option("--json", "json_out", type=PATH, default=None, help="Also write the report as JSON.")
+@json_option
 def verify(checkpoint, onnx_dir, eps, allow_cpu_fallback, threads, inter_threads, opt_level, batch, seq_len,
-           new_tokens, json_out):
+           new_tokens, json_out, force):
     """Parity of ONNX_DIR against the compressed PyTorch CHECKPOINT; exit code 1 on failure."""
+    if json_out is not None:
+        check_output_file(json_out, force)
     providers = resolve_eps(tuple(eps), allow_cpu_fallback)
     if "auto" in eps and CUDA not in providers:
         providers.append(CUDA)  # reported as skipped, with the reason
@@ -69,10 +81,10 @@ def verify(checkpoint, onnx_dir, eps, allow_cpu_fallback, threads, inter_threads
         report = verify_export(checkpoint, onnx_dir, cfg)
     except ParityError as exc:
         print_parity(console, exc.report)
-        _write_json(json_out, exc.report.to_json())
+        _write_json(json_out, exc.report.to_json(), force)
         raise
     print_parity(console, report)
-    _write_json(json_out, report.to_json())
+    _write_json(json_out, report.to_json(), force)
 
 
 @click.command()
@@ -88,16 +100,18 @@ def verify(checkpoint, onnx_dir, eps, allow_cpu_fallback, threads, inter_threads
 @click.option("--warmup", type=int, default=5, show_default=True, help="Untimed runs first.")
 @click.option("--runs", type=int, default=50, show_default=True, help="Timed runs.")
 @click.option("--per-node", is_flag=True, help="Also profile kernels (separate session) and sum them per layer.")
-@click.option("--json", "json_out", type=PATH, default=None, help="Also write the report as JSON.")
+@json_option
 def profile(onnx_dir, dense_dir, no_dense, eps, allow_cpu_fallback, threads, inter_threads, opt_level, batch,
-            seq_len, warmup, runs, per_node, json_out):
+            seq_len, warmup, runs, per_node, json_out, force):
     """Latency and memory of ONNX_DIR under onnxruntime, dense and compressed side by side."""
+    if json_out is not None:
+        check_output_file(json_out, force)
     cfg = ProfileConfig(batch=batch, seq_len=seq_len, warmup=warmup, runs=runs,
                         eps=tuple(resolve_eps(tuple(eps), allow_cpu_fallback)),
                         session=SessionConfig(threads, inter_threads, opt_level), per_node=per_node)
     report = profile_against_dense(onnx_dir, dense_dir, cfg, with_dense=not no_dense, reporter=reporter(quiet=True))
     print_profile(out_console(), report)
-    _write_json(json_out, report.to_json())
+    _write_json(json_out, report.to_json(), force)
 
 
 @click.command()
@@ -108,22 +122,34 @@ def profile(onnx_dir, dense_dir, no_dense, eps, allow_cpu_fallback, threads, int
 @click.option("--parity-report", type=PATH, default=None, help="JSON from `verify --json` (default: verify now).")
 @click.option("--profile-report", type=PATH, default=None, help="JSON from `profile --json` (default: profile now).")
 @click.option("--runs", type=int, default=20, show_default=True, help="Timed runs when profiling now.")
+@click.option("--sign", "sign_key", type=PATH, default=None, metavar="KEY",
+              help="Sign the manifest with this Ed25519 private key (PEM, e.g. from `openssl genpkey -algorithm "
+                   "ed25519`): writes manifest.sig.")
 @click.option("--check", "check_path", type=PATH, default=None,
-              help="Instead of packing: re-verify every file of BUNDLE (folder or .tar.gz) against its manifest.")
+              help="Instead of packing: check BUNDLE (folder or .tar.gz) exactly against its manifest.")
+@click.option("--verify-key", type=PATH, default=None, metavar="KEY",
+              help="With --check: also require manifest.sig to verify with this Ed25519 public key (PEM).")
 @click.option("--force", is_flag=True, help="Replace the bundle folder and archive if they exist.")
-def pack(onnx_dir, checkpoint, out, parity_report, profile_report, runs, check_path, force):
+def pack(onnx_dir, checkpoint, out, parity_report, profile_report, runs, sign_key, check_path, verify_key, force):
     """Pack ONNX_DIR into a deployable bundle, or check one with --check BUNDLE."""
     exit_cleanly_on_sigterm()
     if check_path is not None:
-        manifest = check_bundle(check_path)
-        click.echo(f"ok: {check_path} — {len(manifest['files'])} files match manifest.json "
-                   f"(schema {manifest['schema_version']}, {manifest['source']['model']}, "
-                   f"{manifest['compression']['method']} keep {manifest['compression']['keep_actual']:.3f})")
+        result = verify_bundle(check_path, verify_key)
+        m = result.manifest
+        keep = m["compression"].get("keep_actual")
+        signature = (f"signature verified with {verify_key}" if result.verified
+                     else f"signed ({SIGNATURE}), signature not verified: give --verify-key" if result.signed
+                     else "not signed: this proves the files match the manifest, not who wrote it")
+        click.echo(f"ok: {check_path} — {len(m['files'])} files match manifest.json "
+                   f"(schema {m['schema_version']}, {m['source'].get('model', '?')}, {m['compression']['method']}"
+                   f"{f' keep {keep:.3f}' if keep is not None else ''}); {signature}")
         return
+    if verify_key is not None:
+        raise click.UsageError("--verify-key goes with --check BUNDLE")
     if onnx_dir is None or out is None:
         raise click.UsageError("pack needs ONNX_DIR and --out (or --check BUNDLE)")
-    bundle = pack_export(onnx_dir, out, checkpoint, parity_report, profile_report, runs, force)
-    click.echo(f"wrote {bundle} and {bundle}.tar.gz")
+    bundle = pack_export(onnx_dir, out, checkpoint, parity_report, profile_report, runs, force, sign_key)
+    click.echo(f"wrote {bundle} and {bundle}.tar.gz" + (f", signed ({SIGNATURE})" if sign_key else ""))
 
 
 @click.command()

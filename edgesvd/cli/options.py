@@ -71,3 +71,13 @@ def budget_option(f):
     return click.option("--budget", "budget_items", multiple=True, metavar="KEY=VALUE",
                         help="Override a budget of every profile: model_bytes, peak_memory, latency_p50, "
                              "latency_p90 = '60%', '40 MB', '20 ms' or 'none'. Repeatable.")(f)
+
+
+def fuse_option(f):
+    from edgesvd.exporters.fusions import FUSIONS
+
+    return click.option("--fuse", multiple=True, type=click.Choice([*FUSIONS, "all"]),
+                        help="Graph fusions that keep the factorization (off by default: not faster on the CPUs "
+                             "measured): concat-a = one MatMul for A factors sharing an input; attention = "
+                             "MultiHeadAttention with separate Q/K/V (encoders); ort = onnxruntime's transformer "
+                             "optimizer (encoders). Repeatable.")(f)

@@ -144,6 +144,8 @@ def print_summary(console: Console, s) -> None:
     table.add_row("parity", "", "passed" if s.parity_ok else "FAILED", s.parity_detail, end_section=True)
     table.add_row("bundle", "", str(s.tarball), "")
     console.print(table)
+    if s.baselines:
+        print_baselines(console, s.baselines)
     steps = ", ".join(f"{k} {v:.1f}s" for k, v in s.seconds.items())
     console.print(f"wrote {s.out} ({steps})")
     console.print(f"report: {s.bundle / 'report.html'}")
@@ -173,6 +175,25 @@ def plan_line(h: dict) -> str:
 
 def _bound(value) -> str:
     return "open" if value is None else f"{value:.3f}"
+
+
+def print_baselines(console: Console, c: dict) -> None:
+    """`run --compare-quantized`: every variant's bytes, score and speedup over the dense model."""
+    table = Table(title=f"what users already have vs edgesvd — {c['clock']} clock, {c['runs']} interleaved rounds, "
+                        f"load average {c['load_average'][0]:.1f} → {c['load_average'][-1]:.1f}")
+    for col in ("model", "ONNX bytes", c["score_name"].replace("_", " "),
+                *(f"{s} p50 ms (× dense)" for s in c["shapes"]), "dominates"):
+        table.add_column(col, justify="left" if col in ("model", "dominates") else "right")
+    for p in c["points"]:
+        style = "bold" if p["kind"] == "edgesvd" else None
+        table.add_row(p["label"], fmt_bytes(p["onnx_bytes"]), f"{p['score']:.4f}",
+                      *(f"{p['latency_ms'][s]:.2f} ({p['speedup'][s][0]:.2f}×)" for s in c["shapes"]),
+                      ", ".join(p["dominates"]) or "-", style=style)
+    console.print(table)
+    console.print(f"score: {c['score_source']}; dominance: no larger, faster at every shape, score within "
+                  f"{c['tolerance']}")
+    for line in c["verdict"]:
+        console.print(f"  {line}")
 
 
 def print_devices(console: Console, results) -> None:

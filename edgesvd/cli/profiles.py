@@ -6,10 +6,11 @@ import click
 from rich.table import Table
 
 from edgesvd.calibration import CalibrationConfig
-from edgesvd.errors import ConfigError, DeviceError, OutputExistsError
+from edgesvd.errors import ConfigError, DeviceError
 from edgesvd.exporters.budgets import preview_plans
 from edgesvd.exporters.calibrate_device import calibrate
 from edgesvd.exporters.microbench import cache_dir, refresh_caches
+from edgesvd.outputs import check_output_file
 from edgesvd.profiles import Profile, builtin_names, load_profile, parse_budget_overrides
 from edgesvd.units import fmt_bytes
 
@@ -137,8 +138,7 @@ def calibrate_device(out, refresh, name, provider, threads, precision, batch, se
         return
     if out is None:
         raise ConfigError("calibrate-device needs --out FILE (or --refresh)")
-    if out.exists() and not force:
-        raise OutputExistsError(f"output file exists: {out} (use --force to replace it)")
+    check_output_file(out, force)
     try:
         size_list = tuple(int(s) for s in sizes.split(",") if s.strip())
     except ValueError as exc:

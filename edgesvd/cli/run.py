@@ -6,10 +6,12 @@ from pathlib import Path
 
 import click
 
+from edgesvd.exporters.baselines import CLOCKS, CompareConfig
 from edgesvd.exporters.deploy import DeployConfig, RunConfig
 from edgesvd.exporters.deploy import run as run_job
 from edgesvd.exporters.export import ExportConfig
 from edgesvd.exporters.providers import SessionConfig, resolve_eps
+from edgesvd.exporters.quantize import QUANTIZATIONS
 from edgesvd.profiles import parse_budget_overrides
 
 from .options import (
@@ -19,6 +21,7 @@ from .options import (
     calibration_options,
     ep_options,
     exit_cleanly_on_sigterm,
+    fuse_option,
     out_console,
     reporter,
     session_options,
@@ -36,7 +39,9 @@ from .printing import print_devices, print_summary
 @click.option("--out-root", type=PATH, default=Path("edgesvd-out"), show_default=True,
               help="Everything goes to OUT_ROOT/<model>/.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
-@click.option("--quantize", type=click.Choice(["int8"]), default=None)
+@click.option("--quantize", type=click.Choice(QUANTIZATIONS), default=None,
+              help="int8 (dynamic, MatMuls and embedding Gathers) or int4 (weight-only blocks), as `export`.")
+@fuse_option
 @ep_options
 @session_options
 @click.option("--runs", type=int, default=30, show_default=True, help="Timed onnxruntime runs per model.")
@@ -58,21 +63,31 @@ from .printing import print_devices, print_summary
               help="Also score dense and compressed PyTorch models on a task: STS-B Spearman for encoders "
                    "(an STS-B tab-separated file, e.g. sts-dev.csv), perplexity for decoders (a text file). "
                    "Shown in the summary, recorded in the manifest and the report.")
+@click.option("--compare-quantized", is_flag=True,
+              help="Also build what users have without edgesvd (dense + onnxruntime's optimizer, int8, and 4-bit "
+                   "for decoders) and edgesvd's model at each precision, and measure them together: bytes, score "
+                   "(--eval task score, else agreement with the dense model), latency interleaved in one process. "
+                   "Recorded in the manifest, charted in the report.")
+@click.option("--compare-clock", type=click.Choice(CLOCKS), default="wall", show_default=True,
+              help="Clock of the comparison: wall (the session's threads), or cpu (one thread, its CPU time: "
+                   "stable on a machine shared with other work).")
 @click.option("--force", is_flag=True, help="Replace OUT_ROOT/<model>/ if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def run(model, method, keep, rank_multiple, calib, calib_samples, calib_len, seed, out_root, dtype, quantize, eps,
+def run(model, method, keep, rank_multiple, calib, calib_samples, calib_len, seed, out_root, dtype, quantize, fuse, eps,
         allow_cpu_fallback, threads, inter_threads, opt_level, runs, batch, seq_len, device, profile_refs,
-        budget_items, max_plans, max_pairs, eval_file, force, quiet):
+        budget_items, max_plans, max_pairs, eval_file, compare_quantized, compare_clock, force, quiet):
     """The whole job: compress MODEL, export, verify, profile dense vs compressed, pack a bundle.
 
     With --profile / --budget: ranks per device from its budgets (--budget alone means --profile host).
     """
     exit_cleanly_on_sigterm()
-    deploy = DeployConfig(export=ExportConfig(dtype=dtype, quantize=quantize, pooled=True),
+    deploy = DeployConfig(export=ExportConfig(dtype=dtype, quantize=quantize, pooled=True, fuse=fuse),
                           eps=tuple(resolve_eps(tuple(eps), allow_cpu_fallback)),
                           session=SessionConfig(threads, inter_threads, opt_level), runs=runs, batch=batch,
-                          seq_len=seq_len, max_plans=max_plans, max_pairs=max_pairs,
-                          eval_file=eval_file)
+                          seq_len=seq_len, max_plans=max_plans, max_pairs=max_pairs, eval_file=eval_file,
+                          compare=CompareConfig(runs=max(runs, 3), seq_len=seq_len, clock=compare_clock,
+                                                session=SessionConfig(threads, inter_threads, opt_level))
+                          if compare_quantized else None)
     cfg = RunConfig(model=model, method=method, keep=keep, rank_multiple=rank_multiple,
                     calibration=calibration(calib, calib_samples, calib_len, seed), device=device,
                     profiles=tuple(profile_refs), budgets=parse_budget_overrides(budget_items) or None,

@@ -1,0 +1,94 @@
+"""Quantize an exported graph in place with onnxruntime's own tooling: dynamic int8 or 4-bit weight-only."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+from edgesvd.errors import ExportError, first_line
+
+# What `--quantize` accepts. int8: onnxruntime's dynamic quantization (weights int8 per output
+# channel, activations uint8 per tensor at run time) of every MatMul and of the embedding Gathers,
+# the speed format of x86 and ARM CPUs. int4: weight-only 4-bit blocks (MatMulNBits), the format
+# onnxruntime-genai and Olive ship for LLMs, whose gain is memory traffic (decode).
+QUANTIZATIONS = ("int8", "int4")
+# int4: one scale per 32 weights along the input axis, symmetric; accuracy level 4 lets the CPU
+# kernel quantize activations to int8 and use integer dot products (what onnxruntime-genai uses).
+INT4_BLOCK = 32
+INT4_ACCURACY_LEVEL = 4
+
+
+@contextmanager
+def quiet_tooling():
+    """onnxruntime's Python tooling (quantizers, optimizer) logs hints on the root logger; the caller reports."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def quantize_int8(src: Path, dst: Path, embeddings: bool = True, external_data: bool = False) -> None:
+    """Dynamic int8: every MatMul by a weight (each factor is one) with per-channel int8 weights,
+    and with `embeddings` every Gather from a weight table (uint8, one scale per table), as
+    `quantize_dynamic` does for a dense model — the word embedding is half of a small encoder.
+    (8-bit GatherBlockQuantized, a scale per 64 values, measured no better on MiniLM: README.)"""
+    from onnx import TensorProto
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # Attention and EmbedLayerNormalization exist only after onnxruntime's transformer optimizer
+    # (`--fuse ort` on a dense model); they become QAttention and QEmbedLayerNormalization.
+    ops = ["MatMul", "Attention"] + (["Gather", "EmbedLayerNormalization"] if embeddings else [])
+    with quiet_tooling():
+        try:
+            # Per-channel scales: a factor's columns (components, output channels) differ in range.
+            # DefaultTensorType: contrib ops from fusions carry no type information for the quantizer.
+            quantize_dynamic(str(src), str(dst), op_types_to_quantize=ops, weight_type=QuantType.QInt8,
+                             per_channel=True, use_external_data_format=external_data,
+                             extra_options={"DefaultTensorType": TensorProto.FLOAT})
+        except Exception as exc:  # the quantizer raises what its graph walk hits (KeyError, ValueError, …)
+            raise ExportError(f"onnxruntime's int8 quantization failed: {first_line(exc)}") from exc
+
+
+def quantize_int4(src: Path, dst: Path, embeddings: bool = True, external_data: bool = False,
+                  block_size: int = INT4_BLOCK, accuracy_level: int = INT4_ACCURACY_LEVEL) -> None:
+    """Weight-only 4-bit: every MatMul by a weight becomes MatMulNBits (symmetric blocks of
+    `block_size` along the input axis) and, with `embeddings`, the embedding Gathers become
+    GatherBlockQuantized (4-bit blocks along the hidden axis)."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    ops = ("MatMul", "Gather") if embeddings else ("MatMul",)
+    axes = (("MatMul", 0), ("Gather", 1))
+    with quiet_tooling():
+        try:
+            model = onnx.load(str(src), load_external_data=True)
+            config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True,
+                                                  accuracy_level=accuracy_level, op_types_to_quantize=ops,
+                                                  quant_axes=axes, bits=4)
+            quantizer = MatMulNBitsQuantizer(model, bits=4, block_size=block_size, is_symmetric=True,
+                                             accuracy_level=accuracy_level, op_types_to_quantize=ops,
+                                             quant_axes=axes, algo_config=config)
+            quantizer.process()
+            quantizer.model.save_model_to_file(str(dst), external_data)
+        except Exception as exc:
+            raise ExportError(f"onnxruntime's 4-bit quantization failed: {first_line(exc)}") from exc
+
+
+def quantize_file(path: Path, kind: str, external_data: bool = False) -> None:
+    """Replace the graph at `path` (and its external data) by its `kind` quantization."""
+    if kind not in QUANTIZATIONS:
+        raise ExportError(f"unknown quantization '{kind}' (choose from {', '.join(QUANTIZATIONS)})")
+    tmp = path.with_name(f"model.{kind}.onnx")
+    (quantize_int8 if kind == "int8" else quantize_int4)(path, tmp, external_data=external_data)
+    for p in list(path.parent.iterdir()):
+        if p.name.startswith(path.name):
+            p.unlink()
+    # The graph refers to its external data file (if any) by the name it was saved with: keep it.
+    tmp.rename(path)
