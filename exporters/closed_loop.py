@@ -128,6 +128,10 @@ def closed_loop(p: Profile, layers: list[LayerImportance], cost: CostModel, limi
                 plan_limits[key] -= dense_values[key] - estimated[key]
         for key in brackets:
             plan_limits[key] = limits[key] * FIRST_AIM
+        try:
+            _plan(layers, cost, plan_limits)
+        except BudgetError:  # the margin alone is out of reach (a limit near the smallest plan): aim at the limit
+            plan_limits.update({key: limits[key] for key in brackets})
 
     def next_limits(after: Attempt, aims: dict[str, float]) -> dict[str, float] | None:
         """Planning limits after `after` (planned at `aims`); None when the search has converged."""

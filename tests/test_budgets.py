@@ -311,3 +311,16 @@ def test_verdict_text_names_interval_pairs_and_load():
     v = Verdict("latency_p50", "60% of dense", Interval(0.57, 0.56, 0.59, 0.98), 0.595, 0.6, MET, 320, 3.2)
     assert str(v) == ("p50 latency 0.570× [0.560×, 0.590×], 80% of windows ≤ 0.595×, limit 0.600× "
                       "(95% confidence, 320 pairs, load average 3.20): met")
+
+
+def test_a_limit_within_the_first_aims_margin_of_the_smallest_plan_is_still_planned(tmp_path, tiny_plan_inputs):
+    """The first plan aims inside the limit; where that aim is out of reach but the limit is not
+    (the limit just above the smallest achievable latency), it aims at the limit instead of failing."""
+    from edgesvd.exporters.closed_loop import FIRST_AIM
+    from edgesvd.planner import smallest_achievable
+
+    layers, cost = tiny_plan_inputs
+    low = smallest_achievable(layers, cost, cost.profile.rank_multiple)["latency_p50"] / cost.dense()["latency_p50"]
+    limit = low / (1 - (1 - FIRST_AIM) / 2)  # above the smallest plan, below it ÷ FIRST_AIM
+    chosen, history = _search(tmp_path, tiny_plan_inputs, lambda est: est, budget=f"{100 * limit:.4f}%")
+    assert chosen.met and history[0]["aim"]["latency_p50"] == pytest.approx(limit * 10.0, rel=1e-6)
