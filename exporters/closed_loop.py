@@ -12,7 +12,7 @@ from torch import nn
 
 from edgesvd.costmodel import CostModel
 from edgesvd.errors import BudgetError
-from edgesvd.planner import LayerImportance, Receipt, plan_ranks, resolve_limits
+from edgesvd.planner import LayerImportance, Receipt, plan_ranks, resolve_limits, smallest_achievable
 from edgesvd.profiles import BUDGET_LABELS, Budget, Profile
 from edgesvd.reporting import SILENT, Reporter
 
@@ -136,13 +136,18 @@ def closed_loop(p: Profile, layers: list[LayerImportance], cost: CostModel, limi
     def next_limits(after: Attempt, aims: dict[str, float]) -> dict[str, float] | None:
         """Planning limits after `after` (planned at `aims`); None when the search has converged."""
         nxt, changed = dict(aims), False
+        floor = smallest_achievable(layers, cost, p.rank_multiple)  # below it no plan exists: aim there instead
         for key, v in after.verdicts.items():
             if key in brackets:
                 aim = brackets[key].next_aim(aims[key], v.use, after.receipt.binding in (None, key))
-                if aim is not None and abs(aim - aims[key]) > 1e-9 * aims[key]:
-                    nxt[key], changed = aim, True
             elif v.status != MET:  # a size: lower its aim by 1.25 × the overshoot
-                nxt[key], changed = aims[key] - 1.25 * (v.interval.estimate - v.limit), True
+                aim = aims[key] - 1.25 * (v.interval.estimate - v.limit)
+            else:
+                continue
+            if aim is not None:
+                aim = max(aim, floor[key])
+                if abs(aim - aims[key]) > 1e-9 * aims[key]:
+                    nxt[key], changed = aim, True
         return nxt if changed else None
 
     for attempt in range(1, max_plans + 1):

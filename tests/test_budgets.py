@@ -324,3 +324,16 @@ def test_a_limit_within_the_first_aims_margin_of_the_smallest_plan_is_still_plan
     limit = low / (1 - (1 - FIRST_AIM) / 2)  # above the smallest plan, below it ÷ FIRST_AIM
     chosen, history = _search(tmp_path, tiny_plan_inputs, lambda est: est, budget=f"{100 * limit:.4f}%")
     assert chosen.met and history[0]["aim"]["latency_p50"] == pytest.approx(limit * 10.0, rel=1e-6)
+
+
+def test_tightening_below_the_smallest_plan_measures_the_smallest_plan_before_giving_up(tmp_path, tiny_plan_inputs):
+    """The model runs 1.5× slower than estimated: the re-aimed plan would lie below anything
+    achievable, so the search measures the smallest plan itself, then reports the miss."""
+    from edgesvd.planner import smallest_achievable
+
+    layers, cost = tiny_plan_inputs
+    low_ms = smallest_achievable(layers, cost, cost.profile.rank_multiple)["latency_p50"]
+    limit = 1.2 * low_ms / cost.dense()["latency_p50"]
+    with pytest.raises(BudgetError, match=r"budget not met on this machine after 2 plans \(last: p50 latency"):
+        _search(tmp_path, tiny_plan_inputs, lambda est: est * 1.5, budget=f"{100 * limit:.4f}%")
+    assert sorted(p.name for p in (tmp_path / "loop").glob("plan*")) == ["plan1", "plan2"]  # the second: the floor
