@@ -124,8 +124,9 @@ class CostModel:
     """
 
     def __init__(self, profile: Profile, facts: ModelFacts, table: LayerTable | None = None,
-                 fixed_ms: float | None = None, tail: float | None = None) -> None:
+                 fixed_ms: float | None = None, tail: float | None = None, table_info: dict | None = None) -> None:
         self.profile, self.facts, self.table = profile, facts, table or {}
+        self.table_info = table_info or {}  # where the layer table came from (cache, load), for the receipt
         precision = profile.runtime.precision
         self.bpp = profile.runtime.bytes_per_param  # weight matrices
         self.bpc, self.bpv = BYTES_PER_COLUMN[precision], BYTES_PER_VECTOR_PARAM[precision]
@@ -137,16 +138,39 @@ class CostModel:
         self._fixed_ms = fixed_ms
         self.tail = tail if tail is not None else DEFAULT_TAIL
         self.anchored = False
-        self.scale = 1.0  # measured ÷ modelled dense latency, once anchored
+        self.scale = 1.0  # measured ÷ modelled time of the targeted layers, once anchored
+        self.layer_share: float | None = None  # the targeted layers' share of the measured dense time
+        self._tied_fixed_ms: float | None = None  # the measured time outside them, once tied
         self._cache: dict[tuple, float] = {}
 
-    def anchored_to(self, dense_p50_ms: float, dense_p90_ms: float | None = None) -> "CostModel":
-        """A copy whose times are all scaled so the dense model's total equals the measured dense
-        latency (the closed loop's anchor). Scaling, not an offset: on a shared machine the load
-        slows every operator alike, and the layer table may come from a quieter moment."""
+    def _copy(self, profile: Profile, tail: float) -> "CostModel":
+        out = CostModel(profile, self.facts, self.table, self._fixed_ms, tail, self.table_info)
+        out.scale, out.anchored = self.scale, self.anchored
+        out.layer_share, out._tied_fixed_ms = self.layer_share, self._tied_fixed_ms
+        return out
+
+    def anchored_to(self, dense_p50_ms: float, dense_p90_ms: float | None = None,
+                    layer_share: float | None = None) -> "CostModel":
+        """A copy tied to the dense model measured on this machine, so its total is that latency.
+
+        With `layer_share` (the targeted layers' MatMuls' share of the dense model's kernel time,
+        from a trace of the same model on the same machine): the targeted layers get that share of
+        the measured latency, spread over them in the proportions of their modelled (micro-
+        benchmarked) times, and everything factorization leaves alone gets the rest: so a plan's
+        estimate = measured dense × (1 − share + share × its modelled layer time ÷ the dense one's).
+        Without it every time is scaled alike (the estimate of what is not timed stays a model).
+        Scaling, not an offset: on a shared machine the load slows every operator alike, and the
+        layer table may come from a quieter moment."""
         tail = dense_p90_ms / dense_p50_ms if dense_p90_ms else self.tail
-        out = CostModel(self.profile, self.facts, self.table, self._fixed_ms, tail)
-        out.scale = self.scale * dense_p50_ms / self.dense()["latency_p50"]
+        out = self._copy(self.profile, tail)
+        if layer_share is None:
+            out.scale = self.scale * dense_p50_ms / self.dense()["latency_p50"]
+            out._tied_fixed_ms = None
+        else:
+            modelled = sum(self._unscaled_layer_ms(s, None) for s in self.facts.layers)
+            out.scale = layer_share * dense_p50_ms / modelled
+            out._tied_fixed_ms = (1.0 - layer_share) * dense_p50_ms
+        out.layer_share = layer_share
         out.anchored = True
         return out
 
@@ -193,9 +217,12 @@ class CostModel:
 
     def layer_ms(self, shape: LayerShape, rank: int | None) -> float:
         """p50 time of one layer at `rank` (None: dense) at the workload's token count."""
+        return self._unscaled_layer_ms(shape, rank) * self.scale
+
+    def _unscaled_layer_ms(self, shape: LayerShape, rank: int | None) -> float:
         key = (shape.out_features, shape.in_features, rank)
         if key in self._cache:
-            return self._cache[key] * self.scale
+            return self._cache[key]
         value = self._table_ms(key) if self.table else None
         if value is None:
             m = self.tokens
@@ -206,7 +233,7 @@ class CostModel:
             if shape.bias:
                 value += self.elementwise_ms(m * shape.out_features)
         self._cache[key] = value
-        return value * self.scale
+        return value
 
     def _table_ms(self, key: tuple[int, int, int | None]) -> float | None:
         """Measured time at `key`, linearly interpolated between the measured ranks of that shape."""
@@ -252,9 +279,11 @@ class CostModel:
 
     @property
     def fixed_ms(self) -> float:
-        """Time outside the targeted layers, estimated from attention,
-        elementwise operators, embeddings and untargeted Linear layers (or given), times the
-        anchor's scale."""
+        """Time outside the targeted layers: measured, once tied to the dense model with its layer
+        share; else estimated from attention, elementwise operators, embeddings and untargeted
+        Linear layers (or given), times the anchor's scale."""
+        if self._tied_fixed_ms is not None:
+            return self._tied_fixed_ms
         return self.scale * self._unscaled_fixed_ms()
 
     def _unscaled_fixed_ms(self) -> float:
@@ -294,6 +323,4 @@ class CostModel:
 
     def with_profile(self, profile: Profile) -> "CostModel":
         """The same model and measurements under a profile with other budgets."""
-        out = CostModel(profile, self.facts, self.table, self._fixed_ms, self.tail)
-        out.scale, out.anchored = self.scale, self.anchored
-        return out
+        return self._copy(profile, self.tail)

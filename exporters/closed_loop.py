@@ -1,66 +1,60 @@
-"""The closed loop on this machine: plan → build → export → measure → re-aim, until every budget is met."""
+"""The closed loop on this machine: plan → build → export → measure → search, until every budget is certified."""
 
 from __future__ import annotations
 
+import math
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from torch import nn
 
 from edgesvd.costmodel import CostModel
 from edgesvd.errors import BudgetError
-from edgesvd.planner import LayerImportance, Receipt, plan_ranks, resolve_limits
-from edgesvd.profiles import Budget, Profile
+from edgesvd.planner import LayerImportance, Receipt, plan_ranks, resolve_limits, smallest_achievable
+from edgesvd.profiles import BUDGET_LABELS, Budget, Profile
 from edgesvd.reporting import SILENT, Reporter
-from edgesvd.units import fmt_quantity
+
+from .budgets import MET, UNDECIDED, PlanMeasurement, plan_keep
+from .profiling import WINDOW_QUANTILE
 
 MEASURABLE = ("model_bytes", "peak_memory", "latency_p50", "latency_p90")
+FIRST_AIM = 0.96      # the first plan aims this far inside a latency limit: its interval must fit too
+CLOSE_ENOUGH = 0.03   # a certified plan whose upper bound is this close to its limit ends the search
+STEP_MARGIN = 0.01    # a re-aimed plan aims this much inside what the measured error suggests
+MAX_RELAX = 1.25      # a plan far inside its limit is re-aimed up by at most this factor
+MAX_TIGHTEN = 1.5     # ... and one beyond it down by at most this one (an open interval is "far beyond")
 
 
 def missed_budgets(limits: dict[str, float], measured: dict[str, float]) -> dict[str, tuple[float, float]]:
-    """Budgets the measurement misses: key → (measured, limit)."""
+    """Budgets whose point values miss: key → (measured, limit)."""
     return {k: (measured[k], lim) for k, lim in limits.items() if k in measured and measured[k] > lim}
 
 
-def retargeted(plan_limits: dict[str, float], limits: dict[str, float], measured: dict[str, float],
-               bounds: dict[str, tuple] | None = None, margin: float = 0.97, relax_above: float = 0.10,
-               max_relax: float = 1.25, binding: str | None = None) -> dict[str, float]:
-    """Planning limits for the next plan, from what the last one measured.
+@dataclass
+class Bracket:
+    """One latency budget's search: the loosest planning aim whose plan was certified (`met`) and
+    the tightest whose plan missed or could not be certified (`missed`)."""
 
-    Latency: a missed budget is re-aimed by the ratio the measurement was off (limit ÷ measured,
-    times `margin`: timing errors are relative); one met with more than `relax_above` headroom
-    is re-aimed up (by at most `max_relax`), since a plan far under its budget gave quality away —
-    unless the plan is bound by another budget (`binding`), which relaxing it would not change.
-    Once one planning limit has met and another missed, the next is their midpoint (bisection;
-    `bounds` holds key → (highest that met, lowest that missed) across calls). A missed size is
-    lowered by 1.25 × the overshoot: what its estimate misses (graph structure, runtime memory)
-    is an additive constant. Everything else keeps its planning limit.
-    """
-    bounds = {} if bounds is None else bounds
-    out = dict(plan_limits)
-    for key, limit in limits.items():
-        if key not in measured:
-            continue
-        value, aim = measured[key], plan_limits[key]
-        if not key.startswith("latency"):
-            if value > limit:
-                out[key] = aim - 1.25 * (value - limit)
-            continue
-        lo, hi = bounds.get(key, (None, None))
-        if value > limit:
-            hi = aim if hi is None else min(hi, aim)
-        elif (limit - value) / limit > relax_above and binding in (None, key):
-            lo = aim if lo is None else max(lo, aim)
+    met: float | None = None
+    missed: float | None = None
+
+    def record(self, aim: float, certified: bool) -> None:
+        if certified:
+            self.met = aim if self.met is None else max(self.met, aim)
         else:
-            continue
-        bounds[key] = (lo, hi)
-        if lo is not None and hi is not None:
-            out[key] = (lo + hi) / 2
-        else:
-            out[key] = aim * min(limit / value * margin, max_relax)
-    return out
+            self.missed = aim if self.missed is None else min(self.missed, aim)
+
+    def next_aim(self, aim: float, use: float, may_relax: bool) -> float | None:
+        """The next planning aim after a plan at `aim` whose measured upper bound was `use` × its
+        limit: the midpoint once both sides are known (bisection); before that, the aim corrected
+        by the measured error (up by at most MAX_RELAX when the plan was far inside). None: stay."""
+        if use <= 1.0 and (1.0 - use <= CLOSE_ENOUGH or not may_relax):
+            return None
+        if self.met is not None and self.missed is not None:
+            return (self.met + self.missed) / 2
+        return aim * min(max((1.0 - STEP_MARGIN) / use, 1 / MAX_TIGHTEN), MAX_RELAX)
 
 
 @dataclass
@@ -76,84 +70,150 @@ class Attempt:
     met: bool
     limits: dict[str, float]
     dense: dict[str, float]
+    measurement: PlanMeasurement | None = None
+    verdicts: dict = field(default_factory=dict)
 
+
+def _plan(layers, cost: CostModel, plan_limits: dict[str, float]) -> Receipt:
+    return plan_ranks(layers, cost, {k: Budget(k, absolute=v) for k, v in plan_limits.items()})
+
+
+def _history_row(attempt: int, receipt: Receipt, m: PlanMeasurement, limits: dict, plan_limits: dict,
+                 cost: CostModel) -> dict:
+    """What the manifest and the terminal show of one plan: aims, estimates, measurements, verdicts."""
+    row = {"plan": attempt, "aim": {k: plan_limits[k] for k in limits},
+           "estimated": {k: receipt.totals[k] for k in limits}, "measured": {k: m.values[k] for k in limits},
+           "limits": dict(limits), "importance_kept": receipt.importance_kept, "keep": plan_keep(receipt),
+           "verdicts": {k: v.to_json() for k, v in m.verdicts.items()},
+           "missed": "; ".join(str(v) for v in m.verdicts.values() if v.status != MET)}
+    if m.pairs is not None:
+        est = receipt.totals["latency_p50"] / cost.dense()["latency_p50"]
+        ratio = m.pairs.ratio()
+        row["latency"] = {"estimated_ratio": est, "measured_ratio": {**ratio.to_json(), "bound": m.pairs.bound()},
+                          "pairs": m.pairs.pairs,
+                          "load_average": m.pairs.load, "dense_p50_ms": m.dense["latency_p50"],
+                          "estimated_ms_at_that_dense": est * m.dense["latency_p50"],
+                          "estimate_error": est / ratio.estimate - 1.0}
+    return row
 
 
 def closed_loop(p: Profile, layers: list[LayerImportance], cost: CostModel, limits: dict[str, float],
                 dense_values: dict[str, float], build: Callable[[Receipt, Path, int], nn.Module], folder: Path,
-                measure: Callable[[Path, bool], tuple[dict, dict | None, dict]] | None, max_plans: int,
+                measure: Callable[[Path, dict[str, float]], PlanMeasurement] | None, max_plans: int,
                 reporter: Reporter = SILENT) -> tuple[Attempt, list[dict]]:
-    """Plan, build, measure (on this machine), re-aim, at most `max_plans` times; keep the plan that
-    meets every measured budget with the most importance. Without `measure` (a device not at hand)
-    one plan, values estimated.
+    """Plan, build, measure (on this machine), search, at most `max_plans` times; keep the plan that
+    every budget certifies with the most importance. Without `measure` (a device not at hand) one
+    plan, values estimated.
+
+    The search: each latency budget has a planning aim (the cost model's ms), first FIRST_AIM of
+    its limit. A plan is certified when the upper bound of its measured interval is within the
+    limit; the aims of certified and uncertified plans bracket the answer, and once both are
+    known the next aim is their midpoint (bisection on the measured ratio); until then the aim is
+    corrected by how far the upper bound fell from the limit. The search stops at a certified
+    plan within CLOSE_ENOUGH of its limit, when a plan would repeat, or after `max_plans`. A
+    missed size is lowered by 1.25 × the overshoot (what its estimate misses is a constant).
 
     `build(receipt, where, attempt)` writes `where/checkpoint` and `where/onnx` and returns the
-    model; `measure(onnx_dir, with_dense)` returns the export's values, the dense model's measured
-    beside it (when asked) and the profiling report. The chosen plan's checkpoint/ and onnx/ end up
-    in `folder`. Returns it (with the limits and dense values it was judged by: relative budgets
-    follow the dense model measured beside each plan) and the history."""
+    model; `measure(onnx_dir, limits)` measures the export beside the dense one and judges every
+    budget. The chosen plan's checkpoint/ and onnx/ end up in `folder`. Returns it (with the
+    limits and dense values it was judged by: relative budgets follow the dense model measured
+    beside each plan) and the history."""
     local = measure is not None
-    relative = any(b.relative is not None for b in p.budgets.values())
-    plan_limits, history, attempts, seen, bounds = dict(limits), [], [], [], {}
+    plan_limits, history, attempts, seen, dead_end = dict(limits), [], [], {}, ""
+    brackets = {k: Bracket() for k in limits if k.startswith("latency")}
     if local:  # sizes: what the estimate leaves out of the dense model (graph, runtime) is a constant
         estimated = cost.dense()
         for key in ("model_bytes", "peak_memory"):
             if key in plan_limits:
                 plan_limits[key] -= dense_values[key] - estimated[key]
+        for key in brackets:
+            plan_limits[key] = limits[key] * FIRST_AIM
+        try:
+            _plan(layers, cost, plan_limits)
+        except BudgetError:  # the margin alone is out of reach (a limit near the smallest plan): aim at the limit
+            plan_limits.update({key: limits[key] for key in brackets})
+
+    def next_limits(after: Attempt, aims: dict[str, float]) -> dict[str, float] | None:
+        """Planning limits after `after` (planned at `aims`); None when the search has converged."""
+        nxt, changed = dict(aims), False
+        floor = smallest_achievable(layers, cost, p.rank_multiple)  # below it no plan exists: aim there instead
+        for key, v in after.verdicts.items():
+            if key in brackets:
+                aim = brackets[key].next_aim(aims[key], v.use, after.receipt.binding in (None, key))
+            elif v.status != MET:  # a size: lower its aim by 1.25 × the overshoot
+                aim = aims[key] - 1.25 * (v.interval.estimate - v.limit)
+            else:
+                continue
+            if aim is not None:
+                aim = max(aim, floor[key])
+                if abs(aim - aims[key]) > 1e-9 * aims[key]:
+                    nxt[key], changed = aim, True
+        return nxt if changed else None
+
     for attempt in range(1, max_plans + 1):
         try:
-            receipt = plan_ranks(layers, cost, {k: Budget(k, absolute=v) for k, v in plan_limits.items()})
-            for _ in range(20):  # a missed plan re-aimed to the same ranks: keep re-aiming until they change
-                if receipt.ranks() not in seen or not history or not history[-1]["missed"]:
+            receipt = _plan(layers, cost, plan_limits)
+            for _ in range(20):  # an aim that gives ranks already measured: their verdicts move the bracket
+                ranks = tuple(receipt.ranks().items())
+                if ranks not in seen:
                     break
-                plan_limits = retargeted(plan_limits, limits, attempts[-1].values, bounds)
-                receipt = plan_ranks(layers, cost, {k: Budget(k, absolute=v) for k, v in plan_limits.items()})
+                before = attempts[seen[ranks]]
+                for key, v in before.verdicts.items():
+                    if key in brackets:
+                        brackets[key].record(plan_limits[key], v.status == MET)
+                nxt = next_limits(before, plan_limits)
+                if nxt is None:
+                    break
+                plan_limits = nxt
+                receipt = _plan(layers, cost, plan_limits)
         except BudgetError as exc:
             if not history:
                 extra = f" (dense model measured here: p50 {dense_values['latency_p50']:.2f} ms)" if local else ""
                 raise BudgetError(f"{exc}{extra}") from exc
-            raise BudgetError(f"{p.name}: plan {attempt - 1} missed on this machine ({history[-1]['missed']}) "
-                              f"and no tighter plan exists: {exc}") from exc
-        if receipt.ranks() in seen:  # re-aiming changed nothing: the loop has converged
+            dead_end = f"; no tighter plan exists: {exc}"  # the search ends; a certified plan may already exist
             break
-        seen.append(receipt.ranks())
+        ranks = tuple(receipt.ranks().items())
+        if ranks in seen:  # the search converged on plans already measured
+            break
+        seen[ranks] = len(attempts)
         receipt.budgets = [replace(b, budget=str(p.budgets[b.key])) for b in receipt.budgets]
         reporter.step(f"{p.name}: plan {attempt} "
-            f"({sum(r.rank is not None for r in receipt.rows)}/{len(receipt.rows)} layers factorized, "
-            f"estimated p50 {receipt.totals['latency_p50']:.2f} ms, {receipt.totals['model_bytes'] / 1e6:.2f} MB)")
+                      f"({sum(r.rank is not None for r in receipt.rows)}/{len(receipt.rows)} layers factorized, "
+                      f"keep {plan_keep(receipt):.3f}, estimated p50 {receipt.totals['latency_p50']:.2f} ms = "
+                      f"{receipt.totals['latency_p50'] / cost.dense()['latency_p50']:.3f} × dense, "
+                      f"{receipt.totals['model_bytes'] / 1e6:.2f} MB)")
         where = folder / f"plan{attempt}"
         model = build(receipt, where, attempt)
         if not local:  # estimated, like the dense values the limits came from (the bundle's size is shown apart)
-            values = dict(receipt.totals)
-            attempts.append(Attempt(attempt, receipt, model, where, values, None, True, dict(limits),
-                                     dict(dense_values)))
+            attempts.append(Attempt(attempt, receipt, model, where, dict(receipt.totals), None, True, dict(limits),
+                                    dict(dense_values)))
             break
-        values, dense_now, report = measure(where / "onnx", relative)
-        values.setdefault("peak_memory", receipt.totals["peak_memory"])  # GPU: estimated (see _values)
-        if dense_now is not None:  # relative budgets against the dense model measured just now
-            dense_values.update(dense_now)
-            limits = resolve_limits(p.budgets, dense_values)
-        missed = missed_budgets(limits, values)
-        history.append({"plan": attempt, "estimated": {k: receipt.totals[k] for k in limits},
-                        "measured": {k: values[k] for k in limits}, "limits": dict(limits),
-                        "importance_kept": receipt.importance_kept,
-                        "missed": "; ".join(f"{k} {fmt_quantity(k, v)} > {fmt_quantity(k, lim)}" for k, (v, lim) in missed.items())})
-        best = max((a for a in attempts if a.met), key=lambda a: a.receipt.importance_kept, default=None)
-        keep_model = not missed and (best is None or receipt.importance_kept > best.receipt.importance_kept)
-        attempts.append(Attempt(attempt, receipt, model if keep_model else None, where, values, report, not missed,
-                                 dict(limits), dict(dense_values)))
-        nxt = retargeted(plan_limits, limits, values, bounds, binding=receipt.binding)
-        if nxt == plan_limits or attempt == max_plans:
+        m = measure(where / "onnx", limits)
+        m.values.setdefault("peak_memory", receipt.totals["peak_memory"])  # GPU: estimated (see budgets._values)
+        dense_values.update(m.dense)  # relative budgets: against the dense model measured just now
+        limits = resolve_limits(p.budgets, dense_values)
+        history.append(_history_row(attempt, receipt, m, limits, plan_limits, cost))
+        best = max((a for a in attempts if a.met), key=_worth, default=None)
+        keep_model = m.met and (best is None or _worth_of(receipt) > _worth(best))
+        current = Attempt(attempt, receipt, model if keep_model else None, where, m.values, m.report, m.met,
+                          dict(limits), dict(dense_values), m, m.verdicts)
+        attempts.append(current)
+        for v in m.verdicts.values():
+            reporter.info(f"{p.name}: plan {attempt}: {v}")
+        for key, v in m.verdicts.items():
+            if key in brackets:
+                brackets[key].record(plan_limits[key], v.status == MET)
+        nxt = next_limits(current, plan_limits)
+        if nxt is None or attempt == max_plans:
             break
         reporter.info(f"[yellow]{p.name}: plan {attempt} "
-            + (f"misses its budget on this machine ({history[-1]['missed']}); tightening"
-               if missed else "meets its budgets with room to spare; relaxing") + " and re-planning[/yellow]")
+                      + ("is certified with room to spare; relaxing" if m.met else
+                         "is not certified; tightening") + " and planning again[/yellow]")
         plan_limits = nxt
     met = [a for a in attempts if a.met]
     if not met:
-        raise BudgetError(f"{p.name}: budget not met on this machine after {len(attempts)} plans "
-                          f"(last: {history[-1]['missed']}); relax the budget or raise --max-plans")
-    chosen = max(met, key=lambda a: a.receipt.importance_kept)
+        raise BudgetError(_failure(p, attempts, history) + dead_end)
+    chosen = max(met, key=_worth)
     for sub in ("checkpoint", "onnx"):
         (chosen.folder / sub).replace(folder / sub)
     for a in attempts:
@@ -161,3 +221,28 @@ def closed_loop(p: Profile, layers: list[LayerImportance], cost: CostModel, limi
     if history:
         history[chosen.plan - 1]["chosen"] = True
     return chosen, history
+
+
+def _worth_of(receipt: Receipt) -> tuple[float, float]:
+    """What a plan is worth: the importance it keeps, then (on ties: importance learned down to a
+    smaller keep is flat beyond it) the parameters it keeps."""
+    return round(receipt.importance_kept, 6), plan_keep(receipt)
+
+
+def _worth(a: Attempt) -> tuple[float, float]:
+    return _worth_of(a.receipt)
+
+
+def _failure(p: Profile, attempts: list[Attempt], history: list[dict]) -> str:
+    """Why no plan can be claimed: a budget that could not be certified (the measurement spread
+    and the load said), else the last miss."""
+    undecided = [(a, v) for a in attempts for v in a.verdicts.values() if v.status == UNDECIDED]
+    if undecided:
+        a, v = min(undecided, key=lambda av: av[1].use)
+        bound = f"{v.bound:.3f}" if math.isfinite(v.bound) else "open"
+        return (f"{p.name}: cannot certify {BUDGET_LABELS[v.key]} ≤ {v.budget} on this machine: measurement spread "
+                f"{100 * v.spread:.1f}% (load average {v.load_average:.2f}) after {v.pairs} pairs (plan {a.plan}: "
+                f"median {v.interval}, {100 * WINDOW_QUANTILE:g}% of windows ≤ {bound}, limit {v.limit:g}); measure "
+                "on a quieter machine, raise --max-pairs or --max-plans, or relax the budget")
+    return (f"{p.name}: budget not met on this machine after {len(attempts)} plans (last: {history[-1]['missed']}); "
+            "relax the budget or raise --max-plans")

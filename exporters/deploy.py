@@ -10,6 +10,7 @@ dense model measured beside it and a closing summary.
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -33,6 +34,8 @@ from edgesvd.reporting import SILENT, Reporter
 
 from .baselines import CompareConfig, compare_quantized
 from .budgets import (
+    Measuring,
+    PlanMeasurement,
     at_export_precision,
     cost_model_for,
     export_config_for,
@@ -40,6 +43,7 @@ from .budgets import (
     measure_export,
     plan_keep,
     require_measurable,
+    tied,
 )
 from .bundle import pack
 from .closed_loop import closed_loop, missed_budgets
@@ -55,8 +59,9 @@ from .report import write_report
 class DeployConfig:
     """How a compressed model becomes bundles: export options, execution providers and session
     options, the timed workload of the fixed-keep case (profiles bring their own), repetitions,
-    plans tried per device on this machine, an optional task-score file (`--eval`), and the
-    comparison with onnxruntime's own quantization of the dense model (`--compare-quantized`)."""
+    plans tried per device on this machine, the most dense/compressed pairs a latency verdict may
+    take, an optional task-score file (`--eval`), and the comparison with onnxruntime's own
+    quantization of the dense model (`--compare-quantized`)."""
 
     export: ExportConfig = field(default_factory=lambda: ExportConfig(pooled=True))
     eps: tuple[str, ...] = (CPU,)
@@ -66,6 +71,7 @@ class DeployConfig:
     batch: int = 1
     seq_len: int = 128
     max_plans: int = 3
+    max_pairs: int = 960
     eval_file: Path | None = None
     compare: CompareConfig | None = None  # `run --compare-quantized`: measure the dense baselines beside it
 
@@ -74,6 +80,8 @@ class DeployConfig:
             raise ConfigError(f"profile runs must be >= 1, got {self.runs}")
         if self.max_plans < 1:
             raise ConfigError(f"--max-plans must be >= 1, got {self.max_plans}")
+        if self.max_pairs < 8:
+            raise ConfigError(f"--max-pairs must be >= 8, got {self.max_pairs}")
         if self.eval_file is not None:
             check_eval_file(self.eval_file)
 
@@ -249,6 +257,18 @@ def _values_are(p: Profile, local: bool, source: str) -> str:
     return "measured on this machine"
 
 
+def _rescale_latency(receipt: Receipt, factor: float) -> None:
+    """Scale a receipt's planned latencies: a tied plan estimates a ratio to the dense model, and the
+    dense model measured beside the plan (under that moment's load) sets its milliseconds."""
+    for key in ("latency_p50", "latency_p90"):
+        receipt.totals[key] *= factor
+    for row in receipt.rows:
+        row.ms *= factor
+    for b in receipt.budgets:
+        if b.key.startswith("latency"):
+            b.value *= factor
+
+
 def _deploy_profile(job: _Job, p: Profile, cost, held_out, out: Path) -> DeviceResult:
     """One device: plan → build → export → (on this machine: measure, re-plan while a budget is
     missed) → parity → quality → bundle whose manifest holds budgets, receipt and values."""
@@ -258,15 +278,16 @@ def _deploy_profile(job: _Job, p: Profile, cost, held_out, out: Path) -> DeviceR
     export_cfg = export_config_for(cfg.export, p, family)
     dense_values = cost.dense()
     measure = None
-    if local:  # anchored to the dense model measured here; relative budgets are relative to it
+    if local:  # tied to the dense model measured here; relative budgets are relative to it
         dense_dir = job.dense_dir(export_cfg)
-        dense_measured = measure_export(dense_dir, p, family, cfg.runs, cfg.warmup, cfg.session)[0]
-        cost = cost.anchored_to(dense_measured["latency_p50"], dense_measured["latency_p90"])
+        how = _measuring(cfg)
+        cost, dense_measured = tied(cost, dense_dir, p, family, how)
         dense_values = {**cost.dense(), **dense_measured}
+        job.reporter.info(f"{p.name}: dense model measured here: p50 {dense_measured['latency_p50']:.2f} ms, "
+                          f"{100 * cost.layer_share:.0f}% of its kernel time in the layers edgesvd factorizes")
 
-        def measure(onnx_dir: Path, with_dense: bool):
-            return measure_export(onnx_dir, p, family, cfg.runs, cfg.warmup, cfg.session,
-                                  dense_dir if with_dense else None)
+        def measure(onnx_dir: Path, limits: dict[str, float]) -> PlanMeasurement:
+            return measure_export(onnx_dir, dense_dir, p, family, limits, how)
 
     limits = resolve_limits(p.budgets, dense_values)
     folder = job.tmp / p.name
@@ -286,7 +307,8 @@ def _deploy_profile(job: _Job, p: Profile, cost, held_out, out: Path) -> DeviceR
                                   cfg.max_plans, job.reporter)
     receipt, model, values = chosen.receipt, chosen.model, chosen.values
     limits, dense_values = chosen.limits, chosen.dense
-    if local:  # the dense model measured beside the chosen plan
+    if local:  # the dense model measured beside the chosen plan, and the plan's estimate at that dense latency
+        _rescale_latency(receipt, dense_values["latency_p50"] / cost.dense()["latency_p50"])
         receipt.dense = {**receipt.dense, **dense_values}
     parity = verify(folder / "checkpoint", folder / "onnx", ParityConfig(session=cfg.session))
     proxy = agreement_with_dense(job.dense_model(), model, held_out, family)
@@ -298,21 +320,27 @@ def _deploy_profile(job: _Job, p: Profile, cost, held_out, out: Path) -> DeviceR
         b.headroom = (b.limit - (b.value if b.measured is None else b.measured)) / b.limit
     if receipt.budgets:
         min(receipt.budgets, key=lambda b: b.headroom).binding = True
+    verdicts = {k: v.to_json() for k, v in chosen.verdicts.items()}
     extra = {"budgets": {
         "profile": p.name, "profile_file": p.path, "device": p.device.name,
         "execution_provider": p.runtime.execution_provider, "precision": p.runtime.precision,
         "workload": asdict(p.workload), "limits": limits,
         "as_written": {k: str(b) for k, b in p.budgets.items()},
         "values": values, "values_are": _values_are(p, local, cost.source),
-        "dense": dense_values, "met": not missed_budgets(limits, values), "plans": history or [{"plan": 1}],
+        "dense": dense_values, "met": chosen.met if local else not missed_budgets(limits, values),
+        "certified": verdicts, "plans": history or [{"plan": 1}],
         "quality_proxy": proxy, "receipt": receipt.to_json()}}
+    if local:
+        extra["budgets"]["latency_measurement"] = (chosen.measurement.report.get("paired") or {})
+        extra["budgets"]["cost_model"] = {"tied_to_dense_p50_ms": cost.dense()["latency_p50"],
+                                          "layer_share": cost.layer_share, "layer_table": cost.table_info}
     if task:
         extra["quality"] = task
     job.bundle(folder, parity, chosen.report, extra)
     job.reporter.step(f"{p.name} done in {time.perf_counter() - start:.0f}s")
     return DeviceResult(p.name, p.device.name, "measured" if local else cost.source, out / p.name / "bundle",
                         int(onnx_files_bytes(folder / "onnx")), receipt, values, local, limits, len(history) or 1,
-                        history, quality, parity.ok)
+                        history, quality, parity.ok, verdicts)
 
 
 def _held_out(ck: Compressed):
@@ -321,9 +349,29 @@ def _held_out(ck: Compressed):
     return sample_calibration(ck.tokenizer, replace(calib, num_sequences=32, seed=calib.seed + 1), ck.source.family)
 
 
-def _cost_models(ck: Compressed, profiles: list[Profile], reporter: Reporter) -> dict:
-    facts = model_facts(ck.importance.dense, [l.shape.name for l in ck.importance.layers], ck.source.family)
-    return {p.name: cost_model_for(p, facts, reporter=reporter) for p in profiles}
+def _measuring(cfg: DeployConfig) -> Measuring:
+    return Measuring(cfg.runs, cfg.warmup, cfg.session, cfg.max_pairs)
+
+
+def _cost_models(ck: Compressed, profiles: list[Profile], config: DeployConfig, reporter: Reporter) -> dict:
+    """A cost model per profile. Those of this machine are tied to the dense model measured here
+    (exported once per precision into a temporary folder), so the plans made before anything is
+    deployed -- how far importance is learned, whether a budget is feasible -- already count the
+    part of the model factorization leaves alone."""
+    family = ck.source.family
+    facts = model_facts(ck.importance.dense, [l.shape.name for l in ck.importance.layers], family)
+    costs = {p.name: cost_model_for(p, facts, reporter=reporter) for p in profiles}
+    local = [p for p in profiles if is_local(p)]
+    if local:
+        with tempfile.TemporaryDirectory(prefix="edgesvd-dense-") as tmp:
+            for p in local:
+                export_cfg = export_config_for(config.export, p, family)
+                where = Path(tmp) / export_cfg.precision
+                if not where.exists():
+                    reporter.step(f"dense baseline ({export_cfg.precision}), exported to tie the cost model to it")
+                    export_model(ck.importance.dense, ck.tokenizer, family, where, export_cfg, None, str(ck.source.path))
+                costs[p.name] = tied(costs[p.name], where, p, family, _measuring(config))[0]
+    return costs
 
 
 def deploy(ck: Compressed, profiles: Sequence[str | Profile] = (), out: str | Path | None = None, *,
@@ -350,7 +398,7 @@ def deploy(ck: Compressed, profiles: Sequence[str | Profile] = (), out: str | Pa
     if chosen and ck.importance is None:
         raise ConfigError(f"plans for devices need component importance: compress with the whiten or learned "
                           f"method (this compression used '{ck.record.method}')")
-    costs = cost_models or (_cost_models(ck, chosen, reporter) if chosen else {})
+    costs = cost_models or (_cost_models(ck, chosen, config, reporter) if chosen else {})
     for p in chosen:  # an infeasible budget fails here, before anything is exported
         plan_ranks(ck.importance.layers, costs[p.name])
     with atomic_output_dir(out, force, inputs) as tmp:
@@ -423,7 +471,7 @@ def run(cfg: RunConfig = RunConfig(), reporter: Reporter = SILENT) -> Deployment
     whitened = importance_pass(prepared, Whiten(keep=method.keep, rank_multiple=method.rank_multiple),
                                reporter=reporter)
     ck = compress_prepared(prepared, method, cfg.model, whitened, build=False, reporter=reporter)
-    costs = _cost_models(ck, profiles, reporter)
+    costs = _cost_models(ck, profiles, cfg.deploy, reporter)
     keeps = [plan_keep(plan_ranks(whitened.layers, costs[p.name])) for p in profiles]  # infeasible budgets fail here
     if isinstance(method, Learned):
         keep = min(keeps)

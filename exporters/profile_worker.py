@@ -1,12 +1,14 @@
 """Time one ONNX model on one execution provider in a fresh process (so peak memory is its own).
 
-Run as `python profile_worker.py` (by path) with a JSON spec on stdin; prints a JSON result.
+Run as `python profile_worker.py` (by path) with a JSON spec as the first line on stdin; prints a
+JSON result. A spec with a `pair` serves paired timings on request instead (see serve_pairs).
 Imports only onnxruntime and numpy, so the process's memory is the session's.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -95,7 +97,8 @@ def _runner(sess: ort.InferenceSession, feed: dict, provider: str):
     return run
 
 
-def _stats(times: list[float], items: int) -> dict:
+def stats(times: list[float], items: int) -> dict:
+    """p50/p90/p99/mean/min of run times (ms) and the p50 throughput (items per second)."""
     t = np.asarray(times)
     p50 = float(np.percentile(t, 50))
     return {"runs": len(times), "p50_ms": p50, "p90_ms": float(np.percentile(t, 90)),
@@ -112,12 +115,11 @@ def measure(spec: dict) -> dict:
     create_s = time.perf_counter() - t
     rng = np.random.default_rng(0)
     b, seq = spec["batch"], spec["seq_len"]
-    has_past = any(i.name.startswith("past_key_values") for i in sess.get_inputs())
     results = {}
-    modes = [("prefill", seq, 0, b * seq), ("decode", 1, seq, b)] if has_past else [("forward", seq, 0, b)]
+    modes = _modes(sess, b, seq)
     for mode, new, past, items in modes:
         feed = feeds(sess, b, new, past, rng)
-        results[mode] = _stats(_time(_runner(sess, feed, provider), spec["warmup"], spec["runs"]), items)
+        results[mode] = stats(_time(_runner(sess, feed, provider), spec["warmup"], spec["runs"]), items)
     out = {"provider": sess.get_providers()[0], "profile_runs": _profile_runs(spec), "session_create_s": create_s, "modes": results,
            "peak_rss_mb": _rss_mb() - rss0}
     if spec.get("profile_prefix"):
@@ -133,26 +135,54 @@ def _profile_runs(spec: dict) -> int:
     return max(_PROFILE_RUNS, spec["runs"])
 
 
-def measure_pair(spec: dict) -> dict:
-    """Dense and compressed in one process with their timed runs interleaved (A, B, A, B, …), so
-    load from other processes on a shared machine hits both alike; returns p50 statistics per mode."""
+def _modes(sess: ort.InferenceSession, batch: int, seq: int) -> list[tuple[str, int, int, int]]:
+    """(mode, new tokens, cached tokens, items per run) timed for this model: decoders prefill and
+    decode, encoders one forward."""
+    if any(i.name.startswith("past_key_values") for i in sess.get_inputs()):
+        return [("prefill", seq, 0, batch * seq), ("decode", 1, seq, batch)]
+    return [("forward", seq, 0, batch)]
+
+
+def serve_pairs(spec: dict, commands, reply) -> None:
+    """Dense and compressed in one process, their runs interleaved pair by pair (A, B, then B, A),
+    so load from other processes on a shared machine hits both alike.
+
+    After warm-up it answers each command from `commands` ({"pairs": n}) with the times of n more
+    pairs per mode ({mode: {"dense": [...], "compressed": [...]}, "load": 1-minute load average});
+    the parent decides from them whether to ask for more, and ends with {"stop": true}."""
     provider = spec["provider"]
     a, b = (ort.InferenceSession(p, _options(spec, spin=False), providers=[provider]) for p in spec["pair"])
-    batch, seq = spec["batch"], spec["seq_len"]
-    has_past = any(i.name.startswith("past_key_values") for i in a.get_inputs())
-    modes = [("prefill", seq, 0, batch * seq), ("decode", 1, seq, batch)] if has_past else [("forward", seq, 0, batch)]
-    out = {"dense": {}, "compressed": {}}
-    for mode, new, past, items in modes:
-        runs = [_runner(sess, feeds(sess, batch, new, past, np.random.default_rng(0)), provider) for sess in (a, b)]
-        times: list[list[float]] = [[], []]
-        for i in range(spec["warmup"] + spec["runs"]):
-            for k in (0, 1) if i % 2 == 0 else (1, 0):  # alternate which goes first
-                t = time.perf_counter()
-                runs[k]()
-                if i >= spec["warmup"]:
-                    times[k].append((time.perf_counter() - t) * 1000)
-        out["dense"][mode], out["compressed"][mode] = _stats(times[0], items), _stats(times[1], items)
-    return out
+    modes = _modes(a, spec["batch"], spec["seq_len"])
+    modes = [m for m in modes if m[0] in (spec.get("modes") or [m[0] for m in modes])]
+    runs = {}
+    for mode, new, past, _ in modes:
+        feed = [feeds(sess, spec["batch"], new, past, np.random.default_rng(0)) for sess in (a, b)]
+        runs[mode] = [_runner(sess, f, provider) for sess, f in zip((a, b), feed)]
+    count = 0
+
+    def pair(mode: str) -> tuple[float, float]:
+        nonlocal count
+        times = [0.0, 0.0]
+        for k in (0, 1) if count % 2 == 0 else (1, 0):  # alternate which goes first
+            t = time.perf_counter()
+            runs[mode][k]()
+            times[k] = (time.perf_counter() - t) * 1000
+        count += 1
+        return times[0], times[1]
+
+    for mode, *_ in modes:
+        for _ in range(spec["warmup"]):
+            pair(mode)
+    reply({"modes": [m[0] for m in modes]})
+    for line in commands:
+        command = json.loads(line)
+        if command.get("stop"):
+            return
+        out = {}
+        for mode, *_ in modes:
+            timed = [pair(mode) for _ in range(int(command["pairs"]))]
+            out[mode] = {"dense": [t[0] for t in timed], "compressed": [t[1] for t in timed]}
+        reply({"times": out, "load": os.getloadavg()[0]})
 
 
 def measure_many(spec: dict) -> dict:
@@ -200,11 +230,17 @@ def _node_profile(spec: dict, mode: tuple) -> str:
     return sess.end_profiling()
 
 
+def _reply(message: dict) -> None:
+    print(json.dumps(message), flush=True)
+
+
 if __name__ == "__main__":
     try:
-        spec = json.loads(sys.stdin.read())
-        result = measure_many(spec) if spec.get("models") else measure_pair(spec) if spec.get("pair") else measure(spec)
-        print(json.dumps(result))
+        spec = json.loads(sys.stdin.readline())
+        if spec.get("pair"):
+            serve_pairs(spec, sys.stdin, _reply)
+        else:
+            _reply(measure_many(spec) if spec.get("models") else measure(spec))
     except Exception as exc:  # reported by the parent as one line
         print(json.dumps({"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}))
         sys.exit(3)

@@ -30,6 +30,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from edgesvd.calibration import CalibrationConfig
@@ -110,8 +111,8 @@ def bench(name: str, model_ref: str, shapes: list[tuple[int, int]], keeps, multi
                 split = {"matmul_share": sd["weight_matmul_ms"] / sd["total_ms"],
                          "matmul_speedup": sd["weight_matmul_ms"] / sc["weight_matmul_ms"], "matmul_bound": 1 / lin,
                          "time_bound": sd["total_ms"] / (rest + sd["weight_matmul_ms"] * lin)}
-            for mode, stats in pair["compressed"].items():
-                d, ms = pair["dense"][mode]["p50_ms"], stats["p50_ms"]
+            for mode, pl in pair.items():
+                d, ms = float(np.median(pl.dense_ms)), float(np.median(pl.compressed_ms))
                 row = {"model": name, "keep": keep, "keep_actual": keep_actual, "multiple": multiple, "batch": batch,
                        "seq": seq, "mode": mode, "dense_ms": d, "compressed_ms": ms, "speedup": d / ms,
                        "flop_bound": 1 / ratio, "of_bound": d / ms * ratio, **split}

@@ -206,40 +206,6 @@ def test_component_importance_shares():
     assert list(order) == [1, 2, 0] and imp[0] == pytest.approx(9 / 14)
 
 
-def test_microbench_measures_real_onnxruntime_and_caches(tmp_path, monkeypatch):
-    monkeypatch.setenv("EDGESVD_CACHE_DIR", str(tmp_path))
-    from edgesvd.exporters.microbench import cache_file, measure_layers
-
-    shapes = [LayerShape("a", 96, 64), LayerShape("b", 96, 64)]
-    table = measure_layers(shapes, tokens=16, multiple=8, runs=3)
-    assert set(table) == {(96, 64, None)} | {(96, 64, r) for r in candidate_ranks(shapes[0], 8)}
-    assert all(p50 > 0 and p90 >= p50 for p50, p90 in table.values())
-    path = cache_file("CPUExecutionProvider")
-    cache = json.loads(path.read_text())
-    assert len(cache) == len(table)
-    cache = {k: [123.0, 124.0] for k in cache}  # a second call must read, not re-measure
-    path.write_text(json.dumps(cache))
-    assert set(measure_layers(shapes, tokens=16, multiple=8).values()) == {(123.0, 124.0)}
-
-
-def test_retargeting_arithmetic():
-    from edgesvd.exporters.closed_loop import missed_budgets, retargeted
-
-    limits = {"latency_p50": 10.0, "model_bytes": 1000.0, "peak_memory": 5000.0, "latency_p90": 20.0}
-    measured = {"latency_p50": 12.5, "model_bytes": 1100.0, "peak_memory": 4000.0, "latency_p90": 19.0}
-    assert set(missed_budgets(limits, measured)) == {"latency_p50", "model_bytes"}
-    nxt = retargeted(dict(limits), limits, measured)
-    assert nxt["latency_p50"] == pytest.approx(10.0 * 10.0 / 12.5 * 0.97)  # missed: tightened
-    assert nxt["model_bytes"] == pytest.approx(1000.0 - 1.25 * 100.0)
-    assert nxt["peak_memory"] == 5000.0 and nxt["latency_p90"] == 20.0  # met, little room: unchanged
-    bounds = {}
-    relaxed = retargeted(dict(limits), limits, {"latency_p50": 5.0}, bounds)  # far under budget: aim higher
-    assert relaxed["latency_p50"] == pytest.approx(12.5)  # by at most 1.25×
-    assert retargeted(dict(limits), limits, {"latency_p50": 5.0}, {}, binding="model_bytes") == limits  # not binding
-    after_miss = retargeted(relaxed, limits, {"latency_p50": 11.0}, bounds)  # that missed: bisect
-    assert bounds["latency_p50"] == (10.0, 12.5) and after_miss["latency_p50"] == pytest.approx(11.25)
-
-
 def _run_cfg(model_dir, out_root, **kw):
     return run_cfg(model_dir, out_root, runs=5, warmup=1, **kw)
 
@@ -266,7 +232,18 @@ def test_closed_loop_on_a_tiny_model_with_real_onnxruntime(tiny_bert_dir, tmp_pa
     assert budgets["values"]["model_bytes"] == result.values["model_bytes"]
     assert budgets["receipt"]["binding"] in ("model_bytes", "latency_p50")
     assert {r["name"]: r["rank"] for r in budgets["receipt"]["rows"]} == manifest["compression"]["ranks"]
-    assert (tmp_path / "out" / tiny_bert_dir.name / "comparison.md").is_file()
+    # the receipt of a latency claim: interval, certified bound, pairs and load, and how the estimate was tied
+    latency = budgets["certified"]["latency_p50"]
+    assert latency["status"] == "met" and latency["bound"] <= latency["limit"] == 4.0
+    assert latency["interval"]["low"] <= latency["interval"]["estimate"] <= latency["interval"]["high"]
+    assert latency["pairs"] >= 24 and latency["load_average"] >= 0 and latency["confidence"] == 0.95
+    assert budgets["latency_measurement"]["forward"]["pairs"] == latency["pairs"]
+    assert 0 < budgets["cost_model"]["layer_share"] < 1
+    assert budgets["cost_model"]["layer_table"]["fingerprint"]["onnxruntime"]
+    for plan in budgets["plans"]:
+        assert plan["latency"]["pairs"] >= 24 and "estimate_error" in plan["latency"]
+    comparison = (tmp_path / "out" / tiny_bert_dir.name / "comparison.md").read_text()
+    assert f"({latency['pairs']} pairs, load" in comparison and "95% interval" in comparison
 
 
 def test_closed_loop_fails_clearly_and_writes_nothing(tiny_bert_dir, tmp_path, monkeypatch):

@@ -87,6 +87,6 @@ def test_paired_latency_interleaves_dense_and_compressed(tiny_llama_dir, root):
 
     ck = checkpoint(tiny_llama_dir, root)
     pair = paired_latency(exported_dense(tiny_llama_dir, root), exported(ck, root), ProfileConfig(**FEW))
-    assert set(pair) == {"dense", "compressed"}
-    for model in pair.values():
-        assert set(model) == {"prefill", "decode"} and all(s["runs"] == 3 and s["p50_ms"] > 0 for s in model.values())
+    assert set(pair) == {"prefill", "decode"}
+    for pl in pair.values():  # one pair per run: dense and compressed timed back to back
+        assert pl.pairs == 3 and len(pl.compressed_ms) == 3 and all(t > 0 for t in pl.dense_ms + pl.compressed_ms)

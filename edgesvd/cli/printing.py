@@ -11,6 +11,7 @@ from rich.table import Table
 from edgesvd.exporters.comparison import COLUMNS, comparison_rows, quality_legend
 from edgesvd.inspect import CheckpointSummary
 from edgesvd.planner import Receipt
+from edgesvd.profiles import BUDGET_LABELS
 from edgesvd.units import fmt_bytes, fmt_int, fmt_quantity
 
 
@@ -150,6 +151,32 @@ def print_summary(console: Console, s) -> None:
     console.print(f"report: {s.bundle / 'report.html'}")
 
 
+def plan_line(h: dict) -> str:
+    """One plan of a budget run: keep, estimated vs measured latency, each budget's verdict."""
+    parts = [f"plan {h['plan']}: keep {h['keep']:.3f}" if "keep" in h else f"plan {h['plan']}"]
+    lat = h.get("latency")
+    if lat:
+        m = lat["measured_ratio"]
+        parts.append(f"p50 estimated {lat['estimated_ratio']:.3f} × dense, measured {m['estimate']:.3f} "
+                     f"[{_bound(m['low'])}, {_bound(m['high'])}] ({lat['pairs']} pairs, load average "
+                     f"{lat['load_average']:.2f}; estimate {100 * lat['estimate_error']:+.0f}%)")
+    for key, v in (h.get("verdicts") or {}).items():
+        i, label = v["interval"], BUDGET_LABELS[key]
+        if not v.get("pairs"):
+            parts.append(f"{label} {fmt_quantity(key, i['estimate'])} of {fmt_quantity(key, v['limit'])}: {v['status']}")
+            continue
+        unit = "× dense" if "dense" in v["budget"] else " ms"
+        shown = "" if lat and key == "latency_p50" and unit == "× dense" else (
+            f" {i['estimate']:.3f} [{_bound(i['low'])}, {_bound(i['high'])}],")
+        parts.append(f"{label}{shown} {100 * v['window_quantile']:g}% of windows ≤ {_bound(v['bound'])}{unit}, "
+                     f"limit {v['limit']:.3f}{unit}: {v['status']}")
+    return "; ".join(parts) + ("  ← chosen" if h.get("chosen") else "")
+
+
+def _bound(value) -> str:
+    return "open" if value is None else f"{value:.3f}"
+
+
 def print_baselines(console: Console, c: dict) -> None:
     """`run --compare-quantized`: every variant's bytes, score and speedup over the dense model."""
     table = Table(title=f"what users already have vs edgesvd — {c['clock']} clock, {c['runs']} interleaved rounds, "
@@ -174,11 +201,7 @@ def print_devices(console: Console, results) -> None:
     for r in results:
         print_receipt(console, r.receipt, per_layer=False)
         for h in r.history:
-            shown = ", ".join(f"{k} {fmt_quantity(k, v)} (limit {fmt_quantity(k, h['limits'][k])}, estimated "
-                              f"{fmt_quantity(k, h['estimated'][k])})" for k, v in h["measured"].items())
-            console.print(f"  plan {h['plan']}: measured {shown}; importance kept {h['importance_kept']:.3f}; "
-                          + (f"missed: {h['missed']}" if h["missed"] else "met")
-                          + ("  ← chosen" if h.get("chosen") else ""))
+            console.print(f"  {escape(plan_line(h))}")
     table = Table(title=f"edgesvd run — one importance pass, {len(results)} device(s)")
     for col in COLUMNS:
         table.add_column(col, justify="left" if col in ("profile", "latency is", "binds") else "right")

@@ -9,6 +9,7 @@ from edgesvd.calibration import CalibrationConfig
 from edgesvd.errors import ConfigError, DeviceError
 from edgesvd.exporters.budgets import preview_plans
 from edgesvd.exporters.calibrate_device import calibrate
+from edgesvd.exporters.microbench import cache_dir, refresh_caches
 from edgesvd.outputs import check_output_file
 from edgesvd.profiles import Profile, builtin_names, load_profile, parse_budget_overrides
 from edgesvd.units import fmt_bytes
@@ -102,7 +103,10 @@ def plan(model, profile_refs, budget_items, calib_samples, calib_len, per_layer,
 
 
 @click.command("calibrate-device")
-@click.option("--out", type=PATH, required=True, help="Profile file (.toml) to write.")
+@click.option("--out", type=PATH, default=None, help="Profile file (.toml) to write.")
+@click.option("--refresh", is_flag=True,
+              help="Rebuild this machine's micro-benchmark cache instead (every layer timing `run --profile host` "
+                   "cached), dropping sets whose repeated timings disagree.")
 @click.option("--name", default=None, help="Profile name (default: the file's stem).")
 @click.option("--provider", type=click.Choice(["CPUExecutionProvider", "CUDAExecutionProvider"]),
               default="CPUExecutionProvider", show_default=True)
@@ -114,12 +118,26 @@ def plan(model, profile_refs, budget_items, calib_samples, calib_len, per_layer,
               help="Matrix sizes timed as k and n (every pair).")
 @click.option("--runs", type=int, default=20, show_default=True, help="Timed runs per shape.")
 @click.option("--force", is_flag=True, help="Replace the output file if it exists.")
-def calibrate_device(out, name, provider, threads, precision, batch, seq, sizes, runs, force):
-    """Time MatMuls on this device under onnxruntime and write a profile with the measured table.
+def calibrate_device(out, refresh, name, provider, threads, precision, batch, seq, sizes, runs, force):
+    """Time MatMuls on this device under onnxruntime and write a profile with the measured table
+    (--out), or rebuild the micro-benchmark cache the `host` profile plans from (--refresh).
 
     On a board without edgesvd, copy exporters/calibrate_device.py there and run it with Python:
     it needs only onnxruntime and numpy.
     """
+    if refresh:
+        if out is not None:
+            raise ConfigError("--refresh rebuilds the micro-benchmark cache and writes no profile: drop --out")
+        summaries = refresh_caches(reporter())
+        if not summaries:
+            click.echo(f"nothing to refresh: no micro-benchmark cache of this machine in {cache_dir()}")
+        for s in summaries:
+            state = "rebuilt" if s["kept"] else "removed (its timings never agreed)"
+            click.echo(f"{s['cache']}: {s['entries']} timings {state}; repeated timings disagree by "
+                       f"{100 * s['disagreement']:.0f}% at load average {s['load_average']:.2f} ({s['made']})")
+        return
+    if out is None:
+        raise ConfigError("calibrate-device needs --out FILE (or --refresh)")
     check_output_file(out, force)
     try:
         size_list = tuple(int(s) for s in sizes.split(",") if s.strip())

@@ -54,7 +54,11 @@ from .printing import print_devices, print_summary
                    "or .toml path). Repeatable: one importance pass, one bundle per device.")
 @budget_option
 @click.option("--max-plans", type=int, default=3, show_default=True,
-              help="With --profile on this machine: plans tried while a measured budget is missed.")
+              help="With --profile on this machine: plans measured while searching for the one that certifies "
+                   "every budget with the most importance.")
+@click.option("--max-pairs", type=int, default=960, show_default=True,
+              help="With --profile on this machine: most dense/compressed run pairs timed per plan before a "
+                   "latency budget is declared impossible to certify (a quarter first, doubling while undecided).")
 @click.option("--eval", "eval_file", type=PATH, default=None, metavar="FILE",
               help="Also score dense and compressed PyTorch models on a task: STS-B Spearman for encoders "
                    "(an STS-B tab-separated file, e.g. sts-dev.csv), perplexity for decoders (a text file). "
@@ -71,7 +75,7 @@ from .printing import print_devices, print_summary
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def run(model, method, keep, rank_multiple, calib, calib_samples, calib_len, seed, out_root, dtype, quantize, fuse, eps,
         allow_cpu_fallback, threads, inter_threads, opt_level, runs, batch, seq_len, device, profile_refs,
-        budget_items, max_plans, eval_file, compare_quantized, compare_clock, force, quiet):
+        budget_items, max_plans, max_pairs, eval_file, compare_quantized, compare_clock, force, quiet):
     """The whole job: compress MODEL, export, verify, profile dense vs compressed, pack a bundle.
 
     With --profile / --budget: ranks per device from its budgets (--budget alone means --profile host).
@@ -80,7 +84,7 @@ def run(model, method, keep, rank_multiple, calib, calib_samples, calib_len, see
     deploy = DeployConfig(export=ExportConfig(dtype=dtype, quantize=quantize, pooled=True, fuse=fuse),
                           eps=tuple(resolve_eps(tuple(eps), allow_cpu_fallback)),
                           session=SessionConfig(threads, inter_threads, opt_level), runs=runs, batch=batch,
-                          seq_len=seq_len, max_plans=max_plans, eval_file=eval_file,
+                          seq_len=seq_len, max_plans=max_plans, max_pairs=max_pairs, eval_file=eval_file,
                           compare=CompareConfig(runs=max(runs, 3), seq_len=seq_len, clock=compare_clock,
                                                 session=SessionConfig(threads, inter_threads, opt_level))
                           if compare_quantized else None)
