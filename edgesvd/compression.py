@@ -82,7 +82,7 @@ def _check_positions(config, seq_len: int) -> None:
 
 
 def prepare(model: str | os.PathLike | ModelSource = DEFAULT_MODEL,
-            calib: CalibrationConfig | str | Sequence[str] = "builtin", include: Sequence[str] = (),
+            calib: CalibrationConfig | str | Sequence[str] | None = None, include: Sequence[str] = (),
             exclude: Sequence[str] = (), device: str = "auto", batch_size: int = 16, trust_remote_code: bool = False,
             need_stats: bool = True, reporter: Reporter = SILENT, rank_multiple: int | None = None) -> Prepared:
     """Load the model and tokenizer, pick targets, sample calibration data, collect XᵀX; with
@@ -100,7 +100,7 @@ def prepare(model: str | os.PathLike | ModelSource = DEFAULT_MODEL,
     sample = stats = None
     if need_stats:
         _check_positions(loaded.config, calib.seq_len)
-        sample = sample_calibration(tokenizer, calib, source.family)
+        sample = sample_calibration(tokenizer, calib, source.family, loaded)
         stats = collect_statistics(loaded, targets, sample, batch_size, reporter)
     return Prepared(source, loaded, tokenizer, targets, sample, stats, torch_device, calib)
 
@@ -150,6 +150,9 @@ def learn_importance(prepared: Prepared, method: Learned, reporter: Reporter = S
     model, family, stats = prepared.model, prepared.source.family, prepared.stats
     if stats is None or prepared.calib is None:
         raise ConfigError("method 'learned' needs calibration statistics")
+    n, seq_len = prepared.calib.input_ids.shape
+    targeted = sum(model.get_submodule(t).weight.numel() for t in prepared.targets)
+    method = method.resolved(family, targeted, n, seq_len)
     for p in model.parameters():
         p.requires_grad_(False)
     timings: dict[str, float] = {}
@@ -165,7 +168,6 @@ def learn_importance(prepared: Prepared, method: Learned, reporter: Reporter = S
     dense, scored = attach_scores(model, spectra, method.keep, method.margin, method.rank_multiple, reporter)
     timings["stage1_s"] = time.perf_counter() - t0
 
-    n = prepared.calib.input_ids.shape[0]
     batches = MiniBatches(n, method.batch_size, prepared.seed)
     probe_gen = MiniBatches(n, method.batch_size, prepared.seed + 1)
     probe = [probe_gen.next() for _ in range(min(4, max(1, n // method.batch_size)))]
@@ -193,19 +195,23 @@ def finish(state: LearnedState, plan: "Plan", model: nn.Module | None = None, re
     spectra (`sigma`, `scores`, `kept` over the full whitened spectrum) and the details.
     """
     model = state.model if model is None else model
+    method = state.method
     t0 = time.perf_counter()
     for name in state.targets:
         # Back to dense first (it stays so where the plan says None); a copy gets its own Linear,
-        # so moving one finished model between devices leaves the shared originals alone.
+        # so moving one finished model between devices, or fine-tuning a layer left dense, leaves
+        # the shared originals alone.
         linear = state.dense[name]
-        set_submodule(model, name, linear if model is state.model else copy.deepcopy(linear))
+        own = model is not state.model or method.finetune_dense
+        set_submodule(model, name, copy.deepcopy(linear) if own else linear)
     records, entries, factored = apply_ranks(model, state.spectra, plan.ranks, plan.orders, plan.scores)
+    left_dense = ([m for m in map(model.get_submodule, state.targets) if isinstance(m, nn.Linear)]
+                  if method.finetune_dense else [])
     losses = dict(state.losses)
     losses["after_switch"] = probe_loss(model, state.teacher, state.probe)
-    method = state.method
     curve3 = (finetune_factors(model, factored, state.teacher, method.finetune_steps, method.finetune_lr,
-                               state.batches(), reporter)
-              if method.finetune_steps and factored else [])
+                               state.batches(), reporter, dense=left_dense)
+              if method.finetune_steps and (factored or left_dense) else [])
     losses["after_finetune"] = probe_loss(model, state.teacher, state.probe)
     timings = {**state.timings, "stage3_s": time.perf_counter() - t0}
     details = {
@@ -363,14 +369,15 @@ def compress_prepared(prepared: Prepared, method: Method, model_ref: str | None 
 
 
 def compress(model: str | os.PathLike = DEFAULT_MODEL, method: Method | str = DEFAULT_METHOD, *,
-             calib: CalibrationConfig | str | Sequence[str] = "builtin", include: Sequence[str] = (),
+             calib: CalibrationConfig | str | Sequence[str] | None = None, include: Sequence[str] = (),
              exclude: Sequence[str] = (), device: str = "auto", batch_size: int = 16,
              trust_remote_code: bool = False, reporter: Reporter = SILENT) -> Compressed:
     """Compress `model` (the alias 'minilm', a local folder or a hub id) with `method` (a config
     such as `Learned(keep=0.5)`, or a method name with its defaults); nothing is written.
 
-    calib: 'builtin', a .txt/.jsonl file or folder, several of them, or a CalibrationConfig
-    (sequences, length, seed). include / exclude: glob patterns on layer names. device: where
+    calib: None (the family's default: the built-in corpus for encoders, the decoder's own samples
+    for decoders), 'builtin', 'docstrings', 'self', a .txt/.jsonl file or folder, several of them,
+    or a CalibrationConfig (sources, sequences, length, seed, sampling temperature). include / exclude: glob patterns on layer names. device: where
     torch runs ('auto' uses CUDA when present). batch_size: sequences per forward pass while
     collecting statistics.
     """

@@ -132,10 +132,12 @@ def probe_loss(model: nn.Module, teacher: Teacher, probe: list[torch.Tensor]) ->
 
 
 def finetune_factors(model: nn.Module, factored: list[LowRankLinear], teacher: Teacher, steps: int, lr: float,
-                     batches: MiniBatches, reporter: Reporter = SILENT) -> list[float]:
-    """Train the factors A and B of `factored` (everything else frozen) against the teacher with
-    Adam and a linear decay; returns the loss per step."""
+                     batches: MiniBatches, reporter: Reporter = SILENT, dense: list[nn.Linear] = ()) -> list[float]:
+    """Train the factors A and B of `factored`, and the weights and biases of the `dense` Linears
+    (targets the selection left dense), against the teacher with Adam and a linear decay;
+    everything else stays frozen. Returns the loss per step."""
     params = [p for layer in factored for p in (layer.a.weight, layer.b.weight)]
+    params += [p for layer in dense for p in layer.parameters()]
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)

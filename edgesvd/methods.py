@@ -2,11 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import math
+from dataclasses import dataclass, fields, replace
 from typing import ClassVar
 
 from .errors import ConfigError
+from .families import Family
 from .importance import SELECTIONS
+
+# Stages 2 and 3 each make at most this many passes over the calibration set by default: more
+# learns the sample rather than the model (on stories260K a held-back probe stopped improving long
+# before the training loss), and a small --calib-samples then means a short run.
+MAX_DEFAULT_EPOCHS = 16
+# Time guard on the default steps: stages 2 + 3 together train at most this many
+# (targeted parameters × tokens); past it both step counts shrink in proportion, never below
+# MIN_DEFAULT_STEPS. MiniLM (240 steps × 8 × 128 tokens × 10.6 M) and stories260K stay below it; a
+# 135 M LLM would get about 90 steps instead of 1,200 (a time bound, not measured for quality).
+TRAIN_WORK_CAP = 1e13
+MIN_DEFAULT_STEPS = 20
 
 
 @dataclass(frozen=True)
@@ -55,6 +68,11 @@ class Learned(Method):
     steps / finetune_steps: optimizer steps of stage 2 (scores) and stage 3 (factors).
     margin: stage 1 keeps candidates up to keep·(1+margin) of each layer (capped at dense).
     lr / finetune_lr: Adam learning rates of the scores and of the factors.
+    steps, finetune_steps and finetune_lr left None come from the model's family and size
+    (`resolved`: the family's measured recipe, at most MAX_DEFAULT_EPOCHS passes over the
+    calibration set, within TRAIN_WORK_CAP).
+    finetune_dense: stage 3 also trains the targeted layers the global selection left dense
+    (frozen otherwise, at weights the rest of the network has moved away from).
     batch_size: calibration sequences per training step.
     budget_weight: weight of (expected kept params / scheduled target − 1)² in stage 2.
     max_score: cap on the scores (None: amplification allowed; 1.0 is the no-amplification ablation).
@@ -62,11 +80,12 @@ class Learned(Method):
     gets the uniform rank and keeps its most important candidates).
     """
 
-    steps: int = 60
-    finetune_steps: int = 60
+    steps: int | None = None
+    finetune_steps: int | None = None
     margin: float = 0.5
     lr: float = 0.05
-    finetune_lr: float = 2e-4
+    finetune_lr: float | None = None
+    finetune_dense: bool = True
     batch_size: int = 8
     budget_weight: float = 10.0
     max_score: float | None = None
@@ -75,11 +94,11 @@ class Learned(Method):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.steps < 0 or self.finetune_steps < 0:
+        if any(s is not None and s < 0 for s in (self.steps, self.finetune_steps)):
             raise ConfigError(f"steps must be >= 0, got {self.steps} and {self.finetune_steps}")
         if self.margin < 0:
             raise ConfigError(f"margin must be >= 0, got {self.margin}")
-        if self.lr <= 0 or self.finetune_lr <= 0:
+        if self.lr <= 0 or (self.finetune_lr is not None and self.finetune_lr <= 0):
             raise ConfigError("learning rates must be > 0")
         if self.batch_size < 1:
             raise ConfigError(f"learned batch size must be >= 1, got {self.batch_size}")
@@ -89,6 +108,24 @@ class Learned(Method):
             raise ConfigError(f"max score must be > 0, got {self.max_score}")
         if self.selection not in SELECTIONS:
             raise ConfigError(f"unknown selection '{self.selection}' (choose from {', '.join(SELECTIONS)})")
+
+
+    def resolved(self, family: Family, targeted_params: int, num_sequences: int, seq_len: int) -> "Learned":
+        """This config with the fields left None filled in for one model: the family's recipe, each
+        stage capped at MAX_DEFAULT_EPOCHS passes over `num_sequences` calibration sequences, both
+        scaled down together (not below MIN_DEFAULT_STEPS) when stages 2 + 3 would exceed
+        TRAIN_WORK_CAP (targeted parameters × training tokens). Values given explicitly stay."""
+        recipe = family.learned
+        per_epoch = math.ceil(num_sequences / min(self.batch_size, num_sequences))
+        filled: dict = {k: min(v, MAX_DEFAULT_EPOCHS * per_epoch)
+                        for k, v in (("steps", recipe.steps), ("finetune_steps", recipe.finetune_steps))
+                        if getattr(self, k) is None}
+        work = sum(filled.values()) * min(self.batch_size, num_sequences) * seq_len * targeted_params
+        if work > TRAIN_WORK_CAP:
+            filled = {k: min(v, max(MIN_DEFAULT_STEPS, round(v * TRAIN_WORK_CAP / work))) for k, v in filled.items()}
+        if self.finetune_lr is None:
+            filled["finetune_lr"] = recipe.finetune_lr
+        return replace(self, **filled)
 
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Plain, Asvd, Whiten, Learned)}

@@ -231,7 +231,7 @@ def _deploy_as_is(job: _Job, out: Path) -> RunSummary:
         name = f"edgesvd keep {keep_of(ck.record.layers):.2f}"
         baselines = compare_quantized(job.dense_model(), ck.tokenizer, job.family, tmp / "checkpoint", name,
                                       str(ck.source.path), tmp / "baselines", cfg.compare, cfg.eval_file,
-                                      _held_out(ck), export_cfg.fuse, job.reporter).to_json()
+                                      _held_out(ck, job.dense_model()), export_cfg.fuse, job.reporter).to_json()
         job.done("compare")
     job.step("pack")
     extra = {k: v for k, v in (("quality", quality), ("baselines", baselines)) if v}
@@ -343,10 +343,11 @@ def _deploy_profile(job: _Job, p: Profile, cost, held_out, out: Path) -> DeviceR
                         history, quality, parity.ok, verdicts)
 
 
-def _held_out(ck: Compressed):
-    """32 calibration sequences the compression did not see (the next seed): the quality proxy's text."""
+def _held_out(ck: Compressed, dense: nn.Module):
+    """32 calibration sequences the compression did not see (the next seed): the quality proxy's text
+    (`dense`: the model that samples them when the calibration is the decoder's own text)."""
     calib = ck.calibration or CalibrationConfig()
-    return sample_calibration(ck.tokenizer, replace(calib, num_sequences=32, seed=calib.seed + 1), ck.source.family)
+    return sample_calibration(ck.tokenizer, replace(calib, num_sequences=32, seed=calib.seed + 1), ck.source.family, dense)
 
 
 def _measuring(cfg: DeployConfig) -> Measuring:
@@ -405,7 +406,7 @@ def deploy(ck: Compressed, profiles: Sequence[str | Profile] = (), out: str | Pa
         job = _Job(ck, tmp, config, reporter)
         if not chosen:
             return Deployment(out, summary=_deploy_as_is(job, out))
-        held_out = _held_out(ck)
+        held_out = _held_out(ck, ck.importance.dense)
         results = [_deploy_profile(job, p, costs[p.name], held_out, out) for p in chosen]
         (tmp / "comparison.json").write_text(json.dumps([r.to_json() for r in results], indent=2, default=str) + "\n")
         (tmp / "comparison.md").write_text(comparison_markdown(results) + "\n")
@@ -443,8 +444,7 @@ def run(cfg: RunConfig = RunConfig(), reporter: Reporter = SILENT) -> Deployment
     start = time.perf_counter()
     source = resolve_model(cfg.model)
     out = Path(cfg.out_root) / source.name
-    calib = cfg.calibration.source
-    inputs = (source.path, cfg.deploy.eval_file, *([calib] if isinstance(calib, str) else calib))
+    inputs = (source.path, cfg.deploy.eval_file, *cfg.calibration.paths())
     check_output_dir(out, cfg.force, inputs)
     profiles = at_export_precision(load_profiles(cfg.profiles or (("host",) if cfg.budgets else ()), cfg.budgets),
                                    cfg.deploy.export)

@@ -216,8 +216,8 @@ def main() -> None:
     eval_file = Path(args.eval) if args.eval else None
     held_out = None
     if eval_file is None:
-        held_out = sample_calibration(load_tokenizer(source.path), CalibrationConfig(num_sequences=32, seed=1),
-                                      family)
+        held_out = sample_calibration(load_tokenizer(source.path),
+                                      CalibrationConfig(args.calib or "builtin", num_sequences=32, seed=1), family)
     score_name, score_source, scores = score_variants(variants, family, eval_file, held_out, SessionConfig())
     print(f"scored ({score_name}) in {time.process_time() - start:.0f} CPU s", flush=True)
     flops = {v.label: graph_flops(v.onnx_dir, 128)["total_per_token"] for v in variants}

@@ -56,18 +56,18 @@ def minilm_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def bpe_tokenizer(tmp_path_factory):
-    """A real byte-level BPE tokenizer (vocab 512) trained offline on the built-in corpus."""
+    """A real byte-level BPE tokenizer (vocab 512) trained offline on the docstring corpus."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from edgesvd.calibration import builtin_documents
+    from edgesvd.calibration import docstring_documents
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(builtin_documents()[:2000], trainer)
+    tok.train_from_iterator(docstring_documents()[:2000], trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    pad_token="<pad>", unk_token="<unk>")
 

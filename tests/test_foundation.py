@@ -93,9 +93,9 @@ def test_statistics_exclude_padding_and_share_inputs(tiny_bert_dir):
 
 def test_calibration_sampling_is_seeded(tiny_llama_dir):
     tok = load_tokenizer(tiny_llama_dir)
-    one = sample_calibration(tok, CalibrationConfig(num_sequences=4, seq_len=16, seed=3), DECODER)
-    two = sample_calibration(tok, CalibrationConfig(num_sequences=4, seq_len=16, seed=3), DECODER)
-    other = sample_calibration(tok, CalibrationConfig(num_sequences=4, seq_len=16, seed=4), DECODER)
+    one = sample_calibration(tok, CalibrationConfig("builtin", 4, 16, seed=3), DECODER)
+    two = sample_calibration(tok, CalibrationConfig("builtin", 4, 16, seed=3), DECODER)
+    other = sample_calibration(tok, CalibrationConfig("builtin", 4, 16, seed=4), DECODER)
     assert one.input_ids.shape == (4, 16) and torch.equal(one.input_ids, two.input_ids)
     assert not torch.equal(one.input_ids, other.input_ids)
 

@@ -108,10 +108,13 @@ def test_a_wheel_installs_everything_under_edgesvd(tmp_path):
     assert {n.split("/")[0] for n in names if not n.startswith("edgesvd-")} == {"edgesvd"}
     assert "edgesvd/exporters/deploy.py" in names and "edgesvd/exporters/profile_worker.py" in names
     assert "edgesvd/builtin_profiles/raspberry-pi-5.toml" in names and "edgesvd/cli/__init__.py" in names
+    # the built-in calibration corpus travels with its attribution file
+    assert {"edgesvd/corpus/natural_en.txt", "edgesvd/corpus/ATTRIBUTION.md"} <= set(names)
     zipfile.ZipFile(wheel).extractall(tmp_path / "site")
     env = {"PYTHONPATH": str(tmp_path / "site"), "PATH": "/usr/bin:/bin"}
-    where = _python("import edgesvd.exporters.export as e, edgesvd.profiles as p; "
-                    "print(e.__file__); print(p.builtin_dir())", tmp_path, env)
+    where = _python("import edgesvd.exporters.export as e, edgesvd.profiles as p, edgesvd.calibration as c; "
+                    "print(e.__file__); print(p.builtin_dir()); assert len(c.builtin_documents()) == 952",
+                    tmp_path, env)
     assert where.returncode == 0, where.stderr
     assert all(line.startswith(str(tmp_path / "site")) for line in where.stdout.split()), where.stdout
 

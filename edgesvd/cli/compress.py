@@ -40,26 +40,31 @@ def model_options(f):
 @calibration_options
 @model_options
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Sequences per forward pass.")
-@click.option("--steps", type=int, default=Learned.steps, show_default=True,
-              help="learned: stage-2 steps that train the importance scores and prune gradually to the budget.")
-@click.option("--finetune-steps", type=int, default=Learned.finetune_steps, show_default=True,
-              help="learned: stage-3 steps that fine-tune the kept factors against the dense model (0: none).")
+@click.option("--steps", type=int, default=None,
+              help="learned: stage-2 steps that train the importance scores and prune gradually to the budget "
+                   "[default: from the model family and size: 120 encoders, 200 decoders; see README].")
+@click.option("--finetune-steps", type=int, default=None,
+              help="learned: stage-3 steps that fine-tune the kept factors against the dense model (0: none) "
+                   "[default: from the model family and size: 120 encoders, 1000 decoders].")
 @click.option("--margin", type=float, default=Learned.margin, show_default=True,
               help="learned: stage-1 candidates per layer, as extra fraction over the budget (0.5: 1.5×keep).")
 @click.option("--lr", type=float, default=Learned.lr, show_default=True, help="learned: learning rate of the scores.")
-@click.option("--finetune-lr", type=float, default=Learned.finetune_lr, show_default=True,
-              help="learned: learning rate of the factors in stage 3.")
+@click.option("--finetune-lr", type=float, default=None,
+              help="learned: learning rate of stage 3 [default: 2e-4 encoders, 1e-3 decoders].")
+@click.option("--finetune-dense/--no-finetune-dense", default=Learned.finetune_dense, show_default=True,
+              help="learned: stage 3 also trains the targeted layers the global selection left dense.")
 @click.option("--out", "out", type=PATH, required=True, help="Checkpoint folder to write.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def compress(model, method, keep, rank_multiple, calib, calib_samples, calib_len, seed, include, exclude,
-             trust_remote_code, device, batch_size, steps, finetune_steps, margin, lr, finetune_lr, out, force, quiet):
+def compress(model, method, keep, rank_multiple, calib, calib_samples, calib_len, calib_temperature, seed, include,
+             exclude, trust_remote_code, device, batch_size, steps, finetune_steps, margin, lr, finetune_lr,
+             finetune_dense, out, force, quiet):
     """Compress MODEL (alias 'minilm', a local folder, or a hub id) into a checkpoint folder."""
     check_output_dir(out, force, inputs=[*calib] + ([] if model == DEFAULT_MODEL else [model]))
     config = method_config(method, keep=keep, rank_multiple=rank_multiple, steps=steps, finetune_steps=finetune_steps,
-                           margin=margin, lr=lr, finetune_lr=finetune_lr)
-    result = compress_model(model, config, calib=calibration(calib, calib_samples, calib_len, seed), include=include,
-                            exclude=exclude, device=device, batch_size=batch_size,
+                           margin=margin, lr=lr, finetune_lr=finetune_lr, finetune_dense=finetune_dense)
+    result = compress_model(model, config, calib=calibration(calib, calib_samples, calib_len, calib_temperature, seed),
+                            include=include, exclude=exclude, device=device, batch_size=batch_size,
                             trust_remote_code=trust_remote_code, reporter=reporter(quiet))
     result.save(out, force=force)
     r = result.record

@@ -32,20 +32,26 @@ def exit_cleanly_on_sigterm() -> None:
 
 def calibration_options(f):
     """Options shared by every command that calibrates."""
-    f = click.option("--calib", "calib", multiple=True, default=("builtin",), show_default=True,
-                     help="Calibration text: a .txt/.jsonl file (JSONL needs a 'text' field), a folder of "
-                          "them, or 'builtin' (English prose from Python's standard library). Repeatable.")(f)
+    f = click.option("--calib", "calib", multiple=True, default=(),
+                     help="Calibration text: 'builtin' (natural English prose shipped with edgesvd), 'self' "
+                          "(decoders: text the model samples itself, seeded), 'docstrings' (Python's "
+                          "docstrings: technical prose), a .txt/.jsonl file (JSONL needs a 'text' field) or a "
+                          "folder of them. Repeatable ('self' alone). [default: builtin for encoders, self for "
+                          "decoders]")(f)
     f = click.option("--calib-samples", type=int, default=None,
-                     help="Calibration sequences sampled [default: 512 sentences for encoders, "
-                          "128 windows of --calib-len tokens for decoders].")(f)
+                     help="Calibration sequences sampled [default: 512 sentences for encoders, 2048 windows "
+                          "of --calib-len tokens for decoders; fewer for models too large to sample that many "
+                          "in minutes].")(f)
     f = click.option("--calib-len", type=int, default=128, show_default=True,
                      help="Tokens per calibration sequence.")(f)
+    f = click.option("--calib-temperature", type=float, default=1.0, show_default=True,
+                     help="--calib self: sampling temperature (1.0: the model's own distribution).")(f)
     f = click.option("--seed", type=int, default=0, show_default=True, help="Sampling (and training) seed.")(f)
     return f
 
 
-def calibration(calib, calib_samples, calib_len, seed) -> CalibrationConfig:
-    return CalibrationConfig(tuple(calib), calib_samples, calib_len, seed)
+def calibration(calib, calib_samples, calib_len, calib_temperature, seed) -> CalibrationConfig:
+    return CalibrationConfig(tuple(calib) or None, calib_samples, calib_len, seed, calib_temperature)
 
 
 def ep_options(f):

@@ -73,7 +73,7 @@ from .printing import print_devices, print_summary
                    "stable on a machine shared with other work).")
 @click.option("--force", is_flag=True, help="Replace OUT_ROOT/<model>/ if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def run(model, method, keep, rank_multiple, calib, calib_samples, calib_len, seed, out_root, dtype, quantize, fuse, eps,
+def run(model, method, keep, rank_multiple, calib, calib_samples, calib_len, calib_temperature, seed, out_root, dtype, quantize, fuse, eps,
         allow_cpu_fallback, threads, inter_threads, opt_level, runs, batch, seq_len, device, profile_refs,
         budget_items, max_plans, max_pairs, eval_file, compare_quantized, compare_clock, force, quiet):
     """The whole job: compress MODEL, export, verify, profile dense vs compressed, pack a bundle.
@@ -89,7 +89,7 @@ def run(model, method, keep, rank_multiple, calib, calib_samples, calib_len, see
                                                 session=SessionConfig(threads, inter_threads, opt_level))
                           if compare_quantized else None)
     cfg = RunConfig(model=model, method=method, keep=keep, rank_multiple=rank_multiple,
-                    calibration=calibration(calib, calib_samples, calib_len, seed), device=device,
+                    calibration=calibration(calib, calib_samples, calib_len, calib_temperature, seed), device=device,
                     profiles=tuple(profile_refs), budgets=parse_budget_overrides(budget_items) or None,
                     out_root=out_root, force=force, deploy=deploy)
     result = run_job(cfg, reporter(quiet))
