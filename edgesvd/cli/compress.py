@@ -9,6 +9,7 @@ from edgesvd.inspect import checkpoint_summary
 from edgesvd.loading import DEFAULT_MODEL
 from edgesvd.methods import DEFAULT_METHOD, METHODS, Learned, method_config
 from edgesvd.outputs import check_output_dir
+from edgesvd.streaming import STREAM_CHOICES
 
 from .options import PATH, calibration, calibration_options, out_console, reporter
 from .printing import print_checkpoint
@@ -49,18 +50,24 @@ def model_options(f):
 @click.option("--lr", type=float, default=Learned.lr, show_default=True, help="learned: learning rate of the scores.")
 @click.option("--finetune-lr", type=float, default=Learned.finetune_lr, show_default=True,
               help="learned: learning rate of the factors in stage 3.")
+@click.option("--stream", type=click.Choice(list(STREAM_CHOICES)), default="auto", show_default=True,
+              help="Compress one transformer block at a time, reading its weights from the safetensors files "
+                   "(memory: one block plus the calibration activations). auto: for decoders whose weights "
+                   "exceed 256 MiB, with plain, asvd or whiten.")
 @click.option("--out", "out", type=PATH, required=True, help="Checkpoint folder to write.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def compress(model, method, keep, rank_multiple, calib, calib_samples, calib_len, seed, include, exclude,
-             trust_remote_code, device, batch_size, steps, finetune_steps, margin, lr, finetune_lr, out, force, quiet):
-    """Compress MODEL (alias 'minilm', a local folder, or a hub id) into a checkpoint folder."""
+             trust_remote_code, device, batch_size, steps, finetune_steps, margin, lr, finetune_lr, stream, out, force,
+             quiet):
+    """Compress MODEL (alias 'minilm', a local folder, a .gguf file, the alias 'smollm2', or a hub id) into a
+    checkpoint folder."""
     check_output_dir(out, force, inputs=[*calib] + ([] if model == DEFAULT_MODEL else [model]))
     config = method_config(method, keep=keep, rank_multiple=rank_multiple, steps=steps, finetune_steps=finetune_steps,
                            margin=margin, lr=lr, finetune_lr=finetune_lr)
     result = compress_model(model, config, calib=calibration(calib, calib_samples, calib_len, seed), include=include,
                             exclude=exclude, device=device, batch_size=batch_size,
-                            trust_remote_code=trust_remote_code, reporter=reporter(quiet))
+                            trust_remote_code=trust_remote_code, stream=stream, reporter=reporter(quiet))
     result.save(out, force=force)
     r = result.record
     click.echo(f"wrote {out}: method={r.method} keep={r.keep_actual:.3f} (requested {r.keep_requested}) "
