@@ -22,6 +22,7 @@ from .calibration import CalibrationBatch, CalibrationConfig, calibration_config
 from .checkpoint import CompressionRecord, library_versions, save_compressed
 from .costmodel import LayerShape
 from .device import resolve_device
+from .distributed import join, local_device
 from .errors import ConfigError
 from .factorize import LayerRecord, apply_ranks
 from .finetune import MiniBatches, Teacher, finetune_factors, probe_loss
@@ -313,6 +314,7 @@ class Compressed:
     source: ModelSource
     importance: ComponentImportance | None = field(default=None, repr=False)
     calibration: CalibrationConfig | None = None
+    writer: bool = True  # False on the ranks other than 0 of a torchrun launch: they write nothing
 
     @property
     def family(self):
@@ -370,7 +372,8 @@ def compress_streamed(source: ModelSource, method: Method, calib: CalibrationCon
     """compress() for a decoder too large to load whole: one block at a time (edgesvd.streaming)."""
     start = time.perf_counter()
     calib = calibration_config(calib)
-    torch_device = resolve_device(device)
+    torch_device = local_device(resolve_device(device))
+    group = join(torch_device)  # torchrun: this rank's share of the calibration batches
     tokenizer = load_tokenizer(source.path)
     sample = None
     if method.needs_statistics:
@@ -378,13 +381,14 @@ def compress_streamed(source: ModelSource, method: Method, calib: CalibrationCon
 
         _check_positions(AutoConfig.from_pretrained(source.path), calib.seq_len)
         sample = sample_calibration(tokenizer, calib, source.family)
-    result = compress_blocks(source, method, sample, tuple(exclude), torch_device, batch_size, propagate, reporter)
+    result = compress_blocks(source, method, sample, tuple(exclude), torch_device, batch_size, propagate,
+                             reporter if group.writer else SILENT, group)
     details = {**result.details, "wall_s": round(time.perf_counter() - start, 2), "device": str(torch_device)}
     record = CompressionRecord(
         method=method.name, keep_requested=method.keep, family=source.family.name,
         source_model=model_ref or source.name, layers=result.layers, rank_multiple=method.rank_multiple,
         calibration=sample.summary if sample is not None else {}, details=details, versions=library_versions())
-    return Compressed(result.model, tokenizer, record, result.entries, source, None, calib)
+    return Compressed(result.model, tokenizer, record, result.entries, source, None, calib, writer=group.writer)
 
 
 def compress(model: str | os.PathLike = DEFAULT_MODEL, method: Method | str = DEFAULT_METHOD, *,

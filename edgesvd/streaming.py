@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .calibration import CalibrationBatch
+from .distributed import Group
 from .errors import ConfigError, ModelLoadError, first_line
 from .factorize import LayerRecord, apply_ranks
 from .loading import ModelSource, select_targets
@@ -186,7 +187,7 @@ class _Stop(Exception):
 
 @torch.no_grad()
 def capture_inputs(model: nn.Module, blocks_name: str, blocks: nn.ModuleList, weights: LazyWeights,
-                   calib: CalibrationBatch, batch_size: int, device: torch.device
+                   batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device
                    ) -> tuple[list[torch.Tensor], list[list[tuple[tuple, dict]]]]:
     """Hidden states entering block 0 per batch, and the arguments the model passes to each block
     (masks, positions, rotary embeddings), found by running the model with every block replaced
@@ -216,7 +217,7 @@ def capture_inputs(model: nn.Module, blocks_name: str, blocks: nn.ModuleList, we
     for i, block in enumerate(blocks):
         block.forward = recorder(i)  # an instance attribute: attributes the model loop reads stay
     try:
-        for ids, mask in calib.batches(batch_size):
+        for ids, mask in batches:
             try:
                 model.base_model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
             except _Stop:
@@ -284,10 +285,12 @@ def _peak_rss_bytes() -> int:
 
 def compress_blocks(source: ModelSource, method: Method, calib: CalibrationBatch | None,
                     exclude: tuple[str, ...] = (), device: torch.device = torch.device("cpu"),
-                    batch_size: int = 16, propagate: str = "compressed", reporter: Reporter = SILENT) -> Streamed:
+                    batch_size: int = 16, propagate: str = "compressed", reporter: Reporter = SILENT,
+                    group: Group = Group()) -> Streamed:
     """Compress `source` block by block with `method` (plain, asvd or whiten; uniform ranks at
     `method.keep`). `calib` is the calibration sample (None for plain, which needs no data).
-    The layers compressed are every Linear inside a block, less `exclude` patterns."""
+    The layers compressed are every Linear inside a block, less `exclude` patterns. `group`: the
+    ranks sharing the calibration batches (edgesvd.distributed); every rank gets the same factors."""
     if isinstance(method, Learned) or method.name not in STREAMED_METHODS:
         raise ConfigError(f"method '{method.name}' is not streamed yet (streamed: {', '.join(STREAMED_METHODS)})")
     if propagate not in PROPAGATIONS:
@@ -311,8 +314,9 @@ def compress_blocks(source: ModelSource, method: Method, calib: CalibrationBatch
     check_rank_multiple({n: tuple(model.get_submodule(n).weight.shape) for n in targets}, method.rank_multiple)
     hidden = per_block = masks = None
     if needs_data:
-        hidden, per_block = capture_inputs(model, blocks_name, blocks, weights, calib, batch_size, device)
-        masks = [m.reshape(-1).bool().to(device) for _, m in calib.batches(batch_size)]
+        batches = group.shard(list(calib.batches(batch_size)))
+        hidden, per_block = capture_inputs(model, blocks_name, blocks, weights, batches, device)
+        masks = [m.reshape(-1).bool().to(device) for _, m in batches]
     t = lap("load_s", t)
 
     layers: list[LayerRecord] = []
@@ -328,6 +332,7 @@ def compress_blocks(source: ModelSource, method: Method, calib: CalibrationBatch
             stats = None
             if needs_data:
                 outputs, stats = run_block(block, hidden, per_block[i], masks, mine, prefix)
+                group.sum_statistics(stats)
                 t = lap("statistics_s", t)
             ranks = {n: uniform_rank(*model.get_submodule(n).weight.shape, method.keep, method.rank_multiple)
                      for n in mine}
@@ -353,7 +358,7 @@ def compress_blocks(source: ModelSource, method: Method, calib: CalibrationBatch
     lap("load_s", t)
     release_memory(device)
     details = {
-        "streamed": True, "propagate": propagate if needs_data else None, "blocks": len(blocks),
+        "streamed": True, "propagate": propagate if needs_data else None, "blocks": len(blocks), "ranks": group.size,
         "timings": {k: round(v, 2) for k, v in timings.items()},
         "cpu_s": round(time.process_time() - start_cpu, 2), "stream_wall_s": round(time.perf_counter() - start_wall, 2),
         "peak_rss_bytes": _peak_rss_bytes(), "rss_after_block_bytes": rss_after,

@@ -252,3 +252,32 @@ def test_bad_gguf_references_are_one_line_errors(tmp_path, monkeypatch):
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
     with pytest.raises(ModelLoadError, match="cannot read GGUF file"):
         resolve_model(tmp_path / "junk.gguf")
+
+
+# -- torch.distributed ------------------------------------------------------------------------------------
+def test_two_gloo_processes_under_torchrun_write_the_single_process_checkpoint(tiny_llama_dir, tmp_path):
+    """`torchrun --nproc-per-node 2 -m edgesvd compress … --stream on`: two real processes (gloo) share
+    the calibration batches and sum their Gram matrices; rank 0 writes a checkpoint equal to the
+    single-process one (float tolerance: the sums are added in another order)."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    args = ["compress", str(tiny_llama_dir), "--method", "whiten", "--keep", "0.5", "--stream", "on",
+            "--calib-samples", "16", "--calib-len", "32", "--batch-size", "4", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+                          "--nproc-per-node", "2", "-m", "edgesvd", *args, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("wrote ") == 1  # rank 0 only
+    one = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+    details = [json.loads((tmp_path / f / "config.json").read_text())["edgesvd"]["details"] for f in ("one", "two")]
+    assert details[0]["ranks"] == 1 and details[1]["ranks"] == 2

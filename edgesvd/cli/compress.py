@@ -68,6 +68,8 @@ def compress(model, method, keep, rank_multiple, calib, calib_samples, calib_len
     result = compress_model(model, config, calib=calibration(calib, calib_samples, calib_len, seed), include=include,
                             exclude=exclude, device=device, batch_size=batch_size,
                             trust_remote_code=trust_remote_code, stream=stream, reporter=reporter(quiet))
+    if not result.writer:  # torchrun: rank 0 writes the checkpoint
+        return
     result.save(out, force=force)
     r = result.record
     click.echo(f"wrote {out}: method={r.method} keep={r.keep_actual:.3f} (requested {r.keep_requested}) "
