@@ -43,16 +43,17 @@ def window_ppl(model, wins, batch: int = 4) -> float:
     import torch
 
     nll, count = 0.0, 0
+    device = next(model.parameters()).device
     with torch.no_grad():
         for i in range(0, wins.shape[0], batch):
-            ids = wins[i:i + batch]
+            ids = wins[i:i + batch].to(device)
             logp = torch.log_softmax(model(input_ids=ids).logits[:, :-1].float(), -1)
             nll += float(-logp.gather(-1, ids[:, 1:, None]).sum())
             count += ids[:, 1:].numel()
     return math.exp(nll / count)
 
 
-def one(model_ref: str, method: str, keep: float, stream: str, calib: str, n_windows: int) -> dict:
+def one(model_ref: str, method: str, keep: float, stream: str, calib: str, n_windows: int, device: str) -> dict:
     """One configuration, in this process: compress (unless method is 'dense'), then score."""
     import torch
 
@@ -63,12 +64,13 @@ def one(model_ref: str, method: str, keep: float, stream: str, calib: str, n_win
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     source = resolve_model(model_ref)  # converts the GGUF once (cached), before anything is timed
     tokenizer = load_tokenizer(source.path)
-    row = {"method": method, "keep": keep, "stream": stream, "calib": calib}
+    row = {"method": method, "keep": keep, "stream": stream, "calib": calib, "device": device}
     w0, c0 = time.perf_counter(), time.process_time()
     if method == "dense":
         model = load_model(source)
     else:
-        result = edgesvd.compress(model_ref, method_config(method, keep=keep), calib=calib, stream=stream)
+        result = edgesvd.compress(model_ref, method_config(method, keep=keep), calib=calib, stream=stream,
+                                  device=device)
         model = result.model
         d = result.record.details
         row.update(keep_actual=round(result.record.keep_actual, 4), streamed=bool(d.get("streamed")),
@@ -78,6 +80,7 @@ def one(model_ref: str, method: str, keep: float, stream: str, calib: str, n_win
     row["compress_peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)
     if n_windows:
         t = time.perf_counter()
+        model = model.to("cuda") if device == "cuda" else model
         row["wikitext2_ppl"] = round(window_ppl(model.eval(), windows(tokenizer, n_windows)), 3)
         row["eval_wall_s"] = round(time.perf_counter() - t, 1)
     return row
@@ -90,17 +93,19 @@ def main() -> None:
                     help="method:keep:stream, comma separated (method 'dense' = the uncompressed model)")
     ap.add_argument("--calib", default=str(WIKI_CALIB), help="calibration text ('builtin' for the product default)")
     ap.add_argument("--windows", type=int, default=40, help="WikiText-2 windows of 512 tokens (0: no scoring)")
+    ap.add_argument("--device", default="cpu", help="where compression and scoring run (cpu, cuda)")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
         method, keep, stream = a.one.split(":")
-        print(json.dumps(one(a.model, method, float(keep), stream, a.calib, a.windows)))
+        print(json.dumps(one(a.model, method, float(keep), stream, a.calib, a.windows, a.device)))
         return
     rows = []
     for config in a.configs.split(","):
         out = subprocess.run([sys.executable, __file__, "--model", a.model, "--calib", a.calib,
-                              "--windows", str(a.windows), "--one", config], capture_output=True, text=True)
+                              "--windows", str(a.windows), "--device", a.device,
+                              "--one", config], capture_output=True, text=True)
         if out.returncode != 0:
             print(f"{config}: failed\n{out.stderr[-3000:]}", file=sys.stderr)
             continue
