@@ -279,6 +279,34 @@ class Streamed:
     details: dict = field(default_factory=dict)
 
 
+def memory_estimate(model: nn.Module, blocks: nn.ModuleList, targets: list[str], keep: float, tokens: int,
+                    batch_tokens: int) -> dict[str, int]:
+    """Bytes the streamed path holds at its peak (the end of the last block), from the skeleton's shapes:
+    one dense block, its Gram matrices (float64; an upper bound: layers sharing an input are
+    counted apart), the calibration stream in and out (float32), one batch's widest activation,
+    the factors of every block (keep × the blocks' weights) and the weights outside the blocks."""
+    numel = lambda params: sum(p.numel() for p in params)  # noqa: E731
+    widest = max(max(p.shape) for p in blocks[0].parameters())
+    hidden = getattr(model.config, "hidden_size", None) or widest
+    in_block = {id(p) for p in blocks.parameters()}
+    parts = {
+        "dense_block": 4 * numel(blocks[0].parameters()),
+        "statistics": 8 * sum(model.get_submodule(t).in_features ** 2 for t in targets
+                              if t.startswith(_prefix_of(model, blocks, 0))),
+        "activations": 4 * tokens * hidden * 2 + 4 * batch_tokens * widest * 4,
+        "factors": int(4 * keep * numel(blocks.parameters())),
+        "outside_blocks": 4 * numel(p for p in {id(p): p for p in model.parameters()}.values()
+                                    if id(p) not in in_block),
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def _prefix_of(model: nn.Module, blocks: nn.ModuleList, i: int) -> str:
+    name = next(n for n, m in model.named_modules() if m is blocks)
+    return f"{name}.{i}."
+
+
 def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
@@ -313,6 +341,7 @@ def compress_blocks(source: ModelSource, method: Method, calib: CalibrationBatch
     targets = [n for n in select_targets(model, (), exclude) if n.startswith(blocks_name + ".")]
     check_rank_multiple({n: tuple(model.get_submodule(n).weight.shape) for n in targets}, method.rank_multiple)
     hidden = per_block = masks = None
+    batches: list = []
     if needs_data:
         batches = group.shard(list(calib.batches(batch_size)))
         hidden, per_block = capture_inputs(model, blocks_name, blocks, weights, batches, device)
@@ -322,7 +351,11 @@ def compress_blocks(source: ModelSource, method: Method, calib: CalibrationBatch
     layers: list[LayerRecord] = []
     entries: dict[str, dict[str, torch.Tensor]] = {}
     rss_after: list[int] = []
-    reporter.step(f"streamed {method.name}: {len(blocks)} blocks of {source.name}, one at a time")
+    n_tokens = sum(ids.numel() for ids, _ in batches) if needs_data else 0
+    widest_batch = max((ids.numel() for ids, _ in batches), default=0) if needs_data else 0
+    estimate = memory_estimate(model, blocks, targets, method.keep, n_tokens, widest_batch)
+    reporter.step(f"streamed {method.name}: {len(blocks)} blocks of {source.name}, one at a time "
+                  f"(tensors at the peak ≈ {estimate['total'] / 2**30:.2f} GiB)")
     with reporter.progress(f"blocks ({method.name})", total=len(blocks)) as bar:
         for i, block in enumerate(blocks):
             prefix = f"{blocks_name}.{i}."
@@ -361,7 +394,7 @@ def compress_blocks(source: ModelSource, method: Method, calib: CalibrationBatch
         "streamed": True, "propagate": propagate if needs_data else None, "blocks": len(blocks), "ranks": group.size,
         "timings": {k: round(v, 2) for k, v in timings.items()},
         "cpu_s": round(time.process_time() - start_cpu, 2), "stream_wall_s": round(time.perf_counter() - start_wall, 2),
-        "peak_rss_bytes": _peak_rss_bytes(), "rss_after_block_bytes": rss_after,
+        "peak_rss_bytes": _peak_rss_bytes(), "rss_after_block_bytes": rss_after, "memory_estimate_bytes": estimate,
     }
     return Streamed(model.eval(), layers, entries, details)
 
