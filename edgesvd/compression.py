@@ -22,7 +22,7 @@ from .calibration import CalibrationBatch, CalibrationConfig, calibration_config
 from .checkpoint import CompressionRecord, library_versions, save_compressed
 from .costmodel import LayerShape
 from .device import resolve_device
-from .distributed import join, local_device
+from .distributed import join, launched, local_device
 from .errors import ConfigError
 from .factorize import LayerRecord, apply_ranks
 from .finetune import MiniBatches, Teacher, finetune_factors, probe_loss
@@ -409,6 +409,9 @@ def compress(model: str | os.PathLike = DEFAULT_MODEL, method: Method | str = DE
     if not trust_remote_code and use_streaming(source, method, stream, include, reporter):
         return compress_streamed(source, method, calib, exclude, device, batch_size, model_ref=str(model),
                                  reporter=reporter)
+    if launched():  # every rank would compress the whole model alone and write the same output
+        raise ConfigError("several processes (torchrun) share only streamed compression: use --stream on "
+                          "with plain, asvd or whiten on a decoder")
     prepared = prepare(source, calib, include, exclude, device, batch_size, trust_remote_code,
                        need_stats=method.needs_statistics, reporter=reporter, rank_multiple=method.rank_multiple)
     return compress_prepared(prepared, method, str(model), reporter=reporter)

@@ -51,11 +51,15 @@ class Group:
         stats.tokens.update({n: int(c) for n, c in zip(names, counts.tolist())})
 
 
+def launched() -> bool:
+    """Whether this process is one of several started by a launcher (torchrun sets WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 def join(device: torch.device) -> Group:
     """The process group torchrun describes in the environment (WORLD_SIZE > 1), initialised on first
     use (gloo on the CPU, nccl on CUDA, one GPU per local rank); a group of one otherwise."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size <= 1:
+    if not launched():
         return Group()
     import torch.distributed as dist
 
@@ -68,6 +72,6 @@ def join(device: torch.device) -> Group:
 
 def local_device(device: torch.device) -> torch.device:
     """The device of this rank: its own GPU (LOCAL_RANK) when running on CUDA under a launcher."""
-    if device.type == "cuda" and device.index is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if device.type == "cuda" and device.index is None and launched():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return device

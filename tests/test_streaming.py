@@ -281,3 +281,9 @@ def test_two_gloo_processes_under_torchrun_write_the_single_process_checkpoint(t
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
     details = [json.loads((tmp_path / f / "config.json").read_text())["edgesvd"]["details"] for f in ("one", "two")]
     assert details[0]["ranks"] == 1 and details[1]["ranks"] == 2
+
+
+def test_a_launch_of_several_processes_without_streaming_is_refused(tiny_llama_dir, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="torchrun"):
+        compress(tiny_llama_dir, Whiten(keep=0.5), calib=CALIB, stream="off")
