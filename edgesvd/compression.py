@@ -406,6 +406,9 @@ def compress(model: str | os.PathLike = DEFAULT_MODEL, method: Method | str = DE
     """
     method = method_config(method)
     source = resolve_model(model)
+    if trust_remote_code and stream in ("on", True):
+        raise ConfigError("streamed compression builds the model from its config alone and runs no code from the "
+                          "model folder: drop --trust-remote-code, or use --stream off")
     if not trust_remote_code and use_streaming(source, method, stream, include, reporter):
         return compress_streamed(source, method, calib, exclude, device, batch_size, model_ref=str(model),
                                  reporter=reporter)

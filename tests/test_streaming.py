@@ -145,6 +145,8 @@ def test_when_compress_streams(tiny_llama_dir, tiny_gpt2_dir, minilm_dir, monkey
         use_streaming(resolve_model(minilm_dir), Whiten(), "on")
     with pytest.raises(ConfigError, match="Conv1D"):
         compress(tiny_gpt2_dir, Plain(), stream="on")
+    with pytest.raises(ConfigError, match="trust-remote-code"):
+        compress(tiny_llama_dir, Plain(), stream="on", trust_remote_code=True)
 
 
 def test_cli_stream_flag(tiny_llama_dir, tmp_path):
