@@ -22,6 +22,7 @@ from .calibration import CalibrationBatch, CalibrationConfig, calibration_config
 from .checkpoint import CompressionRecord, library_versions, save_compressed
 from .costmodel import LayerShape
 from .device import resolve_device
+from .distributed import join, launched, local_device
 from .errors import ConfigError
 from .factorize import LayerRecord, apply_ranks
 from .finetune import MiniBatches, Teacher, finetune_factors, probe_loss
@@ -50,6 +51,7 @@ from .planner import LayerImportance, check_rank_multiple, uniform_rank
 from .reporting import SILENT, Reporter
 from .spectra import Spectrum, spectra_of
 from .statistics import ActivationStats, collect_statistics
+from .streaming import compress_blocks, use_streaming
 
 
 # -- the model prepared for compression --------------------------------------------------------------
@@ -318,6 +320,7 @@ class Compressed:
     source: ModelSource
     importance: ComponentImportance | None = field(default=None, repr=False)
     calibration: CalibrationConfig | None = None
+    writer: bool = True  # False on the ranks other than 0 of a torchrun launch: they write nothing
 
     @property
     def family(self):
@@ -368,20 +371,57 @@ def compress_prepared(prepared: Prepared, method: Method, model_ref: str | None 
                       entries, prepared.source, importance, prepared.calibration)
 
 
+def compress_streamed(source: ModelSource, method: Method, calib: CalibrationConfig | str | Sequence[str] = "builtin",
+                      exclude: Sequence[str] = (), device: str = "auto", batch_size: int = 16,
+                      propagate: str = "compressed", model_ref: str | None = None,
+                      reporter: Reporter = SILENT) -> Compressed:
+    """compress() for a decoder too large to load whole: one block at a time (edgesvd.streaming)."""
+    start = time.perf_counter()
+    calib = calibration_config(calib)
+    torch_device = local_device(resolve_device(device))
+    group = join(torch_device)  # torchrun: this rank's share of the calibration batches
+    tokenizer = load_tokenizer(source.path)
+    sample = None
+    if method.needs_statistics:
+        from transformers import AutoConfig
+
+        _check_positions(AutoConfig.from_pretrained(source.path), calib.seq_len)
+        sample = sample_calibration(tokenizer, calib, source.family)
+    result = compress_blocks(source, method, sample, tuple(exclude), torch_device, batch_size, propagate,
+                             reporter if group.writer else SILENT, group)
+    details = {**result.details, "wall_s": round(time.perf_counter() - start, 2), "device": str(torch_device)}
+    record = CompressionRecord(
+        method=method.name, keep_requested=method.keep, family=source.family.name,
+        source_model=model_ref or source.name, layers=result.layers, rank_multiple=method.rank_multiple,
+        calibration=sample.summary if sample is not None else {}, details=details, versions=library_versions())
+    return Compressed(result.model, tokenizer, record, result.entries, source, None, calib, writer=group.writer)
+
+
 def compress(model: str | os.PathLike = DEFAULT_MODEL, method: Method | str = DEFAULT_METHOD, *,
              calib: CalibrationConfig | str | Sequence[str] | None = None, include: Sequence[str] = (),
              exclude: Sequence[str] = (), device: str = "auto", batch_size: int = 16,
-             trust_remote_code: bool = False, reporter: Reporter = SILENT) -> Compressed:
-    """Compress `model` (the alias 'minilm', a local folder or a hub id) with `method` (a config
-    such as `Learned(keep=0.5)`, or a method name with its defaults); nothing is written.
+             trust_remote_code: bool = False, stream: str | bool = "auto", reporter: Reporter = SILENT) -> Compressed:
+    """Compress `model` (the alias 'minilm', a local folder, a GGUF file or a hub id) with `method`
+    (a config such as `Learned(keep=0.5)`, or a method name with its defaults); nothing is written.
 
     calib: None (the family's default: the built-in corpus for encoders, the decoder's own samples
     for decoders), 'builtin', 'docstrings', 'self', a .txt/.jsonl file or folder, several of them,
     or a CalibrationConfig (sources, sequences, length, seed, sampling temperature). include / exclude: glob patterns on layer names. device: where
     torch runs ('auto' uses CUDA when present). batch_size: sequences per forward pass while
-    collecting statistics.
+    collecting statistics. stream: 'auto' compresses a decoder larger than
+    streaming.STREAM_ABOVE_BYTES one block at a time (plain, asvd, whiten), 'on' / 'off' force it.
     """
     method = method_config(method)
-    prepared = prepare(model, calib, include, exclude, device, batch_size, trust_remote_code,
+    source = resolve_model(model)
+    if trust_remote_code and stream in ("on", True):
+        raise ConfigError("streamed compression builds the model from its config alone and runs no code from the "
+                          "model folder: drop --trust-remote-code, or use --stream off")
+    if not trust_remote_code and use_streaming(source, method, stream, include, reporter):
+        return compress_streamed(source, method, calib, exclude, device, batch_size, model_ref=str(model),
+                                 reporter=reporter)
+    if launched():  # every rank would compress the whole model alone and write the same output
+        raise ConfigError("several processes (torchrun) share only streamed compression: use --stream on "
+                          "with plain, asvd or whiten on a decoder")
+    prepared = prepare(source, calib, include, exclude, device, batch_size, trust_remote_code,
                        need_stats=method.needs_statistics, reporter=reporter, rank_multiple=method.rank_multiple)
     return compress_prepared(prepared, method, str(model), reporter=reporter)

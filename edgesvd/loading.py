@@ -14,6 +14,7 @@ from torch import nn
 
 from .errors import ModelLoadError, NoTargetError, first_line
 from .families import Family, family_of
+from .gguf_intake import gguf_folder, is_gguf_ref
 
 DEFAULT_MODEL = "minilm"
 
@@ -75,11 +76,14 @@ def check_model_folder(path: Path) -> None:
 
 
 def model_path(ref: str | os.PathLike | None) -> tuple[Path, str]:
-    """(folder, short name) of a model reference: the alias 'minilm', a local folder or a hub id.
+    """(folder, short name) of a model reference: the alias 'minilm', a local folder, a GGUF file
+    (or the alias 'smollm2'; converted once to a cached safetensors folder) or a hub id.
     Nothing is checked or downloaded for a local folder."""
     ref = str(ref) if ref is not None else DEFAULT_MODEL
     if ref == DEFAULT_MODEL:
         return embedded_model_path(), DEFAULT_MODEL
+    if is_gguf_ref(ref):
+        return gguf_folder(ref)
     local = Path(ref).expanduser()
     looks_like_hub_id = not local.exists() and ref.count("/") == 1 and not ref.startswith((".", "/", "~"))
     return (_download_from_hub(ref) if looks_like_hub_id else local), Path(ref).name

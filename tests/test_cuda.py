@@ -104,3 +104,20 @@ def test_closed_loop_measures_on_this_gpu(tiny_bert_dir, tmp_path, monkeypatch):
     assert manifest["budgets"]["execution_provider"] == CUDA and manifest["budgets"]["precision"] == "fp16"
     assert result.values["latency_p50"] <= result.limits["latency_p50"]
     assert (tmp_path / "out" / tiny_bert_dir.name / "host-gpu").is_dir()
+
+
+def test_streamed_compression_on_the_gpu_matches_the_cpu(tiny_qwen2_dir):
+    """Block-streamed whiten with blocks, activations and statistics on the GPU: the model comes back on
+    the CPU and agrees with the CPU-streamed one (float tolerance: other kernels)."""
+    from edgesvd.calibration import CalibrationConfig as Cal
+    from edgesvd.methods import Whiten
+
+    calib = Cal("builtin", 16, 32, 0)
+    gpu = compress(str(tiny_qwen2_dir), Whiten(keep=0.5), calib=calib, device="cuda", stream="on")
+    cpu = compress(str(tiny_qwen2_dir), Whiten(keep=0.5), calib=calib, device="cpu", stream="on")
+    assert gpu.record.details["device"].startswith("cuda") and gpu.record.details["streamed"]
+    assert next(gpu.model.parameters()).device.type == "cpu"
+    ids = torch.randint(3, 500, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(gpu.model(input_ids=ids).logits, cpu.model(input_ids=ids).logits,
+                                   rtol=1e-3, atol=1e-3)

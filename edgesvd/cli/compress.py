@@ -9,6 +9,7 @@ from edgesvd.inspect import checkpoint_summary
 from edgesvd.loading import DEFAULT_MODEL
 from edgesvd.methods import DEFAULT_METHOD, METHODS, Learned, method_config
 from edgesvd.outputs import check_output_dir
+from edgesvd.streaming import STREAM_CHOICES
 
 from .options import PATH, calibration, calibration_options, out_console, reporter
 from .printing import print_checkpoint
@@ -53,19 +54,26 @@ def model_options(f):
               help="learned: learning rate of stage 3 [default: 2e-4 encoders, 1e-3 decoders].")
 @click.option("--finetune-dense/--no-finetune-dense", default=Learned.finetune_dense, show_default=True,
               help="learned: stage 3 also trains the targeted layers the global selection left dense.")
+@click.option("--stream", type=click.Choice(list(STREAM_CHOICES)), default="auto", show_default=True,
+              help="Compress one transformer block at a time, reading its weights from the safetensors files "
+                   "(memory: one block plus the calibration activations). auto: for decoders whose weights "
+                   "exceed 256 MiB, with plain, asvd or whiten.")
 @click.option("--out", "out", type=PATH, required=True, help="Checkpoint folder to write.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def compress(model, method, keep, rank_multiple, calib, calib_samples, calib_len, calib_temperature, seed, include,
              exclude, trust_remote_code, device, batch_size, steps, finetune_steps, margin, lr, finetune_lr,
-             finetune_dense, out, force, quiet):
-    """Compress MODEL (alias 'minilm', a local folder, or a hub id) into a checkpoint folder."""
+             finetune_dense, stream, out, force, quiet):
+    """Compress MODEL (alias 'minilm', a local folder, a .gguf file, the alias 'smollm2', or a hub id) into a
+    checkpoint folder."""
     check_output_dir(out, force, inputs=[*calib] + ([] if model == DEFAULT_MODEL else [model]))
     config = method_config(method, keep=keep, rank_multiple=rank_multiple, steps=steps, finetune_steps=finetune_steps,
                            margin=margin, lr=lr, finetune_lr=finetune_lr, finetune_dense=finetune_dense)
     result = compress_model(model, config, calib=calibration(calib, calib_samples, calib_len, calib_temperature, seed),
                             include=include, exclude=exclude, device=device, batch_size=batch_size,
-                            trust_remote_code=trust_remote_code, reporter=reporter(quiet))
+                            trust_remote_code=trust_remote_code, stream=stream, reporter=reporter(quiet))
+    if not result.writer:  # torchrun: rank 0 writes the checkpoint
+        return
     result.save(out, force=force)
     r = result.record
     click.echo(f"wrote {out}: method={r.method} keep={r.keep_actual:.3f} (requested {r.keep_requested}) "

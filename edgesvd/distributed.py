@@ -1,0 +1,77 @@
+"""torch.distributed for streamed compression: join the group torchrun set up, shard calibration batches, sum statistics.
+
+Under `torchrun --nproc-per-node N -m edgesvd compress … --stream on` every rank reads the same
+blocks, calibrates on its share of the batches (batch i goes to rank i mod N), and the Gram
+matrices are summed across ranks before each block is factorized, so every rank computes the same
+factors; only rank 0 writes the checkpoint. Runs without a launcher are a group of one.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ConfigError
+from .statistics import ActivationStats
+
+
+@dataclass(frozen=True)
+class Group:
+    """This process's place among the ranks compressing one model."""
+
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def writer(self) -> bool:
+        """Whether this rank writes outputs (rank 0)."""
+        return self.rank == 0
+
+    def shard(self, items: list) -> list:
+        """This rank's share of `items` (round robin)."""
+        if self.size > 1 and len(items) < self.size:
+            raise ConfigError(f"{len(items)} calibration batches cannot be shared by {self.size} processes: "
+                              "use more --calib-samples or a smaller --batch-size")
+        return items[self.rank::self.size]
+
+    def sum_statistics(self, stats: ActivationStats) -> None:
+        """Sum every Gram matrix and token count over the ranks, in place (the same order on every rank)."""
+        if self.size == 1:
+            return
+        import torch.distributed as dist
+
+        for group in sorted(stats.gram):
+            dist.all_reduce(stats.gram[group])
+        names = sorted(stats.tokens)
+        counts = torch.tensor([stats.tokens[n] for n in names], dtype=torch.float64,
+                              device=next(iter(stats.gram.values())).device if stats.gram else "cpu")
+        dist.all_reduce(counts)
+        stats.tokens.update({n: int(c) for n, c in zip(names, counts.tolist())})
+
+
+def launched() -> bool:
+    """Whether this process is one of several started by a launcher (torchrun sets WORLD_SIZE)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def join(device: torch.device) -> Group:
+    """The process group torchrun describes in the environment (WORLD_SIZE > 1), initialised on first
+    use (gloo on the CPU, nccl on CUDA, one GPU per local rank); a group of one otherwise."""
+    if not launched():
+        return Group()
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Group(dist.get_rank(), dist.get_world_size())
+
+
+def local_device(device: torch.device) -> torch.device:
+    """The device of this rank: its own GPU (LOCAL_RANK) when running on CUDA under a launcher."""
+    if device.type == "cuda" and device.index is None and launched():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device

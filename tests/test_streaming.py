@@ -1,0 +1,291 @@
+"""Block-streamed compression (edgesvd.streaming) and GGUF intake (edgesvd.gguf_intake): the streamed
+factors equal the whole-model ones, dense weights are never held for more than one block, the
+checkpoint round-trips, and a GGUF file written here by the gguf package compresses end to end."""
+
+from __future__ import annotations
+
+import gc
+import json
+import warnings
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from edgesvd.calibration import CalibrationConfig
+from edgesvd.checkpoint import load_compressed
+from edgesvd.cli import main
+from edgesvd.compression import compress, compress_streamed
+from edgesvd.errors import ConfigError, ModelLoadError
+from edgesvd.loading import resolve_model
+from edgesvd.methods import Asvd, Learned, Plain, Whiten
+from edgesvd.reporting import Bar, Reporter
+from edgesvd.streaming import use_streaming
+
+CALIB = CalibrationConfig(num_sequences=24, seq_len=48)
+
+
+def _same_models(a, b) -> None:
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert sa.keys() == sb.keys(), sorted(set(sa) ^ set(sb))[:5]
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    assert [(l.name, l.rank) for l in a.record.layers] == [(l.name, l.rank) for l in b.record.layers]
+    assert a.spectra.keys() == b.spectra.keys()
+
+
+@pytest.mark.parametrize("method", [Plain(keep=0.5), Whiten(keep=0.5)], ids=["plain", "whiten"])
+def test_streamed_factors_equal_the_whole_model_path_on_stories260k(stories_dir, method):
+    """Dense propagation gives every block the inputs the whole model gives it: the same Gram bits,
+    the same factors (bit for bit), the same records."""
+    whole = compress(stories_dir, method, calib=CALIB, stream="off")
+    streamed = compress_streamed(resolve_model(stories_dir), method, CALIB, propagate="dense")
+    _same_models(whole, streamed)
+    assert streamed.record.details["streamed"] is True and "streamed" not in whole.record.details
+
+
+@pytest.mark.parametrize("method", [Asvd(keep=0.6), Whiten(keep=0.6)], ids=["asvd", "whiten"])
+def test_streamed_factors_equal_the_whole_model_path_on_a_tied_qwen2(tiny_qwen2_dir, method):
+    """A tied embedding/head and biased q/k/v: equal factors, and the head is the embedding again."""
+    whole = compress(tiny_qwen2_dir, method, calib=CALIB, stream="off")
+    streamed = compress_streamed(resolve_model(tiny_qwen2_dir), method, CALIB, propagate="dense")
+    _same_models(whole, streamed)
+    m = streamed.model
+    assert m.get_output_embeddings().weight is m.get_input_embeddings().weight
+
+
+def test_compressed_propagation_calibrates_each_block_on_the_compressed_stream(tiny_llama_dir):
+    """The default: block i+1's statistics come from the compressed block i, so its factors differ from
+    the dense-propagation ones (block 0 sees the same inputs either way and is equal)."""
+    src = resolve_model(tiny_llama_dir)
+    dense = compress_streamed(src, Whiten(keep=0.5), CALIB, propagate="dense")
+    comp = compress_streamed(src, Whiten(keep=0.5), CALIB)
+    assert comp.record.details["propagate"] == "compressed"
+    a, b = dense.model.state_dict(), comp.model.state_dict()
+    assert torch.equal(a["model.layers.0.mlp.down_proj.a.weight"], b["model.layers.0.mlp.down_proj.a.weight"])
+    assert not torch.equal(a["model.layers.1.mlp.down_proj.a.weight"], b["model.layers.1.mlp.down_proj.a.weight"])
+
+
+@pytest.fixture(scope="module")
+def deep_llama_dir(tmp_path_factory, bpe_tokenizer):
+    """Eight blocks whose MLP weights have a shape nothing else in the model has (176×64 / 64×176)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=8,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    folder = tmp_path_factory.mktemp("deep-llama")
+    LlamaForCausalLM(cfg).eval().save_pretrained(folder, safe_serialization=True)
+    bpe_tokenizer.save_pretrained(folder)
+    return folder
+
+
+class _CountingReporter(Reporter):
+    """At every finished block, counts the live dense MLP weights (real tensors of the dense
+    gate/up/down shapes) among all objects Python holds: an independent look at what is resident."""
+
+    def __init__(self) -> None:
+        self.counts: list[int] = []
+        self.inside: list[int] = []
+
+    def progress(self, description, total):
+        reporter = self
+
+        class Counting(Bar):
+            def advance(self, n=1):
+                gc.collect()
+                with warnings.catch_warnings():  # isinstance on some deprecated torch objects warns
+                    warnings.simplefilter("ignore")
+                    reporter.counts.append(sum(
+                        1 for o in gc.get_objects()
+                        if isinstance(o, torch.Tensor) and o.device.type != "meta"
+                        and tuple(o.shape) in {(176, 64), (64, 176)}))
+
+        from contextlib import contextmanager
+
+        @contextmanager
+        def bar():
+            yield Counting()
+        return bar()
+
+
+def test_no_dense_block_weights_outlive_their_block(deep_llama_dir):
+    """After each block, none of the 24 dense MLP weights is resident (a whole-model load would hold all
+    of them from the start); the streamed model equals the whole-model one when propagation is dense."""
+    reporter = _CountingReporter()
+    streamed = compress_streamed(resolve_model(deep_llama_dir), Whiten(keep=0.5), CALIB, propagate="dense",
+                                 reporter=reporter)
+    assert reporter.counts == [0] * 8, reporter.counts
+    _same_models(compress(deep_llama_dir, Whiten(keep=0.5), calib=CALIB, stream="off"), streamed)
+    assert len(streamed.record.details["rss_after_block_bytes"]) == 8
+    assert streamed.record.details["peak_rss_bytes"] > 0
+
+
+def test_a_streamed_checkpoint_round_trips(tiny_qwen2_dir, tmp_path):
+    result = compress(tiny_qwen2_dir, Whiten(keep=0.5), calib=CALIB, stream="on")
+    result.save(tmp_path / "ck")
+    loaded, record = load_compressed(tmp_path / "ck")
+    assert record.details["streamed"] is True and record.keep_actual < 0.6
+    ids = torch.randint(0, 512, (1, 24))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, result.model(ids).logits)
+
+
+def test_when_compress_streams(tiny_llama_dir, tiny_gpt2_dir, minilm_dir, monkeypatch):
+    llama = resolve_model(tiny_llama_dir)
+    assert not use_streaming(llama, Whiten(), "auto")  # a toy model loads whole
+    assert use_streaming(llama, Whiten(), "on") and not use_streaming(llama, Whiten(), "off")
+    monkeypatch.setattr("edgesvd.streaming.STREAM_ABOVE_BYTES", 1)
+    assert use_streaming(llama, Whiten(), "auto")
+    assert not use_streaming(llama, Learned(), "auto")  # not streamed yet: whole model
+    with pytest.raises(ConfigError, match="not streamed yet"):
+        use_streaming(llama, Learned(), "on")
+    with pytest.raises(ConfigError, match="for decoders"):
+        use_streaming(resolve_model(minilm_dir), Whiten(), "on")
+    with pytest.raises(ConfigError, match="Conv1D"):
+        compress(tiny_gpt2_dir, Plain(), stream="on")
+    with pytest.raises(ConfigError, match="trust-remote-code"):
+        compress(tiny_llama_dir, Plain(), stream="on", trust_remote_code=True)
+
+
+def test_cli_stream_flag(tiny_llama_dir, tmp_path):
+    runner = CliRunner()
+    ok = runner.invoke(main, ["compress", str(tiny_llama_dir), "--method", "whiten", "--keep", "0.5", "--stream", "on",
+                              "--calib-samples", "16", "--calib-len", "32", "--out", str(tmp_path / "ck"), "--quiet"])
+    assert ok.exit_code == 0, ok.output
+    section = json.loads((tmp_path / "ck" / "config.json").read_text())["edgesvd"]
+    assert section["details"]["streamed"] is True and section["details"]["propagate"] == "compressed"
+    bad = runner.invoke(main, ["compress", str(tiny_llama_dir), "--method", "learned", "--stream", "on",
+                               "--out", str(tmp_path / "ck2")])
+    assert bad.exit_code == 2 and bad.output.strip().startswith("error:") and len(bad.output.strip().splitlines()) == 1
+    assert not (tmp_path / "ck2").exists()
+
+
+# -- GGUF intake ----------------------------------------------------------------------------------------
+def _write_tiny_gguf(path, bpe_tokenizer):
+    """A two-block Llama as llama.cpp writes it: llama.cpp tensor names, q/k rows in its rotary
+    order, 2-D weights quantized to Q8_0, a gpt2-style BPE vocabulary with bos 1, eos 2, add_bos off."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    heads, kv_heads, layers = 4, 2, 2
+    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=128,
+                      tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=10000.0)
+    model = LlamaForCausalLM(cfg).eval()
+    spec = json.loads(bpe_tokenizer.backend_tokenizer.to_str())
+    vocab = spec["model"]["vocab"]
+    tokens = [None] * len(vocab)
+    for token, i in vocab.items():
+        tokens[i] = token
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(layers)
+    w.add_context_length(128)
+    w.add_embedding_length(64)
+    w.add_feed_forward_length(128)
+    w.add_head_count(heads)
+    w.add_head_count_kv(kv_heads)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(10000.0)
+    w.add_rope_dimension_count(16)
+    w.add_vocab_size(len(tokens))
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types([3 if t.startswith("<") and t.endswith(">") else 1 for t in tokens])
+    w.add_token_merges(merges)
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    w.add_add_bos_token(False)
+
+    def permute(t, n):  # transformers → llama.cpp rotary layout (transformers undoes it when loading)
+        return t.reshape(n, 2, t.shape[0] // n // 2, *t.shape[1:]).swapaxes(1, 2).reshape(t.shape)
+
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight"}
+    parts = [("self_attn.q_proj", "attn_q"), ("self_attn.k_proj", "attn_k"), ("self_attn.v_proj", "attn_v"),
+             ("self_attn.o_proj", "attn_output"), ("mlp.gate_proj", "ffn_gate"), ("mlp.up_proj", "ffn_up"),
+             ("mlp.down_proj", "ffn_down"), ("input_layernorm", "attn_norm"), ("post_attention_layernorm", "ffn_norm")]
+    for i in range(layers):
+        names.update({f"model.layers.{i}.{hf}.weight": f"blk.{i}.{gg}.weight" for hf, gg in parts})
+    state = model.state_dict()
+    for hf, gg in names.items():
+        t = state[hf].numpy()
+        t = permute(t, heads) if "q_proj" in hf else permute(t, kv_heads) if "k_proj" in hf else t
+        if t.ndim == 2 and gg != "token_embd.weight":
+            w.add_tensor(gg, gguf.quantize(t, gguf.GGMLQuantizationType.Q8_0), raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(gg, np.ascontiguousarray(t, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return model
+
+
+def test_a_gguf_file_is_dequantized_with_its_tokenizer_fixed_and_compresses(tmp_path, bpe_tokenizer, monkeypatch):
+    """transformers' GGUF loader sets eos to the bos token and turns add_bos on; intake restores what
+    the file says. The converted folder is cached by content and compresses like any model."""
+    monkeypatch.setenv("EDGESVD_CACHE", str(tmp_path / "cache"))
+    source_model = _write_tiny_gguf(tmp_path / "tiny.gguf", bpe_tokenizer)
+    from edgesvd.loading import load_model, load_tokenizer
+
+    src = resolve_model(tmp_path / "tiny.gguf")
+    assert src.name == "tiny" and src.path.parent == tmp_path / "cache" / "gguf"
+    tok = load_tokenizer(src.path)
+    assert tok.eos_token_id == 2 and tok.eos_token == "</s>"
+    assert tok("the cat")["input_ids"][0] != 1  # no bos prepended
+    ids = torch.randint(4, 512, (1, 16))
+    with torch.no_grad():
+        delta = (load_model(src)(ids).logits - source_model(ids).logits).abs().max()
+    assert delta < 0.05, delta  # Q8_0 noise; a wrong rotary permutation gives O(1)
+    assert resolve_model(tmp_path / "tiny.gguf").path == src.path  # cached: not converted again
+    result = compress(tmp_path / "tiny.gguf", Whiten(keep=0.5), calib=CalibrationConfig(num_sequences=8, seq_len=32),
+                      stream="on")
+    assert sum(l.rank is not None for l in result.record.layers) == 14
+
+
+def test_bad_gguf_references_are_one_line_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGESVD_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        resolve_model(tmp_path / "absent.gguf")
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
+    with pytest.raises(ModelLoadError, match="cannot read GGUF file"):
+        resolve_model(tmp_path / "junk.gguf")
+
+
+# -- torch.distributed ------------------------------------------------------------------------------------
+def test_two_gloo_processes_under_torchrun_write_the_single_process_checkpoint(tiny_llama_dir, tmp_path):
+    """`torchrun --nproc-per-node 2 -m edgesvd compress … --stream on`: two real processes (gloo) share
+    the calibration batches and sum their Gram matrices; rank 0 writes a checkpoint equal to the
+    single-process one (float tolerance: the sums are added in another order)."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    args = ["compress", str(tiny_llama_dir), "--method", "whiten", "--keep", "0.5", "--stream", "on",
+            "--calib-samples", "16", "--calib-len", "32", "--batch-size", "4", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+                          "--nproc-per-node", "2", "-m", "edgesvd", *args, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("wrote ") == 1  # rank 0 only
+    one = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "one")])
+    assert one.exit_code == 0, one.output
+    a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+    details = [json.loads((tmp_path / f / "config.json").read_text())["edgesvd"]["details"] for f in ("one", "two")]
+    assert details[0]["ranks"] == 1 and details[1]["ranks"] == 2
+
+
+def test_a_launch_of_several_processes_without_streaming_is_refused(tiny_llama_dir, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="torchrun"):
+        compress(tiny_llama_dir, Whiten(keep=0.5), calib=CALIB, stream="off")
