@@ -229,7 +229,7 @@ def read_record(path: str | os.PathLike, weights: bool = True) -> tuple[dict, Co
 
 
 @contextmanager
-def _parameters_on_meta():
+def parameters_on_meta():
     """Create parameters on the meta device (no memory) while buffers stay real.
 
     Buffers such as rotary frequencies are computed at construction and not saved, so they
@@ -286,7 +286,7 @@ def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu",
     except Exception as exc:
         raise CheckpointError(f"corrupt {weights}: {first_line(exc)}") from exc
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
-    with _parameters_on_meta():
+    with parameters_on_meta():
         model = family_named(record.family).auto_model().from_config(config, trust_remote_code=trust_remote_code,
                                                                      dtype=torch.float32)
     linearize_conv1d(model)

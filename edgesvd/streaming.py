@@ -1,8 +1,8 @@
 """Block-streamed compression: a decoder's blocks read from safetensors, calibrated, factorized and released one at a time.
 
 The whole-model path (compression.prepare) loads every weight and holds XᵀX of every layer at
-once; here the model is a skeleton with its parameters on the meta device (accelerate's
-`init_empty_weights`), and one transformer block at a time is materialised from the safetensors
+once; here the model is a skeleton with its parameters on the meta device (the same construction
+as checkpoint.load_compressed), and one transformer block at a time is materialised from the safetensors
 files, run over the calibration activations (collecting its Gram matrices), factorized, and has
 its dense weights dropped before the next block is read. Peak memory is one dense block, its
 statistics and the calibration activations, plus the factors kept so far (the finished model).
@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from .calibration import CalibrationBatch
+from .checkpoint import parameters_on_meta
 from .distributed import Group
 from .errors import ConfigError, ModelLoadError, first_line
 from .factorize import LayerRecord, apply_ranks
@@ -119,12 +120,11 @@ class LazyWeights:
 
 def skeleton(source: ModelSource) -> nn.Module:
     """The model with its parameters on the meta device and its buffers (rotary frequencies) real."""
-    from accelerate import init_empty_weights
     from transformers import AutoConfig
     from transformers.pytorch_utils import Conv1D
 
     config = AutoConfig.from_pretrained(source.path)
-    with init_empty_weights():
+    with parameters_on_meta():
         model = source.family.auto_model().from_config(config, dtype=torch.float32)
     try:
         from transformers import GenerationConfig
@@ -157,19 +157,21 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
 def _materialize(module: nn.Module, prefix: str, weights: LazyWeights, device: torch.device,
                  names: list[str] | None = None) -> None:
     """Give `module`'s parameters (or those of `names`) their values from the files."""
-    from accelerate.utils import set_module_tensor_to_device
-
     names = [n for n, _ in module.named_parameters()] if names is None else names
     tensors = weights.read([prefix + n for n in names], device)
     for n in names:
-        set_module_tensor_to_device(module, n, device, value=tensors[prefix + n], dtype=torch.float32)
+        _set_parameter(module, n, tensors[prefix + n].to(device=device, dtype=torch.float32))
+
+
+def _set_parameter(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    owner, _, attr = name.rpartition(".")
+    target = module.get_submodule(owner) if owner else module
+    target._parameters[attr] = nn.Parameter(value, requires_grad=False)
 
 
 def _release(module: nn.Module, names: list[str]) -> None:
-    from accelerate.utils import set_module_tensor_to_device
-
     for n in names:
-        set_module_tensor_to_device(module, n, "meta")
+        _set_parameter(module, n, torch.empty_like(module.get_parameter(n), device="meta"))
 
 
 def release_memory(device: torch.device) -> None:
@@ -197,8 +199,9 @@ def capture_inputs(model: nn.Module, blocks_name: str, blocks: nn.ModuleList, we
     """Hidden states entering block 0 per batch, and the arguments the model passes to each block
     (masks, positions, rotary embeddings), found by running the model with every block replaced
     by a recorder. Only the parameters outside the blocks are read; the output head is skipped."""
-    out_emb = model.get_output_embeddings()
+    out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
     head = {id(p) for p in out_emb.parameters()} if out_emb is not None else set()
+    head -= {id(p) for p in in_emb.parameters()} if in_emb is not None else set()  # a tied head is the embedding
     outside = [n for n, p in model.named_parameters()
                if not n.startswith(blocks_name + ".") and id(p) not in head and n in weights.files]
     _materialize(model, "", weights, device, outside)
