@@ -12,13 +12,13 @@ import copy
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .calibration import CalibrationBatch, CalibrationConfig, calibration_config, sample_calibration
+from .calibration import BUILTIN, SELF, CalibrationBatch, CalibrationConfig, calibration_config, sample_calibration
 from .checkpoint import CompressionRecord, library_versions, save_compressed
 from .costmodel import LayerShape
 from .device import resolve_device
@@ -378,6 +378,13 @@ def compress_streamed(source: ModelSource, method: Method, calib: CalibrationCon
     """compress() for a decoder too large to load whole: one block at a time (edgesvd.streaming)."""
     start = time.perf_counter()
     calib = calibration_config(calib)
+    # Blocks are read one at a time, so there is no runnable model to sample from: a decoder's
+    # default (`self`) becomes the built-in corpus here, and an explicit `--calib self` is refused.
+    if SELF in calib.sources():
+        raise ConfigError("--calib self samples from the whole model, which the streamed path never loads: "
+                          "give --calib text (or 'builtin'), or --stream off")
+    if not calib.sources():
+        calib = replace(calib, source=BUILTIN)
     torch_device = local_device(resolve_device(device))
     group = join(torch_device)  # torchrun: this rank's share of the calibration batches
     tokenizer = load_tokenizer(source.path)

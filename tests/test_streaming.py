@@ -22,7 +22,9 @@ from edgesvd.methods import Asvd, Learned, Plain, Whiten
 from edgesvd.reporting import Bar, Reporter
 from edgesvd.streaming import use_streaming
 
-CALIB = CalibrationConfig(num_sequences=24, seq_len=48)
+# Explicit text: the whole-model path of a decoder would otherwise sample its own (`self`), which the
+# streamed path cannot.
+CALIB = CalibrationConfig(source="builtin", num_sequences=24, seq_len=48)
 
 
 def _same_models(a, b) -> None:
@@ -290,3 +292,13 @@ def test_a_launch_of_several_processes_without_streaming_is_refused(tiny_llama_d
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ConfigError, match="torchrun"):
         compress(tiny_llama_dir, Whiten(keep=0.5), calib=CALIB, stream="off")
+
+
+def test_the_streamed_path_calibrates_on_text_and_refuses_self(tiny_llama_dir):
+    """No whole model to sample from: the decoder default (`self`) becomes the built-in corpus, and an
+    explicit `--calib self` is one ConfigError naming the way out."""
+    src = resolve_model(tiny_llama_dir)
+    with pytest.raises(ConfigError, match="--stream off"):
+        compress_streamed(src, Whiten(keep=0.5), CalibrationConfig(source="self", num_sequences=8, seq_len=16))
+    done = compress_streamed(src, Whiten(keep=0.5), CalibrationConfig(num_sequences=8, seq_len=16))
+    assert done.record.calibration["source"] == "builtin"
