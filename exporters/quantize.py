@@ -56,6 +56,31 @@ def quantize_int8(src: Path, dst: Path, embeddings: bool = True, external_data: 
             raise ExportError(f"onnxruntime's int8 quantization failed: {first_line(exc)}") from exc
 
 
+def fold_weight_transposes(model) -> int:
+    """Materialise each Transpose of an initializer that feeds only MatMul weights as its own
+    initializer; return how many. A tied LM head reads the embedding table through a Transpose
+    (transformers keeps the tie when accelerate is installed), and MatMulNBits quantizes only MatMuls
+    whose weight is an initializer: without this the head and a float copy of the table stay float."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    folded = 0
+    for node in list(graph.node):
+        if node.op_type != "Transpose" or node.input[0] not in inits:
+            continue
+        users = [n for n in graph.node if node.output[0] in n.input]
+        if not users or any(n.op_type != "MatMul" or list(n.input).index(node.output[0]) != 1 for n in users):
+            continue
+        table = numpy_helper.to_array(inits[node.input[0]])
+        perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None) or list(range(table.ndim))[::-1]
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(table.transpose(perm)), node.output[0]))
+        graph.node.remove(node)
+        folded += 1
+    return folded
+
+
 def quantize_int4(src: Path, dst: Path, embeddings: bool = True, external_data: bool = False,
                   block_size: int = INT4_BLOCK, accuracy_level: int = INT4_ACCURACY_LEVEL) -> None:
     """Weight-only 4-bit: every MatMul by a weight becomes MatMulNBits (symmetric blocks of
@@ -69,6 +94,7 @@ def quantize_int4(src: Path, dst: Path, embeddings: bool = True, external_data: 
     with quiet_tooling():
         try:
             model = onnx.load(str(src), load_external_data=True)
+            fold_weight_transposes(model)
             config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True,
                                                   accuracy_level=accuracy_level, op_types_to_quantize=ops,
                                                   quant_axes=axes, bits=4)
