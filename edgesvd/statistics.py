@@ -61,6 +61,41 @@ def accumulate(stats: ActivationStats, group: str, x: torch.Tensor, mask: torch.
         stats.tokens[group] = rows.shape[0]
 
 
+class GramHooks:
+    """Forward pre-hooks on `modules` (name → module) that add XᵀX of each one's input to `stats`;
+    layers that read the same tensor (found on the first batch) share one matrix. Set `mask` per
+    batch with `batch()`, call `batch_done()` after it, `remove()` at the end."""
+
+    def __init__(self, stats: ActivationStats, modules: dict[str, nn.Module]) -> None:
+        self.stats, self.mask, self.seen, self.first = stats, None, [], True
+        self.handles = [m.register_forward_pre_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name: str):
+        def fn(module, args):
+            x = args[0]
+            if self.first:
+                for tensor, group in self.seen:
+                    if tensor is x:
+                        self.stats.group_of[name] = group
+                        return
+                self.seen.append((x, name))
+                self.stats.group_of[name] = name
+            elif self.stats.group_of[name] != name:
+                return
+            accumulate(self.stats, name, x, self.mask)
+        return fn
+
+    def batch(self, mask: torch.Tensor | None) -> None:
+        self.mask, self.seen = mask, []
+
+    def batch_done(self) -> None:
+        self.first = False
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 @torch.no_grad()
 def collect_statistics(model: nn.Module, targets: list[str], calib: CalibrationBatch,
                        batch_size: int = 16, reporter: Reporter = SILENT) -> ActivationStats:
@@ -70,37 +105,17 @@ def collect_statistics(model: nn.Module, targets: list[str], calib: CalibrationB
     """
     device = next(model.parameters()).device
     stats = ActivationStats()
-    batch_state: dict = {"mask": None, "seen": []}
-    first_batch = True
-
-    def hook(name):
-        def fn(module, args):
-            x = args[0]
-            if first_batch:
-                for tensor, group in batch_state["seen"]:
-                    if tensor is x:
-                        stats.group_of[name] = group
-                        return
-                batch_state["seen"].append((x, name))
-                stats.group_of[name] = name
-            elif stats.group_of[name] != name:
-                return
-            accumulate(stats, name, x, batch_state["mask"])
-        return fn
-
-    handles = [model.get_submodule(t).register_forward_pre_hook(hook(t)) for t in targets]
+    hooks = GramHooks(stats, {t: model.get_submodule(t) for t in targets})
     try:
         n_batches = (calib.input_ids.shape[0] + batch_size - 1) // batch_size
         with reporter.progress("statistics", total=n_batches) as bar:
             for ids, mask in calib.batches(batch_size):
-                batch_state["mask"] = mask.reshape(-1).bool().to(device)
-                batch_state["seen"] = []
+                hooks.batch(mask.reshape(-1).bool().to(device))
                 model(**model_inputs(ids, mask, device))
-                first_batch = False
+                hooks.batch_done()
                 bar.advance()
     finally:
-        for h in handles:
-            h.remove()
+        hooks.remove()
     missing = [t for t in targets if t not in stats.group_of]
     if missing:
         raise NoTargetError(f"layers never called during calibration: {missing[:3]}")

@@ -37,7 +37,7 @@ from .methods import Learned, Method
 from .planner import check_rank_multiple, uniform_rank
 from .reporting import SILENT, Reporter
 from .spectra import spectra_of
-from .statistics import ActivationStats, accumulate
+from .statistics import ActivationStats, GramHooks
 
 # `compress(stream="auto")` streams a decoder whose safetensors weights are larger than this: real
 # LLMs (SmolLM2-135M is 0.54 GB in float32) stream, the embedded MiniLM and the toy decoders do not.
@@ -244,35 +244,19 @@ def run_block(block: nn.Module, inputs: list[torch.Tensor], arguments: list[tupl
     """The block's outputs per batch; with `masks`, also XᵀX of the inputs of `targets` (layers that
     read the same tensor share one matrix, as in statistics.collect_statistics)."""
     stats = ActivationStats() if masks is not None else None
-    state: dict = {"mask": None, "seen": [], "first": True}
-    handles = []
-    if stats is not None:
-        def hook(name):
-            def fn(module, args):
-                x = args[0]
-                if state["first"]:
-                    for tensor, group in state["seen"]:
-                        if tensor is x:
-                            stats.group_of[name] = group
-                            return
-                    state["seen"].append((x, name))
-                    stats.group_of[name] = name
-                elif stats.group_of[name] != name:
-                    return
-                accumulate(stats, name, x, state["mask"])
-            return fn
-        handles = [block.get_submodule(t[len(prefix):]).register_forward_pre_hook(hook(t)) for t in targets]
+    hooks = GramHooks(stats, {t: block.get_submodule(t[len(prefix):]) for t in targets}) if stats is not None else None
     outputs = []
     try:
         for b, (h, (args, kwargs)) in enumerate(zip(inputs, arguments)):
-            if stats is not None:
-                state["mask"], state["seen"] = masks[b], []
+            if hooks is not None:
+                hooks.batch(masks[b])
             out = block(h, *args, **kwargs)
             outputs.append(out[0] if isinstance(out, tuple) else out)
-            state["first"] = False
+            if hooks is not None:
+                hooks.batch_done()
     finally:
-        for handle in handles:
-            handle.remove()
+        if hooks is not None:
+            hooks.remove()
     return outputs, stats
 
 
