@@ -326,12 +326,15 @@ def default_sequences(family: Family, params: int, seq_len: int) -> int:
     return min(family.default_calibration, max(MIN_DEFAULT_SEQUENCES, affordable))
 
 
-def sample_calibration(tokenizer, config: CalibrationConfig, family: Family, model=None) -> CalibrationBatch:
+def sample_calibration(tokenizer, config: CalibrationConfig, family: Family, model=None,
+                       params: int | None = None) -> CalibrationBatch:
     """Sample `num_sequences` sequences of at most `seq_len` tokens, in the family's unit, from the
-    configured source (or the family's default); `self` samples them from `model` (a decoder)."""
+    configured source (or the family's default); `self` samples them from `model` (a decoder).
+    `params`: the model's size when `model` is not given (it sets the default number of sequences)."""
     sources = config.sources() or (family.default_calibration_source,)
     source = sources[0] if len(sources) == 1 else list(sources)
-    params = sum(p.numel() for p in model.parameters()) if model is not None else 0
+    if params is None:
+        params = sum(p.numel() for p in model.parameters()) if model is not None else 0
     count = config.num_sequences or default_sequences(family, params, config.seq_len)
     rng = random.Random(config.seed)
     if source == SELF:

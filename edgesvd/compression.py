@@ -51,7 +51,8 @@ from .planner import LayerImportance, check_rank_multiple, uniform_rank
 from .reporting import SILENT, Reporter
 from .spectra import Spectrum, spectra_of
 from .statistics import ActivationStats, collect_statistics
-from .streaming import compress_blocks, use_streaming
+from .streaming import compress_blocks, parameter_count, use_streaming
+from .streaming_learned import compress_learned_blocks
 
 
 # -- the model prepared for compression --------------------------------------------------------------
@@ -393,9 +394,13 @@ def compress_streamed(source: ModelSource, method: Method, calib: CalibrationCon
         from transformers import AutoConfig
 
         _check_positions(AutoConfig.from_pretrained(source.path), calib.seq_len)
-        sample = sample_calibration(tokenizer, calib, source.family)
-    result = compress_blocks(source, method, sample, tuple(exclude), torch_device, batch_size, propagate,
-                             reporter if group.writer else SILENT, group)
+        sample = sample_calibration(tokenizer, calib, source.family, params=parameter_count(source.path))
+    shown = reporter if group.writer else SILENT
+    if isinstance(method, Learned):
+        result = compress_learned_blocks(source, method, sample, tuple(exclude), torch_device, batch_size, shown, group)
+    else:
+        result = compress_blocks(source, method, sample, tuple(exclude), torch_device, batch_size, propagate, shown,
+                                 group)
     details = {**result.details, "wall_s": round(time.perf_counter() - start, 2), "device": str(torch_device)}
     record = CompressionRecord(
         method=method.name, keep_requested=method.keep, family=source.family.name,
@@ -416,7 +421,7 @@ def compress(model: str | os.PathLike = DEFAULT_MODEL, method: Method | str = DE
     or a CalibrationConfig (sources, sequences, length, seed, sampling temperature). include / exclude: glob patterns on layer names. device: where
     torch runs ('auto' uses CUDA when present). batch_size: sequences per forward pass while
     collecting statistics. stream: 'auto' compresses a decoder larger than
-    streaming.STREAM_ABOVE_BYTES one block at a time (plain, asvd, whiten), 'on' / 'off' force it.
+    streaming.STREAM_ABOVE_BYTES one block at a time (edgesvd.streaming), 'on' / 'off' force it.
     """
     method = method_config(method)
     source = resolve_model(model)
@@ -428,7 +433,7 @@ def compress(model: str | os.PathLike = DEFAULT_MODEL, method: Method | str = DE
                                  reporter=reporter)
     if launched():  # every rank would compress the whole model alone and write the same output
         raise ConfigError("several processes (torchrun) share only streamed compression: use --stream on "
-                          "with plain, asvd or whiten on a decoder")
+                          "on a decoder")
     prepared = prepare(source, calib, include, exclude, device, batch_size, trust_remote_code,
                        need_stats=method.needs_statistics, reporter=reporter, rank_multiple=method.rank_multiple)
     return compress_prepared(prepared, method, str(model), reporter=reporter)

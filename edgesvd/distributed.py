@@ -50,6 +50,24 @@ class Group:
         dist.all_reduce(counts)
         stats.tokens.update({n: int(c) for n, c in zip(names, counts.tolist())})
 
+    def sum_(self, tensors: list[torch.Tensor]) -> None:
+        """Sum each tensor over the ranks, in place (every rank passes the same list in the same order)."""
+        if self.size == 1:
+            return
+        import torch.distributed as dist
+
+        for t in tensors:
+            dist.all_reduce(t)
+
+    def mean_gradients(self, params: list[torch.Tensor]) -> None:
+        """Average the gradients of `params` over the ranks (data-parallel training of one block)."""
+        if self.size == 1:
+            return
+        grads = [p.grad for p in params if p.grad is not None]
+        self.sum_(grads)
+        for g in grads:
+            g.div_(self.size)
+
 
 def launched() -> bool:
     """Whether this process is one of several started by a launcher (torchrun sets WORLD_SIZE)."""

@@ -79,6 +79,26 @@ class Teacher:
         return Batch(ids, mask, target)
 
 
+class HiddenTeacher:
+    """Teacher targets of a decoder whose dense model is no longer in memory: the dense model's last
+    hidden states (N × T × hidden, kept by the streamed path) through the final norm and head, which
+    the student shares frozen, computed per batch. Same interface as Teacher."""
+
+    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, last_hidden: torch.Tensor,
+                 norm: nn.Module, head: nn.Module, family: Family, device: torch.device,
+                 softcap: float | None = None) -> None:
+        self.input_ids, self.attention_mask, self.last_hidden = input_ids, attention_mask, last_hidden
+        self.norm, self.head, self.family, self.device, self.softcap = norm, head, family, device, softcap
+        self.cache = None
+
+    @torch.no_grad()
+    def batch(self, index: torch.Tensor) -> Batch:
+        logits = self.head(self.norm(self.last_hidden[index].to(self.device))).float()
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return Batch(self.input_ids[index].to(self.device), self.attention_mask[index].to(self.device), logits)
+
+
 def _kl_loss(out: torch.Tensor, batch: Batch) -> torch.Tensor:
     """KL(teacher ‖ student) of the next-token distributions, mean over tokens."""
     valid = batch.mask.bool()

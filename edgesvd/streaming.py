@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import resource
 import time
@@ -44,12 +45,24 @@ from .statistics import ActivationStats, GramHooks
 STREAM_ABOVE_BYTES = 256 * 2**20
 STREAM_CHOICES = ("auto", "on", "off")
 PROPAGATIONS = ("compressed", "dense")
-STREAMED_METHODS = ("plain", "asvd", "whiten")
+STREAMED_METHODS = ("plain", "asvd", "whiten", "learned")
 
 
 def weights_bytes(folder: Path) -> int:
     """Bytes of a model folder's safetensors files."""
     return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+
+
+def parameter_count(folder: Path) -> int:
+    """Parameters stored in a model folder's safetensors files (read from their headers)."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in Path(folder).glob("*.safetensors"):
+        with safe_open(str(file), "pt") as f:
+            for name in f.keys():
+                total += math.prod(f.get_slice(name).get_shape())
+    return total
 
 
 def use_streaming(source: ModelSource, method: Method, stream: str | bool, include=(), reporter: Reporter = SILENT
@@ -154,7 +167,7 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return longest
 
 
-def _materialize(module: nn.Module, prefix: str, weights: LazyWeights, device: torch.device,
+def materialize_parameters(module: nn.Module, prefix: str, weights: LazyWeights, device: torch.device,
                  names: list[str] | None = None) -> None:
     """Give `module`'s parameters (or those of `names`) their values from the files."""
     names = [n for n, _ in module.named_parameters()] if names is None else names
@@ -169,7 +182,7 @@ def _set_parameter(module: nn.Module, name: str, value: torch.Tensor) -> None:
     target._parameters[attr] = nn.Parameter(value, requires_grad=False)
 
 
-def _release(module: nn.Module, names: list[str]) -> None:
+def release_parameters(module: nn.Module, names: list[str]) -> None:
     for n in names:
         _set_parameter(module, n, torch.empty_like(module.get_parameter(n), device="meta"))
 
@@ -188,6 +201,21 @@ def release_memory(device: torch.device) -> None:
         pass
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes this process could still allocate on `device` (free GPU memory, or the kernel's
+    MemAvailable); None where it cannot be told."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 class _Stop(Exception):
     pass
 
@@ -204,7 +232,7 @@ def capture_inputs(model: nn.Module, blocks_name: str, blocks: nn.ModuleList, we
     head -= {id(p) for p in in_emb.parameters()} if in_emb is not None else set()  # a tied head is the embedding
     outside = [n for n, p in model.named_parameters()
                if not n.startswith(blocks_name + ".") and id(p) not in head and n in weights.files]
-    _materialize(model, "", weights, device, outside)
+    materialize_parameters(model, "", weights, device, outside)
     for name, buf in list(model.named_buffers()):
         if buf.device != device:
             owner, _, attr = name.rpartition(".")
@@ -233,7 +261,7 @@ def capture_inputs(model: nn.Module, blocks_name: str, blocks: nn.ModuleList, we
     finally:
         for block in blocks:
             del block.forward
-    _release(model, outside)
+    release_parameters(model, outside)
     return hidden, per_block
 
 
@@ -303,30 +331,54 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def compress_blocks(source: ModelSource, method: Method, calib: CalibrationBatch | None,
-                    exclude: tuple[str, ...] = (), device: torch.device = torch.device("cpu"),
-                    batch_size: int = 16, propagate: str = "compressed", reporter: Reporter = SILENT,
-                    group: Group = Group()) -> Streamed:
-    """Compress `source` block by block with `method` (plain, asvd or whiten; uniform ranks at
-    `method.keep`). `calib` is the calibration sample (None for plain, which needs no data).
-    The layers compressed are every Linear inside a block, less `exclude` patterns. `group`: the
-    ranks sharing the calibration batches (edgesvd.distributed); every rank gets the same factors."""
-    if isinstance(method, Learned) or method.name not in STREAMED_METHODS:
-        raise ConfigError(f"method '{method.name}' is not streamed yet (streamed: {', '.join(STREAMED_METHODS)})")
-    if propagate not in PROPAGATIONS:
-        raise ConfigError(f"unknown propagation '{propagate}' (choose from {', '.join(PROPAGATIONS)})")
-    needs_data = method.needs_statistics
-    if needs_data and calib is None:
+@dataclass
+class Stream:
+    """A streamed model ready for its blocks: the lazy weights, the skeleton, its blocks, the target
+    layers inside them, and (with calibration data) the hidden states entering block 0 per batch,
+    each block's own arguments, the token masks and the batches themselves."""
+
+    weights: LazyWeights
+    model: nn.Module
+    blocks_name: str
+    blocks: nn.ModuleList
+    targets: list[str]
+    batches: list[tuple[torch.Tensor, torch.Tensor]]
+    hidden: list[torch.Tensor] | None
+    arguments: list[list[tuple[tuple, dict]]] | None
+    masks: list[torch.Tensor] | None
+
+    def prefix(self, i: int) -> str:
+        return f"{self.blocks_name}.{i}."
+
+    def targets_of(self, i: int) -> list[str]:
+        """The targets inside block i (full names)."""
+        return [n for n in self.targets if n.startswith(self.prefix(i))]
+
+    @property
+    def tokens(self) -> int:
+        return sum(ids.numel() for ids, _ in self.batches)
+
+    @property
+    def widest_batch(self) -> int:
+        return max((ids.numel() for ids, _ in self.batches), default=0)
+
+    def materialize(self, i: int, device: torch.device) -> nn.Module:
+        """Block i with its dense weights read from the files."""
+        materialize_parameters(self.blocks[i], self.prefix(i), self.weights, device)
+        return self.blocks[i]
+
+    def finish(self) -> nn.Module:
+        """The model once every block is done: the weights outside the blocks read, eval mode."""
+        _finish_outside_blocks(self.model, self.blocks_name, self.weights)
+        return self.model.eval()
+
+
+def open_stream(source: ModelSource, method: Method, calib: CalibrationBatch | None, exclude: tuple[str, ...],
+                device: torch.device, batch_size: int, group: Group) -> Stream:
+    """Read the skeleton and find its blocks and targets; with calibration data, this rank's share of
+    the batches and the inputs of block 0 (only the weights outside the blocks are read for that)."""
+    if method.needs_statistics and calib is None:
         raise ConfigError(f"method '{method.name}' needs calibration data")
-    start_wall, start_cpu = time.perf_counter(), time.process_time()
-    timings: dict[str, float] = {}
-
-    def lap(phase: str, since: float) -> float:
-        now = time.perf_counter()
-        timings[phase] = timings.get(phase, 0.0) + now - since
-        return now
-
-    t = time.perf_counter()
     weights = LazyWeights(source.path)
     model = skeleton(source)
     blocks_name, blocks = find_blocks(model)
@@ -334,31 +386,75 @@ def compress_blocks(source: ModelSource, method: Method, calib: CalibrationBatch
     check_rank_multiple({n: tuple(model.get_submodule(n).weight.shape) for n in targets}, method.rank_multiple)
     hidden = per_block = masks = None
     batches: list = []
-    if needs_data:
+    if method.needs_statistics:
         batches = group.shard(list(calib.batches(batch_size)))
         hidden, per_block = capture_inputs(model, blocks_name, blocks, weights, batches, device)
         masks = [m.reshape(-1).bool().to(device) for _, m in batches]
-    t = lap("load_s", t)
+    return Stream(weights, model, blocks_name, blocks, targets, batches, hidden, per_block, masks)
+
+
+class Laps:
+    """Wall time per phase, CPU time and the RSS after each block: the streamed paths' receipt."""
+
+    def __init__(self) -> None:
+        self.start_wall, self.start_cpu = time.perf_counter(), time.process_time()
+        self.timings: dict[str, float] = {}
+        self.rss_after_block: list[int] = []
+        self._t = time.perf_counter()
+
+    def lap(self, phase: str) -> None:
+        """Charge the time since the last lap to `phase`."""
+        now = time.perf_counter()
+        self.timings[phase] = self.timings.get(phase, 0.0) + now - self._t
+        self._t = now
+
+    def block_done(self, device: torch.device) -> None:
+        release_memory(device)
+        self.rss_after_block.append(_current_rss_bytes())
+
+    def details(self) -> dict:
+        return {
+            "timings": {k: round(v, 2) for k, v in self.timings.items()},
+            "cpu_s": round(time.process_time() - self.start_cpu, 2),
+            "stream_wall_s": round(time.perf_counter() - self.start_wall, 2),
+            "peak_rss_bytes": _peak_rss_bytes(), "rss_after_block_bytes": self.rss_after_block,
+        }
+
+
+def compress_blocks(source: ModelSource, method: Method, calib: CalibrationBatch | None,
+                    exclude: tuple[str, ...] = (), device: torch.device = torch.device("cpu"),
+                    batch_size: int = 16, propagate: str = "compressed", reporter: Reporter = SILENT,
+                    group: Group = Group()) -> Streamed:
+    """Compress `source` block by block with `method` (plain, asvd or whiten; uniform ranks at
+    `method.keep`). `calib` is the calibration sample (None for plain, which needs no data).
+    The layers compressed are every Linear inside a block, less `exclude` patterns. `group`: the
+    ranks sharing the calibration batches (edgesvd.distributed); every rank gets the same factors.
+    The learned method streams through edgesvd.streaming_learned."""
+    if isinstance(method, Learned) or method.name not in STREAMED_METHODS:
+        raise ConfigError(f"method '{method.name}' is not streamed by compress_blocks (see streaming_learned)")
+    if propagate not in PROPAGATIONS:
+        raise ConfigError(f"unknown propagation '{propagate}' (choose from {', '.join(PROPAGATIONS)})")
+    needs_data = method.needs_statistics
+    laps = Laps()
+    stream = open_stream(source, method, calib, exclude, device, batch_size, group)
+    model, blocks, hidden = stream.model, stream.blocks, stream.hidden
+    laps.lap("load_s")
 
     layers: list[LayerRecord] = []
     entries: dict[str, dict[str, torch.Tensor]] = {}
-    rss_after: list[int] = []
-    n_tokens = sum(ids.numel() for ids, _ in batches) if needs_data else 0
-    widest_batch = max((ids.numel() for ids, _ in batches), default=0) if needs_data else 0
-    estimate = memory_estimate(model, blocks, targets, method.keep, n_tokens, widest_batch)
+    estimate = memory_estimate(model, blocks, stream.targets, method.keep, stream.tokens, stream.widest_batch)
     reporter.step(f"streamed {method.name}: {len(blocks)} blocks of {source.name}, one at a time "
                   f"(tensors at the peak ≈ {estimate['total'] / 2**30:.2f} GiB)")
     with reporter.progress(f"blocks ({method.name})", total=len(blocks)) as bar:
-        for i, block in enumerate(blocks):
-            prefix = f"{blocks_name}.{i}."
-            mine = [n for n in targets if n.startswith(prefix)]
-            _materialize(block, prefix, weights, device)
-            t = lap("load_s", t)
+        for i in range(len(blocks)):
+            mine = stream.targets_of(i)
+            block = stream.materialize(i, device)
+            laps.lap("load_s")
             stats = None
             if needs_data:
-                outputs, stats = run_block(block, hidden, per_block[i], masks, mine, prefix)
+                outputs, stats = run_block(block, hidden, stream.arguments[i], stream.masks, mine, stream.prefix(i))
                 group.sum_statistics(stats)
-                t = lap("statistics_s", t)
+                laps.lap("statistics_s")
             ranks = {n: uniform_rank(*model.get_submodule(n).weight.shape, method.keep, method.rank_multiple)
                      for n in mine}
             spectra = spectra_of(model, [n for n, r in ranks.items() if r is not None], method.name, stats)
@@ -366,29 +462,24 @@ def compress_blocks(source: ModelSource, method: Method, calib: CalibrationBatch
             layers += block_layers
             entries.update({n: {k: v.cpu() for k, v in e.items()} for n, e in block_entries.items()})
             del spectra, stats
-            t = lap("factorize_s", t)
+            laps.lap("factorize_s")
             if needs_data:
                 if propagate == "compressed":
                     del outputs
-                    outputs, _ = run_block(block, hidden, per_block[i])
+                    outputs, _ = run_block(block, hidden, stream.arguments[i])
                 hidden = outputs
-                t = lap("propagate_s", t)
+                laps.lap("propagate_s")
             block.to("cpu")  # the finished block (factors, norms) joins the result
-            release_memory(device)
-            rss_after.append(_current_rss_bytes())
+            laps.block_done(device)
             bar.advance()
-    del hidden, per_block
-    t = time.perf_counter()
-    _finish_outside_blocks(model, blocks_name, weights)
-    lap("load_s", t)
+    del hidden
+    stream.hidden = stream.arguments = None
+    model = stream.finish()
+    laps.lap("load_s")
     release_memory(device)
-    details = {
-        "streamed": True, "propagate": propagate if needs_data else None, "blocks": len(blocks), "ranks": group.size,
-        "timings": {k: round(v, 2) for k, v in timings.items()},
-        "cpu_s": round(time.process_time() - start_cpu, 2), "stream_wall_s": round(time.perf_counter() - start_wall, 2),
-        "peak_rss_bytes": _peak_rss_bytes(), "rss_after_block_bytes": rss_after, "memory_estimate_bytes": estimate,
-    }
-    return Streamed(model.eval(), layers, entries, details)
+    details = {"streamed": True, "propagate": propagate if needs_data else None, "blocks": len(blocks),
+               "ranks": group.size, **laps.details(), "memory_estimate_bytes": estimate}
+    return Streamed(model, layers, entries, details)
 
 
 def _current_rss_bytes() -> int:
@@ -403,7 +494,7 @@ def _finish_outside_blocks(model: nn.Module, blocks_name: str, weights: LazyWeig
     """Read every parameter outside the blocks (embeddings, final norm, head) on the CPU and tie the
     head to the embedding where the config says so (a tied checkpoint stores it once)."""
     names = [n for n, p in model.named_parameters() if p.device.type == "meta" and n in weights.files]
-    _materialize(model, "", weights, torch.device("cpu"), names)
+    materialize_parameters(model, "", weights, torch.device("cpu"), names)
     model.tie_weights()
     for name, buf in list(model.named_buffers()):
         if buf.device.type != "cpu":

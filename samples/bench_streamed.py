@@ -53,7 +53,8 @@ def window_ppl(model, wins, batch: int = 4) -> float:
     return math.exp(nll / count)
 
 
-def one(model_ref: str, method: str, keep: float, stream: str, calib: str, n_windows: int, device: str) -> dict:
+def one(model_ref: str, method: str, keep: float, stream: str, calib: str, n_windows: int, device: str,
+        samples: int | None = None) -> dict:
     """One configuration, in this process: compress (unless method is 'dense'), then score."""
     import torch
 
@@ -69,10 +70,15 @@ def one(model_ref: str, method: str, keep: float, stream: str, calib: str, n_win
     if method == "dense":
         model = load_model(source)
     else:
-        result = edgesvd.compress(model_ref, method_config(method, keep=keep), calib=calib, stream=stream,
-                                  device=device)
+        from edgesvd.calibration import CalibrationConfig
+
+        result = edgesvd.compress(model_ref, method_config(method, keep=keep), stream=stream, device=device,
+                                  calib=CalibrationConfig(calib, num_sequences=samples))
         model = result.model
         d = result.record.details
+        row.update(calib_sequences=result.record.calibration.get("num_sequences"),
+                   block_steps=d.get("block_steps"), end_to_end=(d.get("end_to_end") or {}).get("steps"),
+                   learned=d.get("learned"))
         row.update(keep_actual=round(result.record.keep_actual, 4), streamed=bool(d.get("streamed")),
                    phases=d.get("timings"), propagate=d.get("propagate"))
     row["compress_wall_s"] = round(time.perf_counter() - w0, 1)
@@ -93,18 +99,20 @@ def main() -> None:
                     help="method:keep:stream, comma separated (method 'dense' = the uncompressed model)")
     ap.add_argument("--calib", default=str(WIKI_CALIB), help="calibration text ('builtin' for the product default)")
     ap.add_argument("--windows", type=int, default=40, help="WikiText-2 windows of 512 tokens (0: no scoring)")
+    ap.add_argument("--samples", type=int, help="calibration sequences (default: the product's for the model size)")
     ap.add_argument("--device", default="cpu", help="where compression and scoring run (cpu, cuda)")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
         method, keep, stream = a.one.split(":")
-        print(json.dumps(one(a.model, method, float(keep), stream, a.calib, a.windows, a.device)))
+        print(json.dumps(one(a.model, method, float(keep), stream, a.calib, a.windows, a.device, a.samples)))
         return
     rows = []
     for config in a.configs.split(","):
         out = subprocess.run([sys.executable, __file__, "--model", a.model, "--calib", a.calib,
                               "--windows", str(a.windows), "--device", a.device,
+                              *(["--samples", str(a.samples)] if a.samples else []),
                               "--one", config], capture_output=True, text=True)
         if out.returncode != 0:
             print(f"{config}: failed\n{out.stderr[-3000:]}", file=sys.stderr)

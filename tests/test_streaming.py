@@ -140,9 +140,7 @@ def test_when_compress_streams(tiny_llama_dir, tiny_gpt2_dir, minilm_dir, monkey
     assert use_streaming(llama, Whiten(), "on") and not use_streaming(llama, Whiten(), "off")
     monkeypatch.setattr("edgesvd.streaming.STREAM_ABOVE_BYTES", 1)
     assert use_streaming(llama, Whiten(), "auto")
-    assert not use_streaming(llama, Learned(), "auto")  # not streamed yet: whole model
-    with pytest.raises(ConfigError, match="not streamed yet"):
-        use_streaming(llama, Learned(), "on")
+    assert use_streaming(llama, Learned(), "auto")  # every method streams
     with pytest.raises(ConfigError, match="for decoders"):
         use_streaming(resolve_model(minilm_dir), Whiten(), "on")
     with pytest.raises(ConfigError, match="Conv1D"):
@@ -158,7 +156,7 @@ def test_cli_stream_flag(tiny_llama_dir, tmp_path):
     assert ok.exit_code == 0, ok.output
     section = json.loads((tmp_path / "ck" / "config.json").read_text())["edgesvd"]
     assert section["details"]["streamed"] is True and section["details"]["propagate"] == "compressed"
-    bad = runner.invoke(main, ["compress", str(tiny_llama_dir), "--method", "learned", "--stream", "on",
+    bad = runner.invoke(main, ["compress", str(tiny_llama_dir), "--method", "whiten", "--stream", "on", "--calib", "self",
                                "--out", str(tmp_path / "ck2")])
     assert bad.exit_code == 2 and bad.output.strip().startswith("error:") and len(bad.output.strip().splitlines()) == 1
     assert not (tmp_path / "ck2").exists()

@@ -43,10 +43,12 @@ def model_options(f):
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Sequences per forward pass.")
 @click.option("--steps", type=int, default=None,
               help="learned: stage-2 steps that train the importance scores and prune gradually to the budget "
-                   "[default: from the model family and size: 120 encoders, 200 decoders; see README].")
+                   "[default: from the model family and size: 120 encoders, 200 decoders; see README; unused when "
+                   "streamed].")
 @click.option("--finetune-steps", type=int, default=None,
               help="learned: stage-3 steps that fine-tune the kept factors against the dense model (0: none) "
-                   "[default: from the model family and size: 120 encoders, 1000 decoders].")
+                   "[default: from the model family and size: 120 encoders, 1000 decoders; streamed: per block and "
+                   "end to end].")
 @click.option("--margin", type=float, default=Learned.margin, show_default=True,
               help="learned: stage-1 candidates per layer, as extra fraction over the budget (0.5: 1.5×keep).")
 @click.option("--lr", type=float, default=Learned.lr, show_default=True, help="learned: learning rate of the scores.")
@@ -57,7 +59,9 @@ def model_options(f):
 @click.option("--stream", type=click.Choice(list(STREAM_CHOICES)), default="auto", show_default=True,
               help="Compress one transformer block at a time, reading its weights from the safetensors files "
                    "(memory: one block plus the calibration activations). auto: for decoders whose weights "
-                   "exceed 256 MiB, with plain, asvd or whiten.")
+                   "exceed 256 MiB. The learned method then learns importance end to end in one reverse sweep "
+                   "(--steps unused), fine-tunes each block against the dense one (--finetune-steps per block), "
+                   "then the whole model when memory allows.")
 @click.option("--out", "out", type=PATH, required=True, help="Checkpoint folder to write.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
