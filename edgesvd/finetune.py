@@ -22,8 +22,8 @@ CACHE_LIMIT_BYTES = 1 << 30
 def _outputs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, family: Family) -> torch.Tensor:
     """What the loss compares: logits for causal LMs; every block's hidden state (stacked on
     dim 0, embeddings excluded) for encoders."""
-    if family.causal:
-        return model(input_ids=ids, attention_mask=mask).logits
+    if family.causal:  # no KV cache: nothing generates here, and a recomputed (checkpointed) block would append twice
+        return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
     out = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
     return torch.stack(out.hidden_states[1:])
 

@@ -26,12 +26,15 @@ block on the compressed input (7.99 vs 9.66).
 
 from __future__ import annotations
 
+import functools
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from .calibration import CalibrationBatch
@@ -338,20 +341,37 @@ def _sweep_compressed(stream: Stream, method: Learned, xs: list[list[torch.Tenso
     return records, entries, local
 
 
-def end_to_end_bytes(model: nn.Module, trained: list[nn.Parameter], batch_tokens: int) -> int:
+def end_to_end_bytes(model: nn.Module, trained: list[nn.Parameter], batch_tokens: int, checkpointing: bool) -> int:
     """Memory the end-to-end stage adds: gradients and Adam's two moments of the trained
-    parameters, and one batch's activations kept for backward (about 24 hidden-sized tensors per
-    block, the logits three times)."""
+    parameters, and one batch's activations kept for backward: about 24 hidden-sized tensors per
+    block, or with activation checkpointing one per block plus one block's 24; the logits three times."""
     config = model.config
     blocks = getattr(config, "num_hidden_layers", 1)
-    activations = 4 * batch_tokens * (24 * config.hidden_size * blocks + 3 * config.vocab_size)
+    kept = blocks + 24 if checkpointing else 24 * blocks
+    activations = 4 * batch_tokens * (kept * config.hidden_size + 3 * config.vocab_size)
     return 3 * 4 * sum(p.numel() for p in trained) + activations
+
+
+@contextmanager
+def activation_checkpointing(blocks: nn.ModuleList, enabled: bool):
+    """Each block recomputes its activations during backward instead of keeping them (torch.utils.checkpoint,
+    whatever the model's train/eval mode)."""
+    if enabled:
+        for block in blocks:
+            block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
+    try:
+        yield
+    finally:
+        if enabled:
+            for block in blocks:
+                del block.forward
 
 
 def _end_to_end(model: nn.Module, stream: Stream, last_hidden: list[torch.Tensor], method: Learned, steps: int,
                 family: Family, seed: int, device: torch.device, group: Group, reporter: Reporter) -> dict:
     """Fine-tune every kept factor (and the targets left dense) of the assembled model against the
-    dense model's next-token distributions, rebuilt from its last hidden states; when memory allows."""
+    dense model's next-token distributions, rebuilt from its last hidden states: when memory allows,
+    with activation checkpointing when only that fits."""
     if group.size > 1:
         reporter.info("end-to-end fine-tuning skipped: it runs in single-process runs only")
         return {"ran": False, "why": "several processes"}
@@ -361,12 +381,14 @@ def _end_to_end(model: nn.Module, stream: Stream, last_hidden: list[torch.Tensor
     trained = [p for m in factored + left_dense for p in m.parameters()]
     ids = torch.cat([i for i, _ in stream.batches])
     mask = torch.cat([m for _, m in stream.batches])
-    need = end_to_end_bytes(model, trained, method.batch_size * ids.shape[1])
     free = available_memory(device)
-    if free is not None and need > END_TO_END_MEMORY_SHARE * free:
-        reporter.info(f"end-to-end fine-tuning skipped: it needs about {need / 2**30:.1f} GiB, "
-                      f"{free / 2**30:.1f} GiB are available")
-        return {"ran": False, "why": f"needs {need} bytes, {free} available"}
+    allowed = float("inf") if free is None else END_TO_END_MEMORY_SHARE * free
+    need = {c: end_to_end_bytes(model, trained, method.batch_size * ids.shape[1], c) for c in (False, True)}
+    if need[True] > allowed:
+        reporter.info(f"end-to-end fine-tuning skipped: it needs about {need[True] / 2**30:.1f} GiB with activation "
+                      f"checkpointing, {free / 2**30:.1f} GiB are available")
+        return {"ran": False, "why": f"needs {need[True]} bytes, {free} available"}
+    checkpointing = need[False] > allowed
     model.to(device)
     teacher = HiddenTeacher(ids, mask, torch.cat(last_hidden), final_norm(model, stream.blocks),
                             model.get_output_embeddings(), family, device,
@@ -375,11 +397,14 @@ def _end_to_end(model: nn.Module, stream: Stream, last_hidden: list[torch.Tensor
     probe_gen = MiniBatches(ids.shape[0], method.batch_size, seed + 1)
     probe = [probe_gen.next() for _ in range(min(PROBE_BATCHES, max(1, ids.shape[0] // method.batch_size)))]
     before = probe_loss(model, teacher, probe)
-    curve = finetune_factors(model, factored, teacher, steps, method.finetune_lr, batches, reporter, dense=left_dense)
+    with activation_checkpointing(stream.blocks, checkpointing):
+        curve = finetune_factors(model, factored, teacher, steps, method.finetune_lr, batches, reporter,
+                                 dense=left_dense)
     after = probe_loss(model, teacher, probe)
     model.cpu()
-    return {"ran": True, "steps": steps, "kl_before": round(before, 6), "kl_after": round(after, 6),
-            "curve": [round(v, 5) for v in curve[:: max(1, len(curve) // 20)]], "estimated_bytes": need}
+    return {"ran": True, "steps": steps, "checkpointing": checkpointing, "kl_before": round(before, 6),
+            "kl_after": round(after, 6), "curve": [round(v, 5) for v in curve[:: max(1, len(curve) // 20)]],
+            "estimated_bytes": need[checkpointing]}
 
 
 def _block_keeps(records: list[LayerRecord], stream: Stream) -> list[float]:

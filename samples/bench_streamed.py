@@ -54,7 +54,7 @@ def window_ppl(model, wins, batch: int = 4) -> float:
 
 
 def one(model_ref: str, method: str, keep: float, stream: str, calib: str, n_windows: int, device: str,
-        samples: int | None = None) -> dict:
+        samples: int | None = None, finetune_steps: int | None = None) -> dict:
     """One configuration, in this process: compress (unless method is 'dense'), then score."""
     import torch
 
@@ -72,7 +72,8 @@ def one(model_ref: str, method: str, keep: float, stream: str, calib: str, n_win
     else:
         from edgesvd.calibration import CalibrationConfig
 
-        result = edgesvd.compress(model_ref, method_config(method, keep=keep), stream=stream, device=device,
+        config = method_config(method, keep=keep, finetune_steps=finetune_steps)
+        result = edgesvd.compress(model_ref, config, stream=stream, device=device,
                                   calib=CalibrationConfig(calib, num_sequences=samples))
         model = result.model
         d = result.record.details
@@ -100,19 +101,22 @@ def main() -> None:
     ap.add_argument("--calib", default=str(WIKI_CALIB), help="calibration text ('builtin' for the product default)")
     ap.add_argument("--windows", type=int, default=40, help="WikiText-2 windows of 512 tokens (0: no scoring)")
     ap.add_argument("--samples", type=int, help="calibration sequences (default: the product's for the model size)")
+    ap.add_argument("--finetune-steps", type=int, help="learned: fine-tuning steps (default: the product's; for timing runs)")
     ap.add_argument("--device", default="cpu", help="where compression and scoring run (cpu, cuda)")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
         method, keep, stream = a.one.split(":")
-        print(json.dumps(one(a.model, method, float(keep), stream, a.calib, a.windows, a.device, a.samples)))
+        print(json.dumps(one(a.model, method, float(keep), stream, a.calib, a.windows, a.device, a.samples,
+                             a.finetune_steps)))
         return
     rows = []
     for config in a.configs.split(","):
         out = subprocess.run([sys.executable, __file__, "--model", a.model, "--calib", a.calib,
                               "--windows", str(a.windows), "--device", a.device,
                               *(["--samples", str(a.samples)] if a.samples else []),
+                              *(["--finetune-steps", str(a.finetune_steps)] if a.finetune_steps is not None else []),
                               "--one", config], capture_output=True, text=True)
         if out.returncode != 0:
             print(f"{config}: failed\n{out.stderr[-3000:]}", file=sys.stderr)

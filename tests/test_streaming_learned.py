@@ -139,3 +139,26 @@ def test_two_gloo_processes_choose_the_single_process_ranks(tiny_llama_dir, tmp_
     ranks = [[(layer["name"], layer["rank"]) for layer in s["layers"]] for s in sections]
     assert ranks[0] == ranks[1]
     assert sections[0]["details"]["end_to_end"]["ran"] and not sections[1]["details"]["end_to_end"]["ran"]
+
+
+def test_the_end_to_end_stage_checkpoints_activations_or_steps_aside_on_a_smaller_machine(tiny_llama_dir, monkeypatch):
+    """Memory is the machine's: here it is made to look smaller. Between the two estimates the stage
+    runs with activation checkpointing and gives the same model (recomputation changes no value);
+    below both it is skipped, and says so."""
+    from edgesvd import streaming_learned
+
+    src = resolve_model(tiny_llama_dir)
+    method = Learned(keep=0.5, finetune_steps=3)
+    plain = compress_streamed(src, method, CALIB)
+    estimate = plain.record.details["end_to_end"]["estimated_bytes"]
+    assert plain.record.details["end_to_end"]["checkpointing"] is False
+    share = streaming_learned.END_TO_END_MEMORY_SHARE
+    monkeypatch.setattr(streaming_learned, "available_memory", lambda device: int(0.9 * estimate / share))
+    checkpointed = compress_streamed(src, method, CALIB)
+    assert checkpointed.record.details["end_to_end"]["checkpointing"] is True
+    a, b = plain.model.state_dict(), checkpointed.model.state_dict()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(streaming_learned, "available_memory", lambda device: 1000)
+    skipped = compress_streamed(src, method, CALIB)
+    assert skipped.record.details["end_to_end"]["ran"] is False
