@@ -176,7 +176,8 @@ def _top_gradients(stream: Stream, last: list[torch.Tensor], device: torch.devic
     model.tie_weights()
     norm, head = final_norm(model, stream.blocks), model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
-    count = torch.tensor(float(sum(int(m[:, 1:].sum()) for _, m in stream.batches)), dtype=torch.float64)
+    count = torch.tensor(float(sum(int(m[:, 1:].sum()) for _, m in stream.batches)), dtype=torch.float64,
+                         device=device)  # on the device: nccl reduces only GPU tensors
     group.sum_([count])
     grads = []
     for h_all, (ids, mask) in zip(last, stream.batches):
@@ -267,7 +268,7 @@ def _finetune_block(block: nn.Module, params: list[nn.Parameter], xs: list[torch
     def probe_loss() -> float:
         total = torch.tensor([sum(float(_local_loss(block, xs[b].to(device), targets[b].to(device), masks[b],
                                                     args[b], scale)) for b in probe), float(len(probe))],
-                             dtype=torch.float64)
+                             dtype=torch.float64, device=device)
         group.sum_([total])
         return float(total[0] / total[1])
 

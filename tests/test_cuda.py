@@ -121,3 +121,19 @@ def test_streamed_compression_on_the_gpu_matches_the_cpu(tiny_qwen2_dir):
     with torch.no_grad():
         torch.testing.assert_close(gpu.model(input_ids=ids).logits, cpu.model(input_ids=ids).logits,
                                    rtol=1e-3, atol=1e-3)
+
+
+def test_streamed_learned_runs_on_the_gpu_and_returns_a_cpu_model(tiny_qwen2_dir):
+    """The three sweeps and the end-to-end stage with blocks, streams and factors on the GPU: the model
+    comes back on the CPU, at the budget, with the same rank choice as the CPU run (the Fisher sums
+    differ only by kernel rounding)."""
+    from edgesvd.calibration import CalibrationConfig as Cal
+    from edgesvd.methods import Learned
+
+    calib = Cal("builtin", 16, 32, 0)
+    gpu = compress(str(tiny_qwen2_dir), Learned(keep=0.5, finetune_steps=3), calib=calib, device="cuda", stream="on")
+    cpu = compress(str(tiny_qwen2_dir), Learned(keep=0.5, finetune_steps=3), calib=calib, device="cpu", stream="on")
+    assert gpu.record.details["device"].startswith("cuda") and gpu.record.details["end_to_end"]["ran"]
+    assert next(gpu.model.parameters()).device.type == "cpu"
+    assert gpu.record.keep_actual <= 0.5 + 1e-9
+    assert [l.rank for l in gpu.record.layers] == [l.rank for l in cpu.record.layers]
