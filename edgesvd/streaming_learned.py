@@ -15,6 +15,13 @@ C. forward on the compressed stream: each block keeps its chosen candidates, and
    the targets left dense) are fine-tuned against the dense block's output on the dense stream
    (MSE normalised by the block's own update ‖Y − X‖²), then its compressed output feeds the next.
 
+Then, when memory allows (single-process runs), the assembled model is fine-tuned end to end
+against the dense model's next-token distributions, rebuilt from the dense last hidden states kept
+from sweep A through the shared final norm and head (`finetune.HiddenTeacher`): no dense model is
+ever loaded. On stories260K this stage is what brings the method level with the whole-model one
+(5.79 vs 5.72 perplexity; without it 7.42), and on SmolLM2-135M the streamed method beats the
+whole-model one (60.7 vs 67.9 at keep 0.8; README, "Real LLMs").
+
 Decisions, measured on stories260K at keep 0.8 with a prototype (notes: issue 10 §5): importances
 learned per block against the block's own output are not comparable across blocks (global
 allocation on them: perplexity 53.9, uniform ranks 23.9); the end-to-end Fisher of the reverse
