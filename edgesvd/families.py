@@ -78,7 +78,8 @@ ENCODER = Family("encoder", frozenset({"bert", "roberta", "xlm-roberta", "distil
 # lr 1e-3. On stories260K at keep 0.8 this reached 1.26× the dense perplexity, against 1.43× with 512
 # sequences and 200 + 400 steps and 2.05× with the former 128 sequences and 60 + 60 steps; more than
 # 200 stage-2 steps did not help, stage 3 and calibration size did.
-DECODER = Family("decoder", frozenset({"llama", "qwen2", "qwen3", "mistral", "gpt2", "opt", "phi3", "gemma", "gemma2"}),
+DECODER = Family("decoder", frozenset({"llama", "qwen2", "qwen3", "mistral", "gpt2", "opt", "phi3", "gemma", "gemma2",
+                                       "gemma3_text"}),
                  "AutoModelForCausalLM", "text-generation-with-past", causal=True, calibration_unit="window",
                  default_calibration=2048, default_calibration_source="self",
                  learned=LearnedRecipe(steps=200, finetune_steps=1000, finetune_lr=1e-3),

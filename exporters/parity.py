@@ -12,12 +12,12 @@ import torch
 
 from edgesvd.calibration import builtin_documents
 from edgesvd.checkpoint import load_compressed, read_record
-from edgesvd.errors import ConfigError, ExportError, ParityError, first_line
+from edgesvd.errors import ConfigError, ParityError
 from edgesvd.families import Family, family_named
 from edgesvd.loading import load_tokenizer
 
 from .export import MODEL_FILE, POOLED_OUTPUT, read_export
-from .providers import CPU, CUDA, SessionConfig, create_session, cuda_status, session_options
+from .providers import CPU, CUDA, SessionConfig, create_session, cuda_status, load_causal_lm
 
 
 @dataclass(frozen=True)
@@ -190,15 +190,8 @@ def _encoder_parity(onnx_dir: Path, model, inputs, provider: str, cfg: ParityCon
 
 
 def _decoder_parity(onnx_dir: Path, model, tokenizer, inputs, provider: str, cfg: ParityConfig) -> EPResult:
-    from optimum.onnxruntime import ORTModelForCausalLM
-
     res = EPResult(provider, "passed")
-    try:
-        ort_model = ORTModelForCausalLM.from_pretrained(onnx_dir, provider=provider,
-                                                        session_options=session_options(cfg.session),
-                                                        use_io_binding=provider == CUDA)
-    except Exception as exc:  # onnxruntime's InvalidProtobuf/Fail, optimum's ValueError: one line, as create_session
-        raise ExportError(f"onnxruntime cannot load {onnx_dir / MODEL_FILE} on {provider}: {first_line(exc)}") from exc
+    ort_model = load_causal_lm(onnx_dir / MODEL_FILE, provider, cfg.session)
     with torch.no_grad():
         ref = model(**inputs).logits.numpy()
         got = ort_model(**inputs).logits.detach().cpu().numpy()

@@ -119,3 +119,27 @@ def create_session(path, cfg: SessionConfig, provider: str, profile_prefix: str 
         return ort.InferenceSession(str(path), session_options(cfg, profile_prefix), providers=[provider])
     except Exception as exc:
         raise ExportError(f"onnxruntime cannot load {path} on {provider}: {first_line(exc)}") from exc
+
+
+def load_causal_lm(path, provider: str = CPU, cfg: SessionConfig = SessionConfig()):
+    """optimum's ORTModelForCausalLM over the decoder export `path` (its model.onnx), with the KV-cache
+    shape read from the graph; an unloadable model is an ExportError, as in create_session.
+
+    optimum-onnx 0.1.0 takes the cache's head count and head size from a list of model types and falls
+    back to num_attention_heads and hidden ÷ heads: Gemma 2 and Phi-3 with grouped-query attention
+    then feed a cache with too many heads, and Qwen3 and Gemma 2 one of the wrong width where head_dim
+    is not hidden ÷ heads (Qwen3-0.6B: 128 against 64). The graph's past_key_values inputs fix both,
+    as (batch, heads, past, head_dim)."""
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    path = Path(path)
+    try:
+        ort_model = ORTModelForCausalLM.from_pretrained(path.parent, file_name=path.name, provider=provider,
+                                                        session_options=session_options(cfg),
+                                                        use_io_binding=provider == CUDA)
+    except Exception as exc:  # onnxruntime's InvalidProtobuf/Fail, optimum's ValueError
+        raise ExportError(f"onnxruntime cannot load {path} on {provider}: {first_line(exc)}") from exc
+    past = [i.shape for i in ort_model.session.get_inputs() if i.name.startswith("past_key_values")]
+    if past and len(past[0]) == 4 and all(isinstance(d, int) for d in (past[0][1], past[0][3])):
+        ort_model.num_key_value_heads, ort_model.embed_size_per_head = past[0][1], past[0][3]
+    return ort_model

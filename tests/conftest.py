@@ -114,6 +114,40 @@ def tiny_qwen2_dir(tmp_path_factory, bpe_tokenizer) -> Path:
                  tmp_path_factory.mktemp("tiny-qwen2"))
 
 
+# The other decoder families edgesvd supports, each with the structure that sets it apart: Qwen3's
+# q/k norms, Mistral's sliding window, Phi-3's fused qkv and gate_up Linears, Gemma 2's logit
+# softcapping and alternating sliding/full attention, Gemma 3's local/global rope. Windows of 16
+# tokens are shorter than the calibration and parity sequences, so the windowed masks are exercised;
+# Qwen3 and Gemma heads are wider than hidden ÷ heads, as in the real models (Qwen3-0.6B: 128 vs 64).
+_GEMMA = dict(head_dim=32, query_pre_attn_scalar=32, sliding_window=16,
+              layer_types=["sliding_attention", "full_attention"])
+TINY_FAMILIES = {
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=32, tie_word_embeddings=True)),
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=16, tie_word_embeddings=False)),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(tie_word_embeddings=False)),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", _GEMMA),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", _GEMMA),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_family_dir(tmp_path_factory, bpe_tokenizer):
+    """A builder: the tiny random-init decoder of a TINY_FAMILIES model type, saved once per session."""
+    import transformers
+
+    built: dict[str, Path] = {}
+
+    def build(model_type: str) -> Path:
+        if model_type not in built:
+            config_cls, model_cls, extra = TINY_FAMILIES[model_type]
+            config = getattr(transformers, config_cls)(**_TINY_DECODER, **extra)
+            built[model_type] = _tiny(getattr(transformers, model_cls), config, bpe_tokenizer,
+                                      tmp_path_factory.mktemp(f"tiny-{model_type}"))
+        return built[model_type]
+
+    return build
+
+
 @pytest.fixture(scope="session")
 def tiny_bert_dir(tmp_path_factory, minilm_dir) -> Path:
     """Random-init BERT (2 layers, hidden 64) with MiniLM's real WordPiece tokenizer."""
