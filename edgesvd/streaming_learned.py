@@ -83,11 +83,12 @@ def _output(out) -> torch.Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def final_norm(model: nn.Module, blocks: nn.ModuleList) -> nn.Module:
-    """The module between the last block and the head, by structure: the one child of the base
-    model with parameters that is neither the block list nor the input embedding."""
+def final_norm(model: nn.Module, blocks_name: str, blocks: nn.ModuleList) -> nn.Module:
+    """The module between the last block and the head, by structure: the one child with parameters of
+    the module holding the blocks that is neither the block list nor the input embedding."""
+    owner = model.get_submodule(blocks_name.rpartition(".")[0])
     embedding = model.get_input_embeddings()
-    found = [m for m in model.base_model.children()
+    found = [m for m in owner.children()
              if m is not blocks and m is not embedding and any(True for _ in m.parameters())]
     if len(found) != 1:
         raise ConfigError(f"the streamed learned method needs one final norm after the blocks; found "
@@ -181,7 +182,7 @@ def _top_gradients(stream: Stream, last: list[torch.Tensor], device: torch.devic
                if p.device.type == "meta" and not n.startswith(stream.blocks_name + ".") and n in stream.weights.files]
     materialize_parameters(model, "", stream.weights, device, outside)
     model.tie_weights()
-    norm, head = final_norm(model, stream.blocks), model.get_output_embeddings()
+    norm, head = final_norm(model, stream.blocks_name, stream.blocks), model.get_output_embeddings()
     softcap = getattr(model.config, "final_logit_softcapping", None)
     count = torch.tensor(float(sum(int(m[:, 1:].sum()) for _, m in stream.batches)), dtype=torch.float64,
                          device=device)  # on the device: nccl reduces only GPU tensors
@@ -398,7 +399,7 @@ def _end_to_end(model: nn.Module, stream: Stream, last_hidden: list[torch.Tensor
         return {"ran": False, "why": f"needs {need[True]} bytes, {free} available"}
     checkpointing = need[False] > allowed
     model.to(device)
-    teacher = HiddenTeacher(ids, mask, torch.cat(last_hidden), final_norm(model, stream.blocks),
+    teacher = HiddenTeacher(ids, mask, torch.cat(last_hidden), final_norm(model, stream.blocks_name, stream.blocks),
                             model.get_output_embeddings(), family, device,
                             getattr(model.config, "final_logit_softcapping", None))
     batches = MiniBatches(ids.shape[0], method.batch_size, seed)

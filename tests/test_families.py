@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import TINY_FAMILIES
 
-from edgesvd import CalibrationConfig, Whiten, compress
+from edgesvd import CalibrationConfig, Learned, Whiten, compress
 from edgesvd.checkpoint import read_record
 from edgesvd.compression import compress_streamed
 from edgesvd.errors import ModelLoadError
@@ -82,6 +82,18 @@ def test_streamed_compression_equals_the_whole_model_path(model_type, tiny_famil
     m = streamed.model
     if m.config.tie_word_embeddings:
         assert m.get_output_embeddings().weight is m.get_input_embeddings().weight
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_FAMILIES))
+def test_the_learned_method_streams_every_family(model_type, tiny_family_dir):
+    """The streamed learned method finds each family's final norm and head by structure (Gemma 3's
+    causal LM is its own base model), meets the budget and runs its end-to-end stage."""
+    result = compress_streamed(resolve_model(tiny_family_dir(model_type)), Learned(keep=0.5, finetune_steps=2), CALIB)
+    assert result.record.keep_actual <= 0.5 + 1e-9
+    assert result.record.details["end_to_end"]["ran"]
+    with torch.no_grad():
+        logits = result.model(input_ids=torch.randint(3, 500, (1, 24))).logits
+    assert torch.isfinite(logits).all()
 
 
 def test_families_are_known_without_an_architectures_entry():
