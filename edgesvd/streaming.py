@@ -34,7 +34,7 @@ from .distributed import Group
 from .errors import ConfigError, ModelLoadError, first_line
 from .factorize import LayerRecord, apply_ranks
 from .loading import ModelSource, select_targets
-from .methods import Learned, Method
+from .methods import Method
 from .planner import check_rank_multiple, uniform_rank
 from .reporting import SILENT, Reporter
 from .spectra import spectra_of
@@ -45,7 +45,7 @@ from .statistics import ActivationStats, GramHooks
 STREAM_ABOVE_BYTES = 256 * 2**20
 STREAM_CHOICES = ("auto", "on", "off")
 PROPAGATIONS = ("compressed", "dense")
-STREAMED_METHODS = ("plain", "asvd", "whiten", "learned")
+STREAMED_METHODS = ("plain", "asvd", "whiten")  # by compress_blocks; 'learned' by streaming_learned
 
 
 def weights_bytes(folder: Path) -> int:
@@ -77,8 +77,6 @@ def use_streaming(source: ModelSource, method: Method, stream: str | bool, inclu
     why_not = None
     if not source.family.causal:
         why_not = "streamed compression is for decoders (encoders are small enough to load whole)"
-    elif method.name not in STREAMED_METHODS:
-        why_not = f"method '{method.name}' is not streamed yet (streamed: {', '.join(STREAMED_METHODS)})"
     elif include:
         why_not = "--include adds layers outside the transformer blocks, which streaming does not compress"
     if stream == "on":
@@ -430,7 +428,7 @@ def compress_blocks(source: ModelSource, method: Method, calib: CalibrationBatch
     The layers compressed are every Linear inside a block, less `exclude` patterns. `group`: the
     ranks sharing the calibration batches (edgesvd.distributed); every rank gets the same factors.
     The learned method streams through edgesvd.streaming_learned."""
-    if isinstance(method, Learned) or method.name not in STREAMED_METHODS:
+    if method.name not in STREAMED_METHODS:
         raise ConfigError(f"method '{method.name}' is not streamed by compress_blocks (see streaming_learned)")
     if propagate not in PROPAGATIONS:
         raise ConfigError(f"unknown propagation '{propagate}' (choose from {', '.join(PROPAGATIONS)})")

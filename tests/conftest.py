@@ -158,3 +158,18 @@ def tiny_bert_dir(tmp_path_factory, minilm_dir) -> Path:
     cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                      num_attention_heads=4, max_position_embeddings=256)
     return _save(BertModel(cfg).eval(), tok, tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="session")
+def deep_llama_dir(tmp_path_factory, bpe_tokenizer):
+    """Eight blocks whose MLP weights have a shape nothing else in the model has (176×64 / 64×176)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=8,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+    folder = tmp_path_factory.mktemp("deep-llama")
+    LlamaForCausalLM(cfg).eval().save_pretrained(folder, safe_serialization=True)
+    bpe_tokenizer.save_pretrained(folder)
+    return folder

@@ -68,21 +68,6 @@ def test_compressed_propagation_calibrates_each_block_on_the_compressed_stream(t
     assert not torch.equal(a["model.layers.1.mlp.down_proj.a.weight"], b["model.layers.1.mlp.down_proj.a.weight"])
 
 
-@pytest.fixture(scope="module")
-def deep_llama_dir(tmp_path_factory, bpe_tokenizer):
-    """Eight blocks whose MLP weights have a shape nothing else in the model has (176×64 / 64×176)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=8,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
-    folder = tmp_path_factory.mktemp("deep-llama")
-    LlamaForCausalLM(cfg).eval().save_pretrained(folder, safe_serialization=True)
-    bpe_tokenizer.save_pretrained(folder)
-    return folder
-
-
 class _CountingReporter(Reporter):
     """At every finished block, counts the live dense MLP weights (real tensors of the dense
     gate/up/down shapes) among all objects Python holds: an independent look at what is resident."""

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
@@ -64,23 +63,9 @@ def test_the_reverse_sweep_gives_the_end_to_end_fisher_of_every_candidate(tiny_l
         torch.testing.assert_close(streamed[n], whole[n], rtol=2e-3, atol=1e-12 * float(whole[n].max()))
 
 
-@pytest.fixture(scope="module")
-def deep_llama(tmp_path_factory, bpe_tokenizer):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=176, num_hidden_layers=8,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                      bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
-    folder = tmp_path_factory.mktemp("deep-llama-learned")
-    LlamaForCausalLM(cfg).eval().save_pretrained(folder, safe_serialization=True)
-    bpe_tokenizer.save_pretrained(folder)
-    return folder
-
-
-def test_no_dense_block_weights_outlive_their_block(deep_llama):
+def test_no_dense_block_weights_outlive_their_block(deep_llama_dir):
     reporter = _CountingReporter()
-    result = compress_streamed(resolve_model(deep_llama), Learned(keep=0.5, finetune_steps=2), CALIB,
+    result = compress_streamed(resolve_model(deep_llama_dir), Learned(keep=0.5, finetune_steps=2), CALIB,
                                reporter=reporter)
     # Three sweeps of 8 blocks, then the end-to-end stage's steps.
     assert reporter.counts[:16] == [0] * 16, reporter.counts[:16]
