@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
+import shutil
+import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import version
@@ -23,8 +26,11 @@ from .outputs import atomic_output_dir
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"  # sharded weights, as Hugging Face writes them
 SPECTRUM = "spectrum.safetensors"
 SPECTRUM_ENTRIES = ("sigma", "kept", "scores")  # per layer, each over the layer's whole spectrum
+
+_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 _LAYER = {
     "type": "object", "additionalProperties": False,
@@ -93,10 +99,65 @@ def library_versions() -> dict:
             "safetensors": version("safetensors"), "python": platform.python_version()}
 
 
+class Shards:
+    """A checkpoint's weights written part by part before its folder exists, so that a streamed
+    compression keeps no finished block in memory: one safetensors file per part, named as Hugging
+    Face names shards, and an index kept current, in a temporary folder (removed with this object)
+    that save_compressed links into the checkpoint."""
+
+    def __init__(self, parts: int) -> None:
+        self.parts = parts
+        self._dir = tempfile.TemporaryDirectory(prefix="edgesvd-shards-")
+        self.folder = Path(self._dir.name)
+        self.weight_map: dict[str, str] = {}
+
+    @property
+    def written(self) -> int:
+        return len(set(self.weight_map.values()))
+
+    def write(self, tensors: dict[str, torch.Tensor]) -> None:
+        """The next part (tensors moved to the CPU); the index names them."""
+        name = f"model-{self.written + 1:05d}-of-{self.parts:05d}.safetensors"
+        flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        _saved(save_file, flat, self.folder / name, self.folder)
+        self.weight_map.update(dict.fromkeys(flat, name))
+        _write_index(self.folder, self.weight_map)
+
+    def link_into(self, folder: Path) -> None:
+        """Every part written so far, hard-linked into `folder` (copied across file systems)."""
+        for name in sorted(set(self.weight_map.values())):
+            try:
+                os.link(self.folder / name, folder / name)
+            except OSError:
+                shutil.copyfile(self.folder / name, folder / name)
+
+
+def _write_index(folder: Path, weight_map: dict[str, str]) -> None:
+    """model.safetensors.index.json: which file holds each tensor, and the tensors' bytes in total."""
+    size = sum(_tensor_bytes(folder / f) for f in set(weight_map.values()))
+    index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / INDEX).write_text(json.dumps(index, indent=1) + "\n")
+
+
+def _distinct(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One name per tensor: a tied embedding and LM head share one storage, which safetensors stores once."""
+    seen: set[tuple] = set()
+    out = {}
+    for name, t in state.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if key not in seen:
+            seen.add(key)
+            out[name] = t
+    return out
+
+
 def save_compressed(model: nn.Module, tokenizer, record: CompressionRecord, out: str | os.PathLike,
-                    spectra: dict[str, dict[str, torch.Tensor]] | None = None, force: bool = False) -> Path:
+                    spectra: dict[str, dict[str, torch.Tensor]] | None = None, force: bool = False,
+                    shards: Shards | None = None) -> Path:
     """Write config.json (+ `edgesvd` section), model.safetensors, tokenizer files and, when
-    given, spectrum.safetensors (per layer: singular values, scores, kept mask) atomically."""
+    given, spectrum.safetensors (per layer: singular values, scores, kept mask) atomically.
+    With `shards` (parts already written, e.g. a streamed compression's blocks), the weights are
+    those parts plus one last part holding the rest of the model, and model.safetensors.index.json."""
     out = Path(out)
     record.versions = record.versions or library_versions()
     with atomic_output_dir(out, force, inputs=(record.source_model,)) as tmp:
@@ -106,8 +167,21 @@ def save_compressed(model: nn.Module, tokenizer, record: CompressionRecord, out:
         gen = getattr(model, "generation_config", None)
         if gen is not None and family_named(record.family).causal:
             gen.save_pretrained(tmp)
-        # save_model de-duplicates tied tensors (embedding / LM head), which save_file refuses.
-        _saved(save_model, model, tmp / WEIGHTS, out)
+        if shards is None:
+            # save_model de-duplicates tied tensors (embedding / LM head), which save_file refuses.
+            _saved(save_model, model, tmp / WEIGHTS, out)
+        else:
+            state = model.state_dict()
+            rest = {n: t for n, t in state.items() if n not in shards.weight_map}
+            unwritten = [n for n, t in rest.items() if t.device.type == "meta"]
+            if unwritten:
+                raise CheckpointError(f"{out} not written: the weights of {unwritten[0]} are neither in memory "
+                                      f"nor among the parts written")
+            shards.link_into(tmp)
+            last = f"model-{shards.written + 1:05d}-of-{shards.parts:05d}.safetensors"
+            rest = {n: t.contiguous() for n, t in _distinct(rest).items()}
+            _saved(save_file, rest, tmp / last, out)
+            _write_index(tmp, {**shards.weight_map, **dict.fromkeys(rest, last)})
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if spectra:
@@ -169,13 +243,39 @@ def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
         raise CheckpointError(f"corrupt {path}: {first_line(exc)}") from None
 
 
+def _tensor_bytes(path: Path) -> int:
+    """Bytes of the tensor data in a safetensors file (its header not counted), from the header."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) * _ITEMSIZE[f.get_slice(k).get_dtype()] for k in f.keys())
+
+
+def weight_files(path: str | os.PathLike) -> list[Path]:
+    """The files holding a checkpoint's weights: model.safetensors, or the parts its index names."""
+    path = Path(path)
+    if (path / INDEX).is_file():
+        schema = {"type": "object", "required": ["weight_map"],
+                  "properties": {"weight_map": {"type": "object", "minProperties": 1,
+                                                "additionalProperties": {"type": "string",
+                                                                         "pattern": r"^[^/\\]+\.safetensors$"}}}}
+        index = read_json(path / INDEX, "checkpoint weights index", schema, error=CheckpointError)
+        files = [path / name for name in sorted(set(index["weight_map"].values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{path / INDEX} names {missing[0]}, which is not in the checkpoint")
+        return files
+    if not (path / WEIGHTS).is_file():
+        raise CheckpointError(f"no {WEIGHTS} (nor {INDEX}) in checkpoint {path}")
+    return [path / WEIGHTS]
+
+
 def _check_weights(path: Path, record: CompressionRecord, tied_output: bool) -> None:
-    """Every layer of the section against model.safetensors: factor shapes of its rank (or its dense
+    """Every layer of the section against the stored weights: factor shapes of its rank (or its dense
     weight), and no factors of a layer the section does not list."""
-    weights = path / WEIGHTS
-    if not weights.is_file():
-        raise CheckpointError(f"no {WEIGHTS} in checkpoint {path}")
-    stored = _tensor_shapes(weights)
+    files = weight_files(path)
+    weights = files[0] if len(files) == 1 else path / INDEX
+    stored = {name: shape for f in files for name, shape in _tensor_shapes(f).items()}
     for layer in record.layers:
         for name, shape in _factor_shapes(layer).items():
             if name not in stored:
@@ -266,6 +366,17 @@ def load_spectra(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
     return out
 
 
+def read_weights(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Every tensor a checkpoint stores (from model.safetensors or all its parts), by name."""
+    state: dict[str, torch.Tensor] = {}
+    for weights in weight_files(path):
+        try:
+            state.update(load_file(str(weights), device=str(device)))
+        except Exception as exc:  # SafetensorError: truncated or not a safetensors file
+            raise CheckpointError(f"corrupt {weights}: {first_line(exc)}") from exc
+    return state
+
+
 def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu",
                     trust_remote_code: bool = False) -> tuple[nn.Module, CompressionRecord]:
     """Rebuild the compressed architecture from config.json and load the saved factors.
@@ -278,13 +389,8 @@ def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu",
 
     path = Path(path)
     raw, record = read_record(path)
-    weights = path / WEIGHTS
-    if not weights.is_file():
-        raise CheckpointError(f"no {WEIGHTS} in checkpoint {path}")
-    try:
-        state = load_file(str(weights), device=str(device))
-    except Exception as exc:
-        raise CheckpointError(f"corrupt {weights}: {first_line(exc)}") from exc
+    state = read_weights(path, device)
+    weights = path / (INDEX if (path / INDEX).is_file() else WEIGHTS)
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     with parameters_on_meta():
         model = family_named(record.family).auto_model().from_config(config, trust_remote_code=trust_remote_code,

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .calibration import BUILTIN, SELF, CalibrationBatch, CalibrationConfig, calibration_config, sample_calibration
-from .checkpoint import CompressionRecord, library_versions, save_compressed
+from .checkpoint import CompressionRecord, Shards, library_versions, save_compressed
 from .costmodel import LayerShape
 from .device import resolve_device
 from .distributed import join, launched, local_device
@@ -51,7 +51,7 @@ from .planner import LayerImportance, check_rank_multiple, uniform_rank
 from .reporting import SILENT, Reporter
 from .spectra import Spectrum, spectra_of
 from .statistics import ActivationStats, collect_statistics
-from .streaming import compress_blocks, parameter_count, use_streaming
+from .streaming import LazyWeights, compress_blocks, materialize_parameters, parameter_count, use_streaming
 from .streaming_learned import compress_learned_blocks
 
 
@@ -312,9 +312,11 @@ def importance_pass(prepared: Prepared, method: Method, spectra: dict[str, Spect
 class Compressed:
     """What `compress` returns: the compressed model in memory (CPU, eval mode), its tokenizer, the
     checkpoint record and spectrum entries, the source, and — for 'whiten' and 'learned' — the
-    component importance `deploy` plans other devices from."""
+    component importance `deploy` plans other devices from. A streamed compression keeps its
+    finished blocks on disk (`shards`): `model` reads them back when first asked for, `save` links
+    them into the checkpoint without reading them."""
 
-    model: nn.Module | None  # None when made only to be planned per device (see compress_prepared)
+    _model: nn.Module | None  # None when made only to be planned per device (see compress_prepared)
     tokenizer: object
     record: CompressionRecord
     spectra: dict[str, dict[str, torch.Tensor]]
@@ -322,15 +324,27 @@ class Compressed:
     importance: ComponentImportance | None = field(default=None, repr=False)
     calibration: CalibrationConfig | None = None
     writer: bool = True  # False on the ranks other than 0 of a torchrun launch: they write nothing
+    shards: Shards | None = field(default=None, repr=False)
+
+    @property
+    def model(self) -> nn.Module | None:
+        model = self._model
+        if self.shards is not None and model is not None:
+            names = [n for n, p in model.named_parameters() if p.device.type == "meta" and n in self.shards.weight_map]
+            if names:
+                materialize_parameters(model, "", LazyWeights(self.shards.folder), torch.device("cpu"), names)
+                model.tie_weights()
+        return model
 
     @property
     def family(self):
         return self.source.family
 
     def save(self, out: str | os.PathLike, force: bool = False) -> Path:
-        """Write the checkpoint folder (config.json with an `edgesvd` section, model.safetensors,
-        spectrum.safetensors, tokenizer) atomically."""
-        return save_compressed(self.model, self.tokenizer, self.record, out, self.spectra, force=force)
+        """Write the checkpoint folder (config.json with an `edgesvd` section, model.safetensors or its
+        parts and index, spectrum.safetensors, tokenizer) atomically."""
+        return save_compressed(self._model, self.tokenizer, self.record, out, self.spectra, force=force,
+                               shards=self.shards)
 
 
 def _record(prepared: Prepared, method: Method, layers: list[LayerRecord], details: dict, model_ref: str
@@ -406,7 +420,8 @@ def compress_streamed(source: ModelSource, method: Method, calib: CalibrationCon
         method=method.name, keep_requested=method.keep, family=source.family.name,
         source_model=model_ref or source.name, layers=result.layers, rank_multiple=method.rank_multiple,
         calibration=sample.summary if sample is not None else {}, details=details, versions=library_versions())
-    return Compressed(result.model, tokenizer, record, result.entries, source, None, calib, writer=group.writer)
+    return Compressed(result.model, tokenizer, record, result.entries, source, None, calib, writer=group.writer,
+                      shards=result.shards)
 
 
 def compress(model: str | os.PathLike = DEFAULT_MODEL, method: Method | str = DEFAULT_METHOD, *,

@@ -2,8 +2,10 @@
 
 Under `torchrun --nproc-per-node N -m edgesvd compress … --stream on` every rank reads the same
 blocks, calibrates on its share of the batches (batch i goes to rank i mod N), and the Gram
-matrices are summed across ranks before each block is factorized, so every rank computes the same
-factors; only rank 0 writes the checkpoint. Runs without a launcher are a group of one.
+matrices are summed across ranks before each block is factorized. A block's factorizations are
+then split among the ranks (each layer to one rank, balanced by cost) and each rank broadcasts the
+factors it computed, so every rank holds the same factors; only rank 0 writes the checkpoint.
+Runs without a launcher are a group of one.
 """
 
 from __future__ import annotations
@@ -58,6 +60,27 @@ class Group:
 
         for t in tensors:
             dist.all_reduce(t)
+
+    def owners(self, costs: dict[str, float]) -> dict[str, int]:
+        """Which rank computes each item: the costliest first, each to the rank with the least work so
+        far (the same answer on every rank, which all pass the same costs)."""
+        load = [0.0] * self.size
+        owner = {}
+        for name in sorted(costs, key=lambda n: (-costs[n], n)):
+            owner[name] = min(range(self.size), key=lambda r: (load[r], r))
+            load[owner[name]] += costs[name]
+        return owner
+
+    def broadcast_owned(self, owner: dict[str, int], tensors: dict[str, list[torch.Tensor]]) -> None:
+        """For each name of `owner` (in name order, the same on every rank), send its tensors from the
+        rank that owns it into the tensors of the same shapes the other ranks pass, in place."""
+        if self.size == 1:
+            return
+        import torch.distributed as dist
+
+        for name in sorted(owner):
+            for t in tensors[name]:
+                dist.broadcast(t, src=owner[name])
 
     def mean_gradients(self, params: list[torch.Tensor]) -> None:
         """Average the gradients of `params` over the ranks (data-parallel training of one block)."""

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 
-from .checkpoint import WEIGHTS, CompressionRecord, load_spectra, read_record
+from .checkpoint import CompressionRecord, load_spectra, read_record, weight_files
 from .factorize import break_even_rank, params_at
 
 
@@ -76,9 +75,8 @@ class CheckpointSummary:
 
 
 def checkpoint_summary(path: str | os.PathLike) -> CheckpointSummary:
-    """Record, per-layer rows (with spectrum columns when saved) and the weights file size in bytes."""
+    """Record, per-layer rows (with spectrum columns when saved) and the weight files' size in bytes."""
     _, record = read_record(path)
-    weights = Path(path) / WEIGHTS
     rows = layer_rows(record)
     add_spectrum_columns(rows, load_spectra(path))
-    return CheckpointSummary(record, rows, weights.stat().st_size if weights.is_file() else 0)
+    return CheckpointSummary(record, rows, sum(f.stat().st_size for f in weight_files(path)))

@@ -126,6 +126,12 @@ def whiten_spectrum(weight: torch.Tensor, gram: torch.Tensor, tokens: int, damp:
     return Spectrum(left, sigma, right)
 
 
+def factorization_cost(out_features: int, in_features: int) -> float:
+    """Relative work of one layer's spectrum: the products with the input's XᵀX (out·in²) and the
+    symmetric eigendecomposition (min(out, in)³), to share a block's layers among ranks."""
+    return float(out_features) * in_features**2 + float(min(out_features, in_features)) ** 3
+
+
 def spectrum(method: str, weight: torch.Tensor, gram: torch.Tensor | None, tokens: int) -> Spectrum:
     """The spectrum of `weight` under `method` ('plain', 'asvd' or 'whiten')."""
     if method == "plain":

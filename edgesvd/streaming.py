@@ -4,8 +4,10 @@ The whole-model path (compression.prepare) loads every weight and holds XᵀX of
 once; here the model is a skeleton with its parameters on the meta device (the same construction
 as checkpoint.load_compressed), and one transformer block at a time is materialised from the safetensors
 files, run over the calibration activations (collecting its Gram matrices), factorized, and has
-its dense weights dropped before the next block is read. Peak memory is one dense block, its
-statistics and the calibration activations, plus the factors kept so far (the finished model).
+its dense weights dropped before the next block is read; the finished block is written to disk as
+one part of the checkpoint to be (checkpoint.Shards) and leaves memory too. Peak memory is one
+dense block, its statistics and the calibration activations, and at the end the weights outside
+the blocks (embeddings, head), independent of depth.
 
 Block i+1 is calibrated on the outputs of the already-compressed block i by default
 (`propagate="compressed"`, as GPTQ and SVD-LLM's low-resource mode do): its statistics then
@@ -29,15 +31,15 @@ import torch
 from torch import nn
 
 from .calibration import CalibrationBatch
-from .checkpoint import parameters_on_meta
+from .checkpoint import Shards, parameters_on_meta
 from .distributed import Group
 from .errors import ConfigError, ModelLoadError, first_line
-from .factorize import LayerRecord, apply_ranks
+from .factorize import LayerRecord, apply_ranks, replace_with_factors
 from .loading import ModelSource, select_targets
 from .methods import Method
 from .planner import check_rank_multiple, uniform_rank
 from .reporting import SILENT, Reporter
-from .spectra import spectra_of
+from .spectra import factorization_cost, spectra_of
 from .statistics import ActivationStats, GramHooks
 
 # `compress(stream="auto")` streams a decoder whose safetensors weights are larger than this: real
@@ -289,20 +291,23 @@ def run_block(block: nn.Module, inputs: list[torch.Tensor], arguments: list[tupl
 @dataclass
 class Streamed:
     """What the streamed path returns: the compressed model (CPU, eval), the checkpoint's layer
-    records and spectrum entries, and the details (timings, peak memory)."""
+    records and spectrum entries, the details (timings, peak memory) and, where the blocks were
+    written as they were finished, those parts (the model's blocks are then on the meta device)."""
 
     model: nn.Module
     layers: list[LayerRecord]
     entries: dict[str, dict[str, torch.Tensor]]
     details: dict = field(default_factory=dict)
+    shards: Shards | None = None
 
 
 def memory_estimate(model: nn.Module, blocks: nn.ModuleList, targets: list[str], keep: float, tokens: int,
-                    batch_tokens: int) -> dict[str, int]:
+                    batch_tokens: int, factors_kept: bool = True) -> dict[str, int]:
     """Bytes the streamed path holds at its peak (the end of the last block), from the skeleton's shapes:
     one dense block, its Gram matrices (float64; an upper bound: layers sharing an input are
     counted apart), the calibration stream in and out (float32), one batch's widest activation,
-    the factors of every block (keep × the blocks' weights) and the weights outside the blocks."""
+    the factors (keep × the blocks' weights: of every block when they are `factors_kept` in memory,
+    else of one) and the weights outside the blocks."""
     numel = lambda params: sum(p.numel() for p in params)  # noqa: E731
     widest = max(max(p.shape) for p in blocks[0].parameters())
     hidden = getattr(model.config, "hidden_size", None) or widest
@@ -312,7 +317,7 @@ def memory_estimate(model: nn.Module, blocks: nn.ModuleList, targets: list[str],
         "statistics": 8 * sum(model.get_submodule(t).in_features ** 2 for t in targets
                               if t.startswith(_prefix_of(model, blocks, 0))),
         "activations": 4 * tokens * hidden * 2 + 4 * batch_tokens * widest * 4,
-        "factors": int(4 * keep * numel(blocks.parameters())),
+        "factors": int(4 * keep * numel(blocks.parameters() if factors_kept else blocks[0].parameters())),
         "outside_blocks": 4 * numel(p for p in {id(p): p for p in model.parameters()}.values()
                                     if id(p) not in in_block),
     }
@@ -365,10 +370,17 @@ class Stream:
         materialize_parameters(self.blocks[i], self.prefix(i), self.weights, device)
         return self.blocks[i]
 
-    def finish(self) -> nn.Module:
-        """The model once every block is done: the weights outside the blocks read, eval mode."""
-        _finish_outside_blocks(self.model, self.blocks_name, self.weights)
+    def finish(self, shards: Shards | None = None) -> nn.Module:
+        """The model once every block is done: the weights outside the blocks read, eval mode (the
+        blocks already written to `shards` stay on the meta device)."""
+        _finish_outside_blocks(self.model, self.weights, shards.weight_map if shards else {})
         return self.model.eval()
+
+    def spill(self, i: int, shards: Shards) -> None:
+        """Write finished block i to `shards` and drop its parameters from memory."""
+        block = self.blocks[i]
+        shards.write({self.prefix(i) + n: t for n, t in block.state_dict().items()})
+        release_parameters(block, [n for n, _ in block.named_parameters()])
 
 
 def open_stream(source: ModelSource, method: Method, calib: CalibrationBatch | None, exclude: tuple[str, ...],
@@ -440,7 +452,11 @@ def compress_blocks(source: ModelSource, method: Method, calib: CalibrationBatch
 
     layers: list[LayerRecord] = []
     entries: dict[str, dict[str, torch.Tensor]] = {}
-    estimate = memory_estimate(model, blocks, stream.targets, method.keep, stream.tokens, stream.widest_batch)
+    # Each finished block goes to disk (a part of the checkpoint to be), so memory stays flat in depth.
+    shards = Shards(len(blocks) + 1)
+    factorized_by = [0] * group.size
+    estimate = memory_estimate(model, blocks, stream.targets, method.keep, stream.tokens, stream.widest_batch,
+                               factors_kept=False)
     reporter.step(f"streamed {method.name}: {len(blocks)} blocks of {source.name}, one at a time "
                   f"(tensors at the peak ≈ {estimate['total'] / 2**30:.2f} GiB)")
     with reporter.progress(f"blocks ({method.name})", total=len(blocks)) as bar:
@@ -455,8 +471,14 @@ def compress_blocks(source: ModelSource, method: Method, calib: CalibrationBatch
                 laps.lap("statistics_s")
             ranks = {n: uniform_rank(*model.get_submodule(n).weight.shape, method.keep, method.rank_multiple)
                      for n in mine}
-            spectra = spectra_of(model, [n for n, r in ranks.items() if r is not None], method.name, stats)
+            # Under torchrun each rank factorizes its share of the block's layers and broadcasts the factors.
+            owner = group.owners({n: factorization_cost(*model.get_submodule(n).weight.shape)
+                                  for n, r in ranks.items() if r is not None})
+            spectra = spectra_of(model, [n for n in owner if owner[n] == group.rank], method.name, stats)
             block_layers, block_entries, _ = apply_ranks(model, spectra, ranks)
+            _share_factors(model, group, owner, ranks, block_entries)
+            for n in owner:
+                factorized_by[owner[n]] += 1
             layers += block_layers
             entries.update({n: {k: v.cpu() for k, v in e.items()} for n, e in block_entries.items()})
             del spectra, stats
@@ -467,17 +489,38 @@ def compress_blocks(source: ModelSource, method: Method, calib: CalibrationBatch
                     outputs, _ = run_block(block, hidden, stream.arguments[i])
                 hidden = outputs
                 laps.lap("propagate_s")
-            block.to("cpu")  # the finished block (factors, norms) joins the result
+            stream.spill(i, shards)
+            laps.lap("write_s")
             laps.block_done(device)
             bar.advance()
     del hidden
     stream.hidden = stream.arguments = None
-    model = stream.finish()
+    model = stream.finish(shards)
     laps.lap("load_s")
     release_memory(device)
     details = {"streamed": True, "propagate": propagate if needs_data else None, "blocks": len(blocks),
-               "ranks": group.size, **laps.details(), "memory_estimate_bytes": estimate}
-    return Streamed(model, layers, entries, details)
+               "ranks": group.size, "factorized_by_rank": factorized_by, **laps.details(),
+               "memory_estimate_bytes": estimate}
+    return Streamed(model, layers, entries, details, shards)
+
+
+def _share_factors(model: nn.Module, group: Group, owner: dict[str, int], ranks: dict[str, int | None],
+                   entries: dict[str, dict[str, torch.Tensor]]) -> None:
+    """Every rank gets the factors and spectrum entries of the layers other ranks computed: such a layer
+    becomes a LowRankLinear of its rank here, which its owner's broadcast fills."""
+    if group.size == 1:
+        return
+    tensors = {}
+    for name in owner:
+        if owner[name] != group.rank:
+            weight = model.get_submodule(name).weight
+            replace_with_factors(model, name, weight.new_empty(ranks[name], weight.shape[1]),
+                                 weight.new_empty(weight.shape[0], ranks[name]))
+            full = min(weight.shape)
+            entries[name] = {k: torch.empty(full, dtype=torch.float64, device=weight.device) for k in ("sigma", "kept")}
+        layer = model.get_submodule(name)
+        tensors[name] = [layer.a.weight.data, layer.b.weight.data, entries[name]["sigma"], entries[name]["kept"]]
+    group.broadcast_owned(owner, tensors)
 
 
 def _current_rss_bytes() -> int:
@@ -488,16 +531,18 @@ def _current_rss_bytes() -> int:
         return 0
 
 
-def _finish_outside_blocks(model: nn.Module, blocks_name: str, weights: LazyWeights) -> None:
+def _finish_outside_blocks(model: nn.Module, weights: LazyWeights, written: dict[str, str]) -> None:
     """Read every parameter outside the blocks (embeddings, final norm, head) on the CPU and tie the
-    head to the embedding where the config says so (a tied checkpoint stores it once)."""
-    names = [n for n, p in model.named_parameters() if p.device.type == "meta" and n in weights.files]
+    head to the embedding where the config says so (a tied checkpoint stores it once); those
+    `written` already stay where they are."""
+    names = [n for n, p in model.named_parameters()
+             if p.device.type == "meta" and n in weights.files and n not in written]
     materialize_parameters(model, "", weights, torch.device("cpu"), names)
     model.tie_weights()
     for name, buf in list(model.named_buffers()):
         if buf.device.type != "cpu":
             owner, _, attr = name.rpartition(".")
             setattr(model.get_submodule(owner) if owner else model, attr, buf.cpu())
-    still = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    still = [n for n, p in model.named_parameters() if p.device.type == "meta" and n not in written]
     if still:
         raise ModelLoadError(f"the weights of {weights.folder} lack {still[:3]}")

@@ -45,6 +45,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 from .calibration import CalibrationBatch
+from .checkpoint import Shards
 from .costmodel import LayerShape
 from .distributed import Group
 from .errors import ConfigError
@@ -56,7 +57,7 @@ from .loading import ModelSource, set_submodule
 from .methods import Learned
 from .planner import LayerImportance
 from .reporting import SILENT, Reporter
-from .spectra import spectra_of
+from .spectra import factorization_cost, spectra_of
 from .streaming import (
     Laps,
     Stream,
@@ -124,17 +125,29 @@ def _release_block(stream: Stream, i: int) -> None:
 
 
 def _block_candidates(model: nn.Module, targets: list[str], stats, method: Learned, shapes: dict[str, LayerShape],
-                      sigma: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+                      sigma: dict[str, torch.Tensor], group: Group) -> dict[str, torch.Tensor]:
     """Stage 1 for one block's targets: the top whitened components up to `candidate_rank` as
-    float32 factors (`<name>.a`, `<name>.b`, CPU); fills in each target's shape and whitened σ."""
-    factors = {}
-    for name, spec in spectra_of(model, targets, "whiten", stats).items():
+    float32 factors (`<name>.a`, `<name>.b`, CPU); fills in each target's shape and whitened σ.
+    Under torchrun each rank computes its share of the layers and broadcasts them."""
+    owner = group.owners({n: factorization_cost(*model.get_submodule(n).weight.shape) for n in targets})
+    computed = spectra_of(model, [n for n in targets if owner[n] == group.rank], "whiten", stats)
+    tensors = {}
+    for name in targets:
         linear = model.get_submodule(name)
         shapes[name] = LayerShape(name, linear.out_features, linear.in_features, linear.bias is not None)
         k = candidate_rank(linear.out_features, linear.in_features, method.keep, method.margin, method.rank_multiple)
-        a, b = spec.factors(k)
-        factors[f"{name}.a"], factors[f"{name}.b"] = a.float().cpu(), b.float().cpu()
-        sigma[name] = spec.sigma.cpu()
+        if name in computed:
+            a, b = computed[name].factors(k)
+            tensors[name] = [a.float(), b.float(), computed[name].sigma]
+        else:
+            device = linear.weight.device
+            tensors[name] = [torch.empty(k, linear.in_features, device=device),
+                             torch.empty(linear.out_features, k, device=device),
+                             torch.empty(min(linear.weight.shape), dtype=torch.float64, device=device)]
+    group.broadcast_owned(owner, tensors)
+    factors = {}
+    for name, (a, b, s) in tensors.items():
+        factors[f"{name}.a"], factors[f"{name}.b"], sigma[name] = a.cpu(), b.cpu(), s.cpu()
     return factors
 
 
@@ -163,7 +176,7 @@ def _sweep_dense(stream: Stream, method: Learned, device: torch.device, group: G
             group.sum_([energy, count])
             update.append(float(energy / count.clamp_min(1)) or 1.0)
             laps.lap("statistics_s")
-            candidates.write(i, _block_candidates(model, mine, stats, method, shapes, sigma))
+            candidates.write(i, _block_candidates(model, mine, stats, method, shapes, sigma, group))
             del stats, inputs
             xs.append([y.cpu() for y in outputs])
             del outputs
@@ -304,9 +317,10 @@ def _finetune_block(block: nn.Module, params: list[nn.Parameter], xs: list[torch
 def _sweep_compressed(stream: Stream, method: Learned, xs: list[list[torch.Tensor]], update: list[float],
                       ranks: dict[str, int | None], orders: dict[str, torch.Tensor], sigma: dict[str, torch.Tensor],
                       shapes: dict[str, LayerShape], seed: int, device: torch.device, group: Group,
-                      candidates: Candidates, laps: Laps, reporter: Reporter
+                      candidates: Candidates, shards: Shards | None, laps: Laps, reporter: Reporter
                       ) -> tuple[list[LayerRecord], dict[str, dict[str, torch.Tensor]], dict[int, list[float]]]:
-    """Sweep C: build each block at its ranks, fine-tune it, propagate the compressed stream."""
+    """Sweep C: build each block at its ranks, fine-tune it, propagate the compressed stream; each
+    finished block joins the result in memory, or is written to `shards` and leaves memory."""
     model = stream.model
     records: list[LayerRecord] = []
     entries: dict[str, dict[str, torch.Tensor]] = {}
@@ -343,22 +357,51 @@ def _sweep_compressed(stream: Stream, method: Learned, xs: list[list[torch.Tenso
                              for x, (a, k) in zip(stream_in, stream.arguments[i])]
             if i + 1 < len(stream.blocks):  # the last one stays: the end-to-end stage's teacher
                 xs[i + 1] = None  # the dense stream past block i is no longer a target
-            block.to("cpu")  # the finished block joins the result
+            if shards is None:
+                block.to("cpu")  # the finished block joins the result
+            else:
+                stream.spill(i, shards)
             laps.lap("propagate_s")
             laps.block_done(device)
             bar.advance()
     return records, entries, local
 
 
-def end_to_end_bytes(model: nn.Module, trained: list[nn.Parameter], batch_tokens: int, checkpointing: bool) -> int:
-    """Memory the end-to-end stage adds: gradients and Adam's two moments of the trained
-    parameters, and one batch's activations kept for backward: about 24 hidden-sized tensors per
-    block, or with activation checkpointing one per block plus one block's 24; the logits three times."""
+def end_to_end_bytes(model: nn.Module, trained: int, batch_tokens: int, checkpointing: bool) -> int:
+    """Memory the end-to-end stage needs beyond the weights outside the blocks: the `trained`
+    parameters (the compressed blocks' factors and, when fine-tuned, the targets left dense) with
+    their gradients and Adam's two moments, and one batch's activations kept for backward: about 24
+    hidden-sized tensors per block, or with activation checkpointing one per block plus one block's
+    24; the logits three times."""
     config = model.config
     blocks = getattr(config, "num_hidden_layers", 1)
     kept = blocks + 24 if checkpointing else 24 * blocks
     activations = 4 * batch_tokens * (kept * config.hidden_size + 3 * config.vocab_size)
-    return 3 * 4 * sum(p.numel() for p in trained) + activations
+    return 4 * 4 * trained + activations
+
+
+def _trained_parameters(ranks: dict[str, int | None], shapes: dict[str, LayerShape], method: Learned) -> int:
+    """Parameters the end-to-end stage trains once the blocks are built at `ranks`."""
+    return sum(s.params(ranks[n]) for n, s in shapes.items() if ranks[n] is not None or method.finetune_dense)
+
+
+def _plan_end_to_end(model: nn.Module, trained: int, batch_tokens: int, device: torch.device, group: Group,
+                     reporter: Reporter) -> dict:
+    """Whether the end-to-end stage will run, decided before the blocks are built (a stage that will
+    not run needs no finished block in memory): single-process runs only, when its estimate fits
+    in END_TO_END_MEMORY_SHARE of the available memory; with activation checkpointing when only that fits."""
+    if group.size > 1:
+        reporter.info("end-to-end fine-tuning will be skipped: it runs in single-process runs only")
+        return {"ran": False, "why": "several processes"}
+    free = available_memory(device)
+    allowed = float("inf") if free is None else END_TO_END_MEMORY_SHARE * free
+    need = {c: end_to_end_bytes(model, trained, batch_tokens, c) for c in (False, True)}
+    if need[True] > allowed:
+        reporter.info(f"end-to-end fine-tuning will be skipped: it needs about {need[True] / 2**30:.1f} GiB with "
+                      f"activation checkpointing, {free / 2**30:.1f} GiB are available")
+        return {"ran": False, "why": f"needs {need[True]} bytes, {free} available"}
+    checkpointing = need[False] > allowed
+    return {"ran": True, "checkpointing": checkpointing, "estimated_bytes": need[checkpointing]}
 
 
 @contextmanager
@@ -377,27 +420,18 @@ def activation_checkpointing(blocks: nn.ModuleList, enabled: bool):
 
 
 def _end_to_end(model: nn.Module, stream: Stream, last_hidden: list[torch.Tensor], method: Learned, steps: int,
-                family: Family, seed: int, device: torch.device, group: Group, reporter: Reporter) -> dict:
+                plan: dict, family: Family, seed: int, device: torch.device, reporter: Reporter) -> dict:
     """Fine-tune every kept factor (and the targets left dense) of the assembled model against the
-    dense model's next-token distributions, rebuilt from its last hidden states: when memory allows,
-    with activation checkpointing when only that fits."""
-    if group.size > 1:
-        reporter.info("end-to-end fine-tuning skipped: it runs in single-process runs only")
-        return {"ran": False, "why": "several processes"}
+    dense model's next-token distributions, rebuilt from its last hidden states, as `plan` says
+    (_plan_end_to_end)."""
+    if not plan["ran"]:
+        return plan
+    checkpointing = plan["checkpointing"]
     factored = [m for m in model.modules() if isinstance(m, LowRankLinear)]
     left_dense = ([m for m in map(model.get_submodule, stream.targets) if isinstance(m, nn.Linear)]
                   if method.finetune_dense else [])
-    trained = [p for m in factored + left_dense for p in m.parameters()]
     ids = torch.cat([i for i, _ in stream.batches])
     mask = torch.cat([m for _, m in stream.batches])
-    free = available_memory(device)
-    allowed = float("inf") if free is None else END_TO_END_MEMORY_SHARE * free
-    need = {c: end_to_end_bytes(model, trained, method.batch_size * ids.shape[1], c) for c in (False, True)}
-    if need[True] > allowed:
-        reporter.info(f"end-to-end fine-tuning skipped: it needs about {need[True] / 2**30:.1f} GiB with activation "
-                      f"checkpointing, {free / 2**30:.1f} GiB are available")
-        return {"ran": False, "why": f"needs {need[True]} bytes, {free} available"}
-    checkpointing = need[False] > allowed
     model.to(device)
     teacher = HiddenTeacher(ids, mask, torch.cat(last_hidden), final_norm(model, stream.blocks_name, stream.blocks),
                             model.get_output_embeddings(), family, device,
@@ -413,7 +447,7 @@ def _end_to_end(model: nn.Module, stream: Stream, last_hidden: list[torch.Tensor
     model.cpu()
     return {"ran": True, "steps": steps, "checkpointing": checkpointing, "kl_before": round(before, 6),
             "kl_after": round(after, 6), "curve": [round(v, 5) for v in curve[:: max(1, len(curve) // 20)]],
-            "estimated_bytes": need[checkpointing]}
+            "estimated_bytes": plan["estimated_bytes"]}
 
 
 def _block_keeps(records: list[LayerRecord], stream: Stream) -> list[float]:
@@ -465,24 +499,27 @@ def compress_learned_blocks(source: ModelSource, method: Learned, calib: Calibra
         ranks = select(layers, method.keep * total_dense, total_dense, method.rank_multiple, method.selection)
         orders = {n: importance_order(importance[n]) for n in stream.targets}
         seed = int(calib.summary.get("seed", 0))
+        plan = _plan_end_to_end(model, _trained_parameters(ranks, shapes, method), method.batch_size * seq_len,
+                                device, group, reporter)
+        # Without an end-to-end stage no finished block is needed again: each goes to disk as it is done.
+        shards = None if plan["ran"] else Shards(len(stream.blocks) + 1)
         records, entries, local = _sweep_compressed(stream, method, xs, update, ranks, orders, sigma, shapes, seed,
-                                                    device, group, candidates, laps, reporter)
+                                                    device, group, candidates, shards, laps, reporter)
     finally:
         candidates.close()
     stream.hidden = stream.arguments = None
     last_hidden = xs[-1]
     del xs
-    model = stream.finish()
+    model = stream.finish(shards)
     laps.lap("load_s")
     release_memory(device)
-    end_to_end = _end_to_end(model, stream, last_hidden, method, end_to_end_steps, source.family, seed, device, group,
+    end_to_end = _end_to_end(model, stream, last_hidden, method, end_to_end_steps, plan, source.family, seed, device,
                              reporter)
     del last_hidden
-    model.cpu()
     laps.lap("end_to_end_s")
     release_memory(device)
     details = {"streamed": True, "propagate": "compressed", "blocks": len(stream.blocks), "ranks": group.size,
                "learned": asdict(method), "importance": "end-to-end Fisher through a reverse sweep",
                "block_steps": method.finetune_steps, "keep_per_block": _block_keeps(records, stream),
                "local_loss": local, "end_to_end": end_to_end, **laps.details(), "memory_estimate_bytes": estimate}
-    return Streamed(model, records, entries, details)
+    return Streamed(model, records, entries, details, shards)

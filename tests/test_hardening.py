@@ -687,6 +687,21 @@ def _(w, t):
     return ["inspect", ck]
 
 
+@case("weights-index-names-a-file-outside", "5", 2, "model.safetensors.index.json", "weight_map")
+def _(w, t):
+    ck = w.copy("ck", t)
+    _write_json(ck / "model.safetensors.index.json", {"weight_map": {"lm_head.weight": "../../outside.safetensors"}})
+    return ["inspect", ck]
+
+
+@case("weights-index-names-a-missing-part", "5", 2, "model-00002-of-00002.safetensors")
+def _(w, t):
+    ck = w.copy("ck", t)
+    _write_json(ck / "model.safetensors.index.json", {"weight_map": {"lm_head.weight": "model.safetensors",
+                                                                   "x.weight": "model-00002-of-00002.safetensors"}})
+    return ["export", ck, "--out", t / "onnx"]
+
+
 # 6. one line, always -----------------------------------------------------------------------------------
 @case("compress-out-unwritable", "6", 2, "/sys/edgesvd-hardening", "writ")
 def _(w, t):

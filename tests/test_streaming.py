@@ -13,10 +13,11 @@ import torch
 from click.testing import CliRunner
 
 from edgesvd.calibration import CalibrationConfig
-from edgesvd.checkpoint import load_compressed
+from edgesvd.checkpoint import load_compressed, read_weights
 from edgesvd.cli import main
 from edgesvd.compression import compress, compress_streamed
-from edgesvd.errors import ConfigError, ModelLoadError
+from edgesvd.errors import CheckpointError, ConfigError, ModelLoadError
+from edgesvd.factorize import LowRankLinear
 from edgesvd.loading import resolve_model
 from edgesvd.methods import Asvd, Learned, Plain, Whiten
 from edgesvd.reporting import Bar, Reporter
@@ -70,11 +71,12 @@ def test_compressed_propagation_calibrates_each_block_on_the_compressed_stream(t
 
 class _CountingReporter(Reporter):
     """At every finished block, counts the live dense MLP weights (real tensors of the dense
-    gate/up/down shapes) among all objects Python holds: an independent look at what is resident."""
+    gate/up/down shapes) among all objects Python holds: an independent look at what is resident;
+    and the factorized layers anywhere whose factors are resident."""
 
     def __init__(self) -> None:
         self.counts: list[int] = []
-        self.inside: list[int] = []
+        self.factored: list[int] = []
 
     def progress(self, description, total):
         reporter = self
@@ -88,6 +90,8 @@ class _CountingReporter(Reporter):
                         1 for o in gc.get_objects()
                         if isinstance(o, torch.Tensor) and o.device.type != "meta"
                         and tuple(o.shape) in {(176, 64), (64, 176)}))
+                    reporter.factored.append(sum(1 for o in gc.get_objects()
+                                                 if isinstance(o, LowRankLinear) and o.a.weight.device.type != "meta"))
 
         from contextlib import contextmanager
 
@@ -104,19 +108,33 @@ def test_no_dense_block_weights_outlive_their_block(deep_llama_dir):
     streamed = compress_streamed(resolve_model(deep_llama_dir), Whiten(keep=0.5), CALIB, propagate="dense",
                                  reporter=reporter)
     assert reporter.counts == [0] * 8, reporter.counts
+    assert reporter.factored == [0] * 8, reporter.factored  # each finished block went to disk
     _same_models(compress(deep_llama_dir, Whiten(keep=0.5), calib=CALIB, stream="off"), streamed)
     assert len(streamed.record.details["rss_after_block_bytes"]) == 8
     assert streamed.record.details["peak_rss_bytes"] > 0
 
 
 def test_a_streamed_checkpoint_round_trips(tiny_qwen2_dir, tmp_path):
+    """Saved as one part per block (written while compressing) plus the rest, with an index; the
+    tied embedding stored once; loads to the model compress returned; a missing part is one line."""
     result = compress(tiny_qwen2_dir, Whiten(keep=0.5), calib=CALIB, stream="on")
-    result.save(tmp_path / "ck")
-    loaded, record = load_compressed(tmp_path / "ck")
+    out = result.save(tmp_path / "ck")
+    index = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    parts = sorted(set(index.values()))
+    assert parts == [f"model-0000{k}-of-00003.safetensors" for k in (1, 2, 3)] and not (out / "model.safetensors").exists()
+    assert {f.name for f in out.glob("*.safetensors")} == {*parts, "spectrum.safetensors"}
+    assert {n for n in index if "embed_tokens" in n or "lm_head" in n} == {"model.embed_tokens.weight"}
+    assert all(index[n] == parts[0] for n in index if n.startswith("model.layers.0."))
+    loaded, record = load_compressed(out)
     assert record.details["streamed"] is True and record.keep_actual < 0.6
     ids = torch.randint(0, 512, (1, 24))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, result.model(ids).logits)
+    r = CliRunner().invoke(main, ["inspect", str(out)])
+    assert r.exit_code == 0, r.output
+    (out / parts[1]).unlink()
+    with pytest.raises(CheckpointError, match=f"names {parts[1]}, which is not in the checkpoint"):
+        load_compressed(out)
 
 
 def test_when_compress_streams(tiny_llama_dir, tiny_gpt2_dir, minilm_dir, monkeypatch):
@@ -251,8 +269,6 @@ def test_two_gloo_processes_under_torchrun_write_the_single_process_checkpoint(t
     import subprocess
     import sys
 
-    from safetensors.torch import load_file
-
     args = ["compress", str(tiny_llama_dir), "--method", "whiten", "--keep", "0.5", "--stream", "on",
             "--calib-samples", "16", "--calib-len", "32", "--batch-size", "4", "--quiet"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -263,12 +279,15 @@ def test_two_gloo_processes_under_torchrun_write_the_single_process_checkpoint(t
     assert two.stdout.count("wrote ") == 1  # rank 0 only
     one = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "one")])
     assert one.exit_code == 0, one.output
-    a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "two" / "model.safetensors"))
+    a, b = read_weights(tmp_path / "one"), read_weights(tmp_path / "two")
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
     details = [json.loads((tmp_path / f / "config.json").read_text())["edgesvd"]["details"] for f in ("one", "two")]
     assert details[0]["ranks"] == 1 and details[1]["ranks"] == 2
+    # Each rank factorized its share of every block's layers (and broadcast them): the checkpoints above agree.
+    one_rank, two_ranks = details[0]["factorized_by_rank"], details[1]["factorized_by_rank"]
+    assert len(two_ranks) == 2 and min(two_ranks) > 0 and sum(two_ranks) == sum(one_rank)
 
 
 def test_a_launch_of_several_processes_without_streaming_is_refused(tiny_llama_dir, monkeypatch):

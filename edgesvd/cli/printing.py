@@ -41,7 +41,7 @@ def print_checkpoint(console: Console, checkpoint: Path, s: CheckpointSummary) -
                   fmt_int(before), fmt_int(after), fmt_bytes(4 * after), *([""] * (energy + scores)),
                   end_section=True)
     console.print(table)
-    console.print(f"model.safetensors: {fmt_bytes(s.weight_bytes)}; targeted keep {after / before:.3f}")
+    console.print(f"weights: {fmt_bytes(s.weight_bytes)}; targeted keep {after / before:.3f}")
 
 
 def print_receipt(console: Console, receipt: Receipt, per_layer: bool = True) -> None:
