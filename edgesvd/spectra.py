@@ -112,9 +112,13 @@ def whiten_spectrum(weight: torch.Tensor, gram: torch.Tensor, tokens: int, damp:
     w = weight.double()
     out_f, in_f = w.shape
     if out_f <= in_f:
-        g = gram.double() / max(tokens, 1)
-        g.diagonal().add_(damp * g.diagonal().mean().clamp_min(1e-12))
-        sigma, left = _descending_eigh(w @ g @ w.T)
+        # W·(XᵀX/n + λI)·Wᵀ = (W·XᵀX·Wᵀ)/n + λ·W·Wᵀ: no damped copy of the in×in Gram matrix is made
+        # (0.5 GB for an 8192-wide input, most of the streamed path's peak at the 1.3B shape).
+        n = max(tokens, 1)
+        lam = damp * (gram.diagonal().mean() / n).clamp_min(1e-12)
+        product = (w @ gram.double()) @ w.T
+        product.div_(n).add_(w @ w.T, alpha=float(lam))
+        sigma, left = _descending_eigh(product)
         right = (left.T @ w) / sigma.clamp_min(sigma[0] * 1e-12)[:, None]
     else:
         chol = whitening_factor(gram, tokens, damp)
