@@ -159,6 +159,11 @@ def test_cli_stream_flag(tiny_llama_dir, tmp_path):
     assert ok.exit_code == 0, ok.output
     section = json.loads((tmp_path / "ck" / "config.json").read_text())["edgesvd"]
     assert section["details"]["streamed"] is True and section["details"]["propagate"] == "compressed"
+    assert (tmp_path / "ck" / "model.safetensors.index.json").is_file()  # written block by block
+    exported = runner.invoke(main, ["export", str(tmp_path / "ck"), "--out", str(tmp_path / "onnx")])
+    assert exported.exit_code == 0, exported.output
+    verified = runner.invoke(main, ["verify", str(tmp_path / "ck"), str(tmp_path / "onnx"), "--ep", "cpu"])
+    assert verified.exit_code == 0 and "pass" in verified.output.lower(), verified.output
     bad = runner.invoke(main, ["compress", str(tiny_llama_dir), "--method", "whiten", "--stream", "on", "--calib", "self",
                                "--out", str(tmp_path / "ck2")])
     assert bad.exit_code == 2 and bad.output.strip().startswith("error:") and len(bad.output.strip().splitlines()) == 1
