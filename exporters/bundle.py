@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import shutil
@@ -10,9 +11,9 @@ import stat
 from importlib.metadata import version
 from pathlib import Path
 
-from edgesvd.checkpoint import SPECTRUM, read_record
+from edgesvd.checkpoint import INDEX, SPECTRUM, WEIGHTS, read_record, weight_files
 from edgesvd.checkpoint import library_versions as core_versions
-from edgesvd.errors import BundleError, ConfigError, InputFileError
+from edgesvd.errors import BundleError, CheckpointError, ConfigError, InputFileError
 from edgesvd.inputs import kind_of, open_regular, read_json
 from edgesvd.loading import check_model_folder, model_path
 from edgesvd.outputs import atomic_output_dir, check_output_dir, check_output_file
@@ -71,10 +72,18 @@ def _copy_regular(src: Path, dst: Path) -> None:
 
 
 def _weights_sha(folder: Path) -> str | None:
-    for name in ("model.safetensors", "model.safetensors.index.json"):
-        if (folder / name).is_file():
-            return sha256_file(folder / name)
-    return None
+    """sha256 of model.safetensors; of weights in parts, the sha256 of the index followed by every
+    part's sha256 in name order (the index alone names the parts but does not cover their bytes)."""
+    try:
+        files = weight_files(folder)
+    except CheckpointError:
+        return None
+    if files == [folder / WEIGHTS]:
+        return sha256_file(files[0])
+    digest = hashlib.sha256((folder / INDEX).read_bytes())
+    for f in files:
+        digest.update(sha256_file(f).encode())
+    return digest.hexdigest()
 
 
 def _source_info(source_model: str) -> dict:

@@ -159,3 +159,22 @@ def test_external_data_path_end_to_end(tiny_llama_dir, root, tmp_path, monkeypat
         f.write(b"\x00\x01\x02\x03")
     with pytest.raises(BundleError):
         check_bundle(bundle)
+
+
+def test_the_weights_sha_of_a_checkpoint_in_parts_covers_every_part(tmp_path):
+    """A streamed checkpoint's identity in the manifest changes when any part's bytes change, though
+    its index (which only names the parts) does not."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from edgesvd.exporters.bundle import _weights_sha
+
+    save_file({"a": torch.zeros(4)}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file({"b": torch.zeros(4)}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(
+        {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    before = _weights_sha(tmp_path)
+    save_file({"b": torch.ones(4)}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    assert before is not None and _weights_sha(tmp_path) != before
