@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import shutil
@@ -29,8 +28,6 @@ WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"  # sharded weights, as Hugging Face writes them
 SPECTRUM = "spectrum.safetensors"
 SPECTRUM_ENTRIES = ("sigma", "kept", "scores")  # per layer, each over the layer's whole spectrum
-
-_ITEMSIZE = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 
 _LAYER = {
     "type": "object", "additionalProperties": False,
@@ -110,18 +107,28 @@ class Shards:
         self._dir = tempfile.TemporaryDirectory(prefix="edgesvd-shards-")
         self.folder = Path(self._dir.name)
         self.weight_map: dict[str, str] = {}
+        self.total_size = 0  # bytes of tensor data written
 
     @property
     def written(self) -> int:
         return len(set(self.weight_map.values()))
 
+    def next_name(self) -> str:
+        return f"model-{self.written + 1:05d}-of-{self.parts:05d}.safetensors"
+
     def write(self, tensors: dict[str, torch.Tensor]) -> None:
-        """The next part (tensors moved to the CPU); the index names them."""
-        name = f"model-{self.written + 1:05d}-of-{self.parts:05d}.safetensors"
+        """The next part (tensors moved to the CPU)."""
+        name = self.next_name()
         flat = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         _saved(save_file, flat, self.folder / name, self.folder)
         self.weight_map.update(dict.fromkeys(flat, name))
-        _write_index(self.folder, self.weight_map)
+        self.total_size += _nbytes(flat)
+
+    def write_index(self, folder: Path, extra: dict[str, str] | None = None, extra_size: int = 0) -> None:
+        """model.safetensors.index.json in `folder`: the parts written (plus `extra` names in another file)."""
+        index = {"metadata": {"total_size": self.total_size + extra_size},
+                 "weight_map": dict(sorted({**self.weight_map, **(extra or {})}.items()))}
+        (folder / INDEX).write_text(json.dumps(index, indent=1) + "\n")
 
     def link_into(self, folder: Path) -> None:
         """Every part written so far, hard-linked into `folder` (copied across file systems)."""
@@ -132,11 +139,8 @@ class Shards:
                 shutil.copyfile(self.folder / name, folder / name)
 
 
-def _write_index(folder: Path, weight_map: dict[str, str]) -> None:
-    """model.safetensors.index.json: which file holds each tensor, and the tensors' bytes in total."""
-    size = sum(_tensor_bytes(folder / f) for f in set(weight_map.values()))
-    index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
-    (folder / INDEX).write_text(json.dumps(index, indent=1) + "\n")
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _distinct(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -178,10 +182,10 @@ def save_compressed(model: nn.Module, tokenizer, record: CompressionRecord, out:
                 raise CheckpointError(f"{out} not written: the weights of {unwritten[0]} are neither in memory "
                                       f"nor among the parts written")
             shards.link_into(tmp)
-            last = f"model-{shards.written + 1:05d}-of-{shards.parts:05d}.safetensors"
+            last = shards.next_name()
             rest = {n: t.contiguous() for n, t in _distinct(rest).items()}
             _saved(save_file, rest, tmp / last, out)
-            _write_index(tmp, {**shards.weight_map, **dict.fromkeys(rest, last)})
+            shards.write_index(tmp, dict.fromkeys(rest, last), _nbytes(rest))
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if spectra:
@@ -241,14 +245,6 @@ def _tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
             return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     except Exception as exc:  # SafetensorError (Rust), OSError
         raise CheckpointError(f"corrupt {path}: {first_line(exc)}") from None
-
-
-def _tensor_bytes(path: Path) -> int:
-    """Bytes of the tensor data in a safetensors file (its header not counted), from the header."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        return sum(math.prod(f.get_slice(k).get_shape()) * _ITEMSIZE[f.get_slice(k).get_dtype()] for k in f.keys())
 
 
 def weight_files(path: str | os.PathLike) -> list[Path]:

@@ -332,6 +332,7 @@ class Compressed:
         if self.shards is not None and model is not None:
             names = [n for n, p in model.named_parameters() if p.device.type == "meta" and n in self.shards.weight_map]
             if names:
+                self.shards.write_index(self.shards.folder)
                 materialize_parameters(model, "", LazyWeights(self.shards.folder), torch.device("cpu"), names)
                 model.tie_weights()
         return model
