@@ -235,13 +235,14 @@ def _worth(a: Attempt) -> tuple[float, float]:
 
 def _failure(p: Profile, attempts: list[Attempt], history: list[dict]) -> str:
     """Why no plan can be claimed: a budget that could not be certified (the measurement spread
-    and the load said), else the last miss."""
+    and the load said, of the plan that came closest to being certified), else the last miss."""
     undecided = [(a, v) for a in attempts for v in a.verdicts.values() if v.status == UNDECIDED]
     if undecided:
         a, v = min(undecided, key=lambda av: av[1].use)
         bound = f"{v.bound:.3f}" if math.isfinite(v.bound) else "open"
         return (f"{p.name}: cannot certify {BUDGET_LABELS[v.key]} ≤ {v.budget} on this machine: measurement spread "
-                f"{100 * v.spread:.1f}% (load average {v.load_average:.2f}) after {v.pairs} pairs (plan {a.plan}: "
+                f"{100 * v.spread:.1f}% (load average {v.load_average:.2f}) after {v.pairs} pairs (closest of {len(attempts)} "
+                f"plans measured: plan {a.plan}, "
                 f"median {v.interval}, {100 * WINDOW_QUANTILE:g}% of windows ≤ {bound}, limit {v.limit:g}); measure "
                 "on a quieter machine, raise --max-pairs or --max-plans, or relax the budget")
     return (f"{p.name}: budget not met on this machine after {len(attempts)} plans (last: {history[-1]['missed']}); "

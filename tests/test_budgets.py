@@ -302,7 +302,8 @@ def test_a_budget_that_cannot_be_certified_says_so(tmp_path, tiny_plan_inputs):
 
     dense = cost.dense()
     with pytest.raises(BudgetError, match=r"cannot certify p50 latency ≤ 70% of dense on this machine: "
-                                          r"measurement spread \d+\.\d% \(load average 2\.50\) after 64 pairs.*"
+                                          r"measurement spread \d+\.\d% \(load average 2\.50\) after 64 pairs "
+                                          r"\(closest of 2 plans measured: plan [12], median .*"
                                           r"raise --max-pairs or --max-plans"):
         closed_loop(p, layers, cost, {"latency_p50": 7.0}, dict(dense), build, tmp_path / "loop", measure, 2)
 
