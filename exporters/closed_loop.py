@@ -31,6 +31,13 @@ MAX_TIGHTEN = 1.5     # ... and one beyond it down by at most this one (an open 
 SIZE_MARGIN = 0.005
 
 
+def size_offsets(estimated_dense: dict[str, float], measured_dense: dict[str, float]) -> dict[str, float]:
+    """Per size (model bytes, peak memory): what the estimate leaves out of the measured dense model
+    (the ONNX graph, a tied table stored twice, the runtime), which plans are aimed and shown with."""
+    return {k: measured_dense[k] - estimated_dense[k] for k in ("model_bytes", "peak_memory")
+            if k in measured_dense and k in estimated_dense}
+
+
 def missed_budgets(limits: dict[str, float], measured: dict[str, float]) -> dict[str, tuple[float, float]]:
     """Budgets whose point values miss: key → (measured, limit)."""
     return {k: (measured[k], lim) for k, lim in limits.items() if k in measured and measured[k] > lim}
@@ -127,10 +134,9 @@ def closed_loop(p: Profile, layers: list[LayerImportance], cost: CostModel, limi
     plan_limits, history, attempts, seen, dead_end = dict(limits), [], [], {}, ""
     brackets = {k: Bracket() for k in limits if k.startswith("latency")}
     if local:  # sizes: what the estimate leaves out of the dense model (graph, runtime) is a constant
-        estimated = cost.dense()
-        for key in ("model_bytes", "peak_memory"):
+        for key, offset in size_offsets(cost.dense(), dense_values).items():
             if key in plan_limits:
-                plan_limits[key] -= dense_values[key] - estimated[key] + SIZE_MARGIN * limits[key]
+                plan_limits[key] -= offset + SIZE_MARGIN * limits[key]
         for key in brackets:
             plan_limits[key] = limits[key] * FIRST_AIM
         try:

@@ -46,7 +46,7 @@ from .budgets import (
     tied,
 )
 from .bundle import pack
-from .closed_loop import closed_loop, missed_budgets
+from .closed_loop import closed_loop, missed_budgets, size_offsets
 from .comparison import DeviceResult, comparison_markdown
 from .export import ExportConfig, export_checkpoint, export_model, onnx_files_bytes
 from .parity import ParityConfig, ParityReport, verify
@@ -269,14 +269,12 @@ def _rescale_latency(receipt: Receipt, factor: float) -> None:
             b.value *= factor
 
 
-def _tie_sizes(receipt: Receipt, estimated_dense: dict[str, float], measured_dense: dict[str, float]) -> None:
-    """Shift a receipt's planned sizes by what the estimate leaves out of the measured dense model
-    (graph, a tied table stored twice, runtime): the constant the closed loop planned with, so the
-    plan's bytes are shown as what the export is expected to weigh."""
-    for key in ("model_bytes", "peak_memory"):
-        if key not in measured_dense or key not in receipt.totals:
+def _tie_sizes(receipt: Receipt, offsets: dict[str, float]) -> None:
+    """Shift a receipt's planned sizes by `offsets` (closed_loop.size_offsets, what the closed loop
+    planned with), so the plan's bytes are shown as what the export is expected to weigh."""
+    for key, offset in offsets.items():
+        if key not in receipt.totals:
             continue
-        offset = measured_dense[key] - estimated_dense[key]
         receipt.totals[key] += offset
         for b in receipt.budgets:
             if b.key == key:
@@ -323,7 +321,7 @@ def _deploy_profile(job: _Job, p: Profile, cost, held_out, out: Path) -> DeviceR
     limits, dense_values = chosen.limits, chosen.dense
     if local:  # the dense model measured beside the chosen plan, and the plan's estimate at that dense latency
         _rescale_latency(receipt, dense_values["latency_p50"] / cost.dense()["latency_p50"])
-        _tie_sizes(receipt, cost.dense(), dense_values)
+        _tie_sizes(receipt, size_offsets(cost.dense(), dense_values))
         receipt.dense = {**receipt.dense, **dense_values}
     parity = verify(folder / "checkpoint", folder / "onnx", ParityConfig(session=cfg.session))
     proxy = agreement_with_dense(job.dense_model(), model, held_out, family)
