@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
 from .errors import CheckpointError, OutputError, first_line
-from .factorize import LayerRecord, LowRankLinear, dense_or_rank, keep_of
+from .factorize import LayerRecord, break_even_rank, dense_or_rank, keep_of, low_rank_class
 from .families import FAMILIES, family_named
 from .inputs import read_json, validate
 from .loading import linearize_conv1d, set_submodule
@@ -35,7 +35,7 @@ _LAYER = {
     "properties": {"name": {"type": "string", "minLength": 1}, "in_features": {"type": "integer", "minimum": 1},
                    "out_features": {"type": "integer", "minimum": 1},
                    "rank": {"type": ["integer", "null"], "minimum": 1},
-                   "bias": {"type": "boolean"}},
+                   "bias": {"type": "boolean"}, "pivoted": {"type": "boolean"}},
 }
 # The `edgesvd` section of a checkpoint's config.json, format 1 (CompressionRecord.to_json).
 SECTION_SCHEMA: dict = {
@@ -219,20 +219,29 @@ def check_section(section, where: str, error: type = CheckpointError) -> Compres
         raise error(f"{where}: layer {next(n for n in names if names.count(n) > 1)} is listed twice")
     for layer in section["layers"]:
         rank, out_f, in_f = layer["rank"], layer["out_features"], layer["in_features"]
-        if rank is not None and dense_or_rank(out_f, in_f, rank) is None:
+        pivoted = layer.get("pivoted", False)
+        if rank is not None and dense_or_rank(out_f, in_f, rank, pivoted) is None:
             raise error(f"{where}: layer {layer['name']} has rank {rank}, not below its break-even rank "
-                        f"{out_f * in_f / (out_f + in_f):.1f} ({out_f}×{in_f}): no factorization keeps it")
+                        f"{break_even_rank(out_f, in_f, pivoted):.1f} ({out_f}×{in_f}"
+                        f"{', pivoted' if pivoted else ''}): no factorization keeps it")
     return CompressionRecord.from_json(section)
 
 
 def _factor_shapes(layer: LayerRecord) -> dict[str, tuple[int, ...]]:
-    """The tensors a layer has in model.safetensors and their shapes (LowRankLinear: a, b)."""
-    n = layer.name
-    if layer.rank is None:
-        return {f"{n}.weight": (layer.out_features, layer.in_features)}
-    shapes = {f"{n}.a.weight": (layer.rank, layer.in_features), f"{n}.b.weight": (layer.out_features, layer.rank)}
+    """The tensors a layer has in model.safetensors and their shapes (LowRankLinear: a, b;
+    PivotedLowRank: a, b, rows, scale, bias)."""
+    n, r, out_f = layer.name, layer.rank, layer.out_features
+    if r is None:
+        return {f"{n}.weight": (out_f, layer.in_features)}
+    if layer.pivoted:
+        shapes = {f"{n}.a.weight": (r, layer.in_features), f"{n}.b.weight": (out_f - r, r), f"{n}.rows": (out_f,),
+                  f"{n}.scale": (r,)}
+        if layer.bias:
+            shapes[f"{n}.bias"] = (out_f,)
+        return shapes
+    shapes = {f"{n}.a.weight": (r, layer.in_features), f"{n}.b.weight": (out_f, r)}
     if layer.bias:
-        shapes[f"{n}.b.bias"] = (layer.out_features,)
+        shapes[f"{n}.b.bias"] = (out_f,)
     return shapes
 
 
@@ -394,8 +403,8 @@ def load_compressed(path: str | os.PathLike, device: str | torch.device = "cpu",
     linearize_conv1d(model)
     for layer in record.layers:
         if layer.rank is not None:
-            set_submodule(model, layer.name, LowRankLinear(layer.in_features, layer.out_features,
-                                                           layer.rank, bias=layer.bias, device="meta"))
+            set_submodule(model, layer.name, low_rank_class(layer.pivoted)(layer.in_features, layer.out_features,
+                                                                           layer.rank, bias=layer.bias, device="meta"))
     try:
         result = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as exc:  # size mismatches between config ranks and saved tensors

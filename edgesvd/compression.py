@@ -130,10 +130,11 @@ class LearnedState:
     losses: dict[str, float]
     curve2: list[float]
     timings: dict[str, float]
+    pivoted: bool = False
 
     @property
     def shapes(self) -> dict[str, LayerShape]:
-        return {n: layer_shape(self.dense[n], n) for n in self.targets}
+        return {n: layer_shape(self.dense[n], n, self.pivoted) for n in self.targets}
 
     @property
     def total_dense(self) -> int:
@@ -156,6 +157,7 @@ def learn_importance(prepared: Prepared, method: Learned, reporter: Reporter = S
     n, seq_len = prepared.calib.input_ids.shape
     targeted = sum(model.get_submodule(t).weight.numel() for t in prepared.targets)
     method = method.resolved(family, targeted, n, seq_len)
+    pivoted = method.pivoted(family)
     for p in model.parameters():
         p.requires_grad_(False)
     timings: dict[str, float] = {}
@@ -168,7 +170,8 @@ def learn_importance(prepared: Prepared, method: Learned, reporter: Reporter = S
     missing = [t for t in prepared.targets if t not in spectra]
     spectra.update(spectra_of(model, missing, "whiten", stats))
     spectra = {t: spectra[t] for t in prepared.targets}
-    dense, scored = attach_scores(model, spectra, method.keep, method.margin, method.rank_multiple, reporter)
+    dense, scored = attach_scores(model, spectra, method.keep, method.margin, method.rank_multiple, reporter,
+                                  pivoted)
     timings["stage1_s"] = time.perf_counter() - t0
 
     batches = MiniBatches(n, method.batch_size, prepared.seed)
@@ -177,7 +180,7 @@ def learn_importance(prepared: Prepared, method: Learned, reporter: Reporter = S
     losses: dict[str, float] = {"stage1": probe_loss(model, teacher, probe)}
 
     t0 = time.perf_counter()
-    shapes = {name: layer_shape(dense[name], name) for name in prepared.targets}
+    shapes = {name: layer_shape(dense[name], name, pivoted) for name in prepared.targets}
     total_dense = sum(s.params(None) for s in shapes.values())
     curve2 = learn_scores(model, scored, shapes, teacher, method.keep * total_dense, method.rank_multiple,
                           method.steps, method.lr, batches, method.budget_weight, method.max_score,
@@ -185,7 +188,7 @@ def learn_importance(prepared: Prepared, method: Learned, reporter: Reporter = S
     timings["stage2_s"] = time.perf_counter() - t0
     losses["before_switch"] = probe_loss(model, teacher, probe)
     return LearnedState(model, list(prepared.targets), dense, spectra, scored, teacher, probe, batches, method,
-                        method.keep, losses, curve2, timings)
+                        method.keep, losses, curve2, timings, pivoted)
 
 
 def finish(state: LearnedState, plan: "Plan", model: nn.Module | None = None, reporter: Reporter = SILENT
@@ -207,7 +210,8 @@ def finish(state: LearnedState, plan: "Plan", model: nn.Module | None = None, re
         linear = state.dense[name]
         own = model is not state.model or method.finetune_dense
         set_submodule(model, name, copy.deepcopy(linear) if own else linear)
-    records, entries, factored = apply_ranks(model, state.spectra, plan.ranks, plan.orders, plan.scores)
+    records, entries, factored = apply_ranks(model, state.spectra, plan.ranks, plan.orders, plan.scores,
+                                             state.pivoted)
     left_dense = ([m for m in map(model.get_submodule, state.targets) if isinstance(m, nn.Linear)]
                   if method.finetune_dense else [])
     losses = dict(state.losses)
@@ -257,6 +261,7 @@ class ComponentImportance:
     spectra: dict[str, Spectrum]       # whitened spectra of every target
     state: LearnedState | None = None  # 'learned'
     scores: dict[str, torch.Tensor] | None = None
+    pivoted: bool = False              # the form plans are built in
 
     def plan(self, ranks: dict[str, int | None]) -> Plan:
         """A plan for `ranks` in the planner's component order."""
@@ -266,8 +271,8 @@ class ComponentImportance:
         """The plan that keeps `keep` of the targeted parameters: the learned method's final
         global selection (current importance, as stage 2 left it), or uniform whitened ranks."""
         if self.state is None:
-            ranks = {l.shape.name: uniform_rank(l.shape.out_features, l.shape.in_features, keep, multiple)
-                     for l in self.layers}
+            ranks = {l.shape.name: uniform_rank(l.shape.out_features, l.shape.in_features, keep, multiple,
+                                                self.pivoted) for l in self.layers}
             return self.plan(ranks)
         state = self.state
         layers = scored_importances(state.scored, state.shapes)
@@ -282,7 +287,7 @@ class ComponentImportance:
         and details."""
         if self.state is None:
             model = copy.deepcopy(self.dense)
-            records, entries, _ = apply_ranks(model, self.spectra, plan.ranks, plan.orders)
+            records, entries, _ = apply_ranks(model, self.spectra, plan.ranks, plan.orders, pivoted=self.pivoted)
             return model.eval(), records, entries, {}
         model, records, entries, details = finish(self.state, plan, copy.deepcopy(self.state.model), reporter)
         return model.cpu().eval(), records, entries, details
@@ -299,12 +304,15 @@ def importance_pass(prepared: Prepared, method: Method, spectra: dict[str, Spect
     spectra = {**(spectra or {}), **spectra_of(prepared.model, missing, "whiten", prepared.stats, reporter)}
     spectra = {t: spectra[t] for t in prepared.targets}
     dense = dense if dense is not None else copy.deepcopy(prepared.model).cpu().eval()
+    pivoted = method.pivoted(prepared.source.family)
     if isinstance(method, Whiten):
-        layers, orders = whitened_importances(dense, spectra)
-        return ComponentImportance("whiten", layers, orders, dense, {k: s.cpu() for k, s in spectra.items()})
+        layers, orders = whitened_importances(dense, spectra, pivoted)
+        return ComponentImportance("whiten", layers, orders, dense, {k: s.cpu() for k, s in spectra.items()},
+                                   pivoted=pivoted)
     state = learn_importance(prepared, method, reporter, spectra)
     layers, orders, scores = learned_importances(state.scored, state.shapes)
-    return ComponentImportance("learned", layers, orders, dense, state.spectra, state=state, scores=scores)
+    return ComponentImportance("learned", layers, orders, dense, state.spectra, state=state, scores=scores,
+                               pivoted=pivoted)
 
 
 # -- compress ------------------------------------------------------------------------------------------
@@ -374,11 +382,12 @@ def compress_prepared(prepared: Prepared, method: Method, model_ref: str | None 
         else:
             model, layers, entries, details = None, [], {}, {}
     else:
-        ranks = {t: uniform_rank(*prepared.model.get_submodule(t).weight.shape, method.keep, method.rank_multiple)
-                 for t in prepared.targets}
+        pivoted = method.pivoted(prepared.source.family)
+        ranks = {t: uniform_rank(*prepared.model.get_submodule(t).weight.shape, method.keep, method.rank_multiple,
+                                 pivoted) for t in prepared.targets}
         spectra = spectra_of(prepared.model, [t for t, r in ranks.items() if r is not None], method.name,
                              prepared.stats, reporter)
-        layers, entries, _ = apply_ranks(prepared.model, spectra, ranks)
+        layers, entries, _ = apply_ranks(prepared.model, spectra, ranks, pivoted=pivoted)
         model, details = prepared.model.cpu().eval(), {}
     details.update({"wall_s": round(time.perf_counter() - start, 2), "device": str(prepared.device)})
     if prepared.stats is not None:

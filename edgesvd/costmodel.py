@@ -18,6 +18,8 @@ MEASURED, CALIBRATED, ESTIMATED = "measured", "calibrated", "estimated"
 # p90/p50 of a forward pass when nothing was measured (onnxruntime on an idle machine runs close
 # to its median); replaced by the measured ratio as soon as the dense model is timed.
 DEFAULT_TAIL = 1.1
+# Bytes per output of a factorized layer's output order (the Gather's int64 indices).
+INDEX_BYTES = 8
 
 
 @dataclass(frozen=True)
@@ -28,6 +30,7 @@ class LayerShape:
     out_features: int
     in_features: int
     bias: bool = True
+    pivoted: bool = False  # factorized in the pivoted form (edgesvd.factorize)
 
     @property
     def key(self) -> tuple[int, int]:
@@ -35,7 +38,7 @@ class LayerShape:
 
     def params(self, rank: int | None) -> int:
         """Weight parameters at `rank` (None: dense); the bias is counted separately."""
-        return params_at(self.out_features, self.in_features, rank)
+        return params_at(self.out_features, self.in_features, rank, self.pivoted)
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,9 @@ class ModelFacts:
         return sum(l.params(None) for l in self.layers)
 
 
-def model_facts(model, targets: list[str], family: Family) -> ModelFacts:
-    """ModelFacts of a (dense) Hugging Face model whose targeted Linear layers are `targets`."""
+def model_facts(model, targets: list[str], family: Family, pivoted: bool = False) -> ModelFacts:
+    """ModelFacts of a (dense) Hugging Face model whose targeted Linear layers are `targets` (to be
+    factorized in the pivoted form or not)."""
     cfg = model.config
     get = lambda *names, default=None: next((getattr(cfg, n) for n in names if getattr(cfg, n, None) is not None), default)
     hidden = get("hidden_size", "n_embd", "d_model")
@@ -70,7 +74,8 @@ def model_facts(model, targets: list[str], family: Family) -> ModelFacts:
     layers, others = [], []
     for name, mod in model.named_modules():
         if isinstance(mod, nn.Linear):
-            shape = LayerShape(name, mod.out_features, mod.in_features, mod.bias is not None)
+            shape = LayerShape(name, mod.out_features, mod.in_features, mod.bias is not None,
+                               pivoted and name in chosen)
             (layers if name in chosen else others).append(shape)
     order = {n: i for i, n in enumerate(targets)}
     layers.sort(key=lambda s: order[s.name])
@@ -85,7 +90,8 @@ def model_facts(model, targets: list[str], family: Family) -> ModelFacts:
 
 def candidate_ranks(shape: LayerShape, multiple: int) -> list[int]:
     """Ranks a planner may give a layer: multiples of `multiple` strictly below break-even."""
-    bound = min(break_even_rank(shape.out_features, shape.in_features), shape.out_features, shape.in_features)
+    bound = min(break_even_rank(shape.out_features, shape.in_features, shape.pivoted), shape.out_features,
+                shape.in_features)
     return [r for r in range(multiple, int(np.ceil(bound)), multiple) if r < bound]
 
 
@@ -209,10 +215,13 @@ class CostModel:
     # -- per-layer costs -----------------------------------------------------------------------
     def layer_bytes(self, shape: LayerShape, rank: int | None) -> float:
         """Weight bytes of one layer at `rank` (None: dense) at the export precision: the weight
-        matrices, their per-column quantization scales (A has `rank` columns, B and a dense
-        weight `out`) and the bias, which quantization leaves in float32."""
-        columns = shape.out_features + (rank or 0)
-        return (self.bpp * shape.params(rank) + self.bpc * columns
+        matrices, their per-column quantization scales (plain: A has `rank` columns, B and a dense
+        weight `out`; pivoted: A' `rank` and C `out − rank`), a pivoted layer's int64 output order
+        and float `rank` scales, and the bias, which quantization leaves in float32."""
+        columns, extra = shape.out_features + (rank or 0), 0.0
+        if rank is not None and shape.pivoted:
+            columns, extra = shape.out_features, INDEX_BYTES * shape.out_features + self.bpv * rank
+        return (self.bpp * shape.params(rank) + self.bpc * columns + extra
                 + (self.bpv * shape.out_features if shape.bias else 0))
 
     def layer_ms(self, shape: LayerShape, rank: int | None) -> float:
@@ -221,18 +230,25 @@ class CostModel:
 
     def _unscaled_layer_ms(self, shape: LayerShape, rank: int | None) -> float:
         key = (shape.out_features, shape.in_features, rank)
-        if key in self._cache:
-            return self._cache[key]
-        value = self._table_ms(key) if self.table else None
+        if (key, shape.pivoted) in self._cache:
+            return self._cache[key, shape.pivoted]
+        # the measured table holds plain factorized layers: a pivoted one is estimated
+        value = self._table_ms(key) if self.table and not shape.pivoted else None
         if value is None:
             m = self.tokens
             if rank is None:
                 value = self.matmul_ms(m, shape.in_features, shape.out_features)
-            else:
+            elif not shape.pivoted:
                 value = self.matmul_ms(m, shape.in_features, rank) + self.matmul_ms(m, rank, shape.out_features)
+            else:
+                # the two MatMuls, the Mul of the r pivot outputs, then Concat, Gather (between two
+                # Transposes) each move the m×out outputs once
+                value = (self.matmul_ms(m, shape.in_features, rank)
+                         + self.matmul_ms(m, rank, shape.out_features - rank) + self.elementwise_ms(m * rank)
+                         + 4 * self.elementwise_ms(m * shape.out_features, tensors=2))
             if shape.bias:
                 value += self.elementwise_ms(m * shape.out_features)
-        self._cache[key] = value
+        self._cache[key, shape.pivoted] = value
         return value
 
     def _table_ms(self, key: tuple[int, int, int | None]) -> float | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -10,34 +11,97 @@ from torch import nn
 from .loading import set_submodule
 from .spectra import Spectrum
 
+# Two forms of a rank-r factorized out×in layer (FORMS). `plain`: B·A with A r×in and B out×r,
+# r·(out+in) parameters; two MatMuls and nothing else, the fastest at a given rank. `pivoted` (Zhao
+# et al. 2025, "Pivoting Factorization"): r rows of the product are the pivot rows, A' = B_S·A
+# (r×in), and every other row is a combination of them, C = B_R·B_S⁻¹ ((out−r)×r): the same
+# function and rank in r·(out+in−r) parameters, never more than the dense layer, so a given size
+# keeps far more components (a 576×576 layer at 90 % of its parameters: rank 394 of 576 instead of
+# 259), at the price of putting the outputs in place (a Concat and a Gather per layer).
+FORMS = ("plain", "pivoted")
 
-def break_even_rank(out_features: int, in_features: int) -> float:
-    """Rank at which a factorized out×in layer has as many parameters as the dense one."""
+
+def params_at(out_features: int, in_features: int, rank: int | None, pivoted: bool = False) -> int:
+    """Weight parameters of an out×in layer at `rank` (None: dense) in its form; the bias is not counted."""
+    if rank is None:
+        return out_features * in_features
+    return rank * (out_features + in_features - (rank if pivoted else 0))
+
+
+def break_even_rank(out_features: int, in_features: int, pivoted: bool = False) -> float:
+    """Rank at which a factorized out×in layer has as many parameters as the dense one (pivoted:
+    full rank)."""
+    if pivoted:
+        return min(out_features, in_features)
     return out_features * in_features / (out_features + in_features)
 
 
-def dense_or_rank(out_features: int, in_features: int, rank: int) -> int | None:
+def rank_for_params(out_features: int, in_features: int, params: float, pivoted: bool = False) -> float:
+    """The (fractional) rank whose factorized layer holds `params` weight parameters (pivoted: the
+    smaller root of r·(out+in−r) = params), at most break-even."""
+    s = out_features + in_features
+    if not pivoted:
+        return min(params / s, break_even_rank(out_features, in_features))
+    full = min(out_features, in_features)
+    disc = s * s - 4.0 * params
+    if params >= out_features * in_features or disc <= 0:
+        return float(full)
+    return min(float(full), (s - math.sqrt(disc)) / 2)
+
+
+def dense_or_rank(out_features: int, in_features: int, rank: int, pivoted: bool = False) -> int | None:
     """`rank`, or None when the factorized layer would be no smaller than the dense one: at or
     above break-even (or at full rank) a layer stays dense."""
-    if rank >= break_even_rank(out_features, in_features) or rank >= min(out_features, in_features):
+    if rank >= break_even_rank(out_features, in_features, pivoted) or rank >= min(out_features, in_features):
         return None
     return rank
 
 
-def params_at(out_features: int, in_features: int, rank: int | None) -> int:
-    """Weight parameters of an out×in layer at `rank` (None: dense); the bias is not counted."""
-    return out_features * in_features if rank is None else rank * (out_features + in_features)
+def pivot(a: torch.Tensor, b: torch.Tensor, output_rms: torch.Tensor | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """B·A (B out×r, A r×in, r ≤ out) as (A', C, rows): A' = B_S·A holds r pivot rows of the product,
+    C = B_R·B_S⁻¹ the rest as combinations of them, and `rows` (out) places each output, so that
+    B·A·x = cat(A'x, C·A'x)[rows]. The pivots are chosen on an orthonormal basis Q of B's columns
+    by QR with column pivoting of Qᵀ (LAPACK geqp3; Q-DEIM, Drmač & Gugercin 2016): the choice then
+    depends only on the product, not on how it was split, and it keeps B_S well conditioned and |C|
+    near or below 1, so both factors quantize like weights. `output_rms` (out), the expected size of
+    each output on the calibration data, steers the choice away from outlier outputs (a transformer's
+    residual writers have channels 40× the others): the pivot outputs are an activation that int8
+    quantizes with one scale, so one outlier among them would flatten the rest to a few levels;
+    computed through C instead, an outlier only needs its own column's scale. Computed in float64 on
+    the CPU, returned in A's dtype and device."""
+    import scipy.linalg
+
+    out_features, rank = b.shape
+    if rank > out_features:
+        raise ValueError(f"rank {rank} exceeds the {out_features} outputs: a pivoted factorization needs r ≤ out")
+    bd, ad = b.detach().double().cpu(), a.detach().double().cpu()
+    basis = torch.linalg.qr(bd).Q
+    weighted = basis.T
+    if output_rms is not None:
+        rms = output_rms.detach().double().cpu()
+        weighted = weighted / rms.clamp_min(rms.max() * 1e-6 + 1e-30)
+    _, order = scipy.linalg.qr(weighted.numpy(), mode="r", pivoting=True)
+    order = torch.from_numpy(order).long()
+    sel, rest = order[:rank], order[rank:]
+    bs = bd[sel]
+    a_new = bs @ ad
+    c = torch.linalg.solve(basis[sel].T, basis[rest].T).T  # = B_R·B_S⁻¹, from the better-conditioned basis
+    rows = torch.empty(out_features, dtype=torch.long)
+    rows[order] = torch.arange(out_features)
+    return a_new.to(a), c.to(a), rows.to(a.device)
 
 
 @dataclass
 class LayerRecord:
-    """One targeted Linear: its shape and the rank it was given (None: left dense)."""
+    """One targeted Linear: its shape, the rank it was given (None: left dense) and its form."""
 
     name: str
     in_features: int
     out_features: int
     rank: int | None
     bias: bool
+    pivoted: bool = False
 
     @property
     def params_before(self) -> int:
@@ -45,7 +109,7 @@ class LayerRecord:
 
     @property
     def params_after(self) -> int:
-        return params_at(self.out_features, self.in_features, self.rank)
+        return params_at(self.out_features, self.in_features, self.rank, self.pivoted)
 
 
 def keep_of(layers: list[LayerRecord]) -> float:
@@ -55,11 +119,13 @@ def keep_of(layers: list[LayerRecord]) -> float:
 
 
 class LowRankLinear(nn.Module):
-    """`x ↦ b(a(x))`: `a` is r×in without bias, `b` is out×r with the original bias.
+    """`x ↦ b(a(x))`: `a` is r×in without bias, `b` is out×r with the original bias (the plain form).
 
     The factors stay separate in forward and in any exported graph; multiplying them back
     would re-create the dense weight and give up the savings.
     """
+
+    pivoted = False
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
                  device=None, dtype=None) -> None:
@@ -71,8 +137,9 @@ class LowRankLinear(nn.Module):
         self.b = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
 
     @classmethod
-    def from_factors(cls, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> "LowRankLinear":
-        """Build from A (r×in), B (out×r) and an optional bias (out)."""
+    def from_factors(cls, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None,
+                     output_rms: torch.Tensor | None = None) -> "LowRankLinear":
+        """Build from A (r×in), B (out×r) and an optional bias (out); `output_rms` is for the pivoted form."""
         rank, in_features = a.shape
         out_features = b.shape[0]
         layer = cls(in_features, out_features, rank, bias=bias is not None, device=a.device, dtype=a.dtype)
@@ -86,26 +153,112 @@ class LowRankLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.b(self.a(x))
 
+    def weight_product(self) -> torch.Tensor:
+        """The out×in weight this layer applies (for checks; inference never forms it)."""
+        return self.b.weight @ self.a.weight
+
+    @property
+    def out_bias(self) -> torch.Tensor | None:
+        return self.b.bias
+
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+        form = ", pivoted" if self.pivoted else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}{form}"
 
 
-def replace_with_factors(model: nn.Module, name: str, a: torch.Tensor, b: torch.Tensor) -> LowRankLinear:
-    """Swap the Linear at `name` for a LowRankLinear holding A and B (dtype and device of the Linear)."""
+class PivotedLowRank(LowRankLinear):
+    """The pivoted form, `x ↦ cat(a(x)·scale, b(a(x)))[rows] + bias`: `a` (r×in) computes r of the
+    outputs (the pivot rows of the rank-r weight, each divided by its `scale`), `b` ((out−r)×r) the
+    other outputs from those r, `rows` puts them in place.
+
+    Two MatMuls in forward and in any exported graph (plus a Mul, a Concat and a Gather). The scale
+    makes the r values between the MatMuls alike in size on the calibration data: int8 quantizes
+    that activation with one scale for all r, and a transformer's residual writers have outputs 40×
+    the others that no choice of pivots avoids (a component living in one output).
+    """
+
+    pivoted = True
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+                 device=None, dtype=None) -> None:
+        nn.Module.__init__(self)
+        if not 1 <= rank < out_features:
+            raise ValueError(f"rank must be in [1, {out_features}) for {out_features} outputs, got {rank}")
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.a = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.b = nn.Linear(rank, out_features - rank, bias=False, device=device, dtype=dtype)
+        self.register_buffer("rows", torch.arange(out_features, device=device))
+        self.register_buffer("scale", torch.ones(rank, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+
+    @classmethod
+    def from_factors(cls, a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None,
+                     output_rms: torch.Tensor | None = None) -> "PivotedLowRank":
+        """Build from the product B·A (A r×in, B out×r: any split) and an optional bias (out),
+        pivoted (see `pivot`, and there `output_rms`); the layer has A's dtype and device."""
+        rank, in_features = a.shape
+        out_features = b.shape[0]
+        layer = cls(in_features, out_features, rank, bias=bias is not None, device=a.device, dtype=a.dtype)
+        a_new, c, rows = pivot(a, b, output_rms)
+        scale = torch.ones(rank, dtype=torch.float64)
+        if output_rms is not None:
+            pivots = rows.argsort()[:rank].cpu()  # the outputs the first r positions hold
+            size = output_rms.detach().double().cpu()[pivots]
+            scale = size / size.mean() if size.mean() > 0 else scale
+            scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        with torch.no_grad():
+            layer.a.weight.copy_(a_new / scale.to(a_new)[:, None])
+            layer.b.weight.copy_(c * scale.to(c)[None, :])
+            layer.scale.copy_(scale)
+            layer.rows.copy_(rows)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kept = self.a(x)
+        # Gather along the first axis: onnxruntime copies whole rows there, element by element on the last
+        y = torch.cat([kept * self.scale, self.b(kept)], dim=-1).transpose(0, -1)
+        y = y.index_select(0, self.rows).transpose(0, -1)
+        return y if self.bias is None else y + self.bias
+
+    def weight_product(self) -> torch.Tensor:
+        a = self.a.weight
+        return torch.cat([a * self.scale[:, None], self.b.weight @ a], dim=0).index_select(0, self.rows)
+
+    @property
+    def out_bias(self) -> torch.Tensor | None:
+        return self.bias
+
+
+def low_rank_class(pivoted: bool) -> type[LowRankLinear]:
+    """The module of a form."""
+    return PivotedLowRank if pivoted else LowRankLinear
+
+
+def replace_with_factors(model: nn.Module, name: str, a: torch.Tensor, b: torch.Tensor, pivoted: bool = False,
+                         output_rms: torch.Tensor | None = None) -> LowRankLinear:
+    """Swap the Linear at `name` for a LowRankLinear (or PivotedLowRank) holding B·A (dtype and
+    device of the Linear)."""
     dense = model.get_submodule(name)
     bias = dense.bias.detach() if dense.bias is not None else None
-    low = LowRankLinear.from_factors(a.to(dense.weight), b.to(dense.weight), bias)
+    if pivoted:  # pivoting computes in float64 from the factors as given
+        low = PivotedLowRank.from_factors(a.to(dense.weight.device), b.to(dense.weight.device), bias, output_rms)
+        low.to(dense.weight.dtype)
+    else:
+        low = LowRankLinear.from_factors(a.to(dense.weight), b.to(dense.weight), bias)
     set_submodule(model, name, low)
     return low
 
 
 def apply_ranks(model: nn.Module, spectra: dict[str, Spectrum], ranks: dict[str, int | None],
-                orders: dict[str, torch.Tensor] | None = None, scores: dict[str, torch.Tensor] | None = None
+                orders: dict[str, torch.Tensor] | None = None, scores: dict[str, torch.Tensor] | None = None,
+                pivoted: bool = False
                 ) -> tuple[list[LayerRecord], dict[str, dict[str, torch.Tensor]], list[LowRankLinear]]:
     """Factorize `model` in place: every layer of `ranks` (each a dense Linear in `model`) keeps
-    its first `rank` components in `orders` (default: the σ order), scaled by `scores` when given;
-    rank None leaves it dense. Every method, the learned method's finish and the budget planner
-    build their models with this.
+    its first `rank` components in `orders` (default: the σ order), scaled by `scores` when given,
+    in the plain or the pivoted form; rank None leaves it dense. Every method, the learned method's
+    finish and the budget planner build their models with this.
 
     Returns the checkpoint's layer records, its spectrum entries (`sigma`, `kept` and, with
     scores, `scores` over the whole spectrum) and the new factorized modules.
@@ -113,7 +266,8 @@ def apply_ranks(model: nn.Module, spectra: dict[str, Spectrum], ranks: dict[str,
     records, entries, factored = [], {}, []
     for name, rank in ranks.items():
         linear = model.get_submodule(name)
-        records.append(LayerRecord(name, linear.in_features, linear.out_features, rank, linear.bias is not None))
+        records.append(LayerRecord(name, linear.in_features, linear.out_features, rank, linear.bias is not None,
+                                   pivoted and rank is not None))
         spec = spectra.get(name)
         if spec is None:  # rank None without a spectrum (e.g. a plain run keeping a layer dense)
             continue
@@ -128,7 +282,8 @@ def apply_ranks(model: nn.Module, spectra: dict[str, Spectrum], ranks: dict[str,
             order = orders[name] if orders is not None else torch.arange(spec.sigma.numel())
             index = order[:rank].sort().values.to(spec.sigma.device)
             a, b = spec.factors(rank, full_scores, index)
-            factored.append(replace_with_factors(model, name, a, b))
+            rms = spec.output_rms(index, full_scores) if pivoted else None
+            factored.append(replace_with_factors(model, name, a, b, pivoted, rms))
             kept[index] = 1
         entries[name] = {"sigma": spec.sigma, "kept": kept}
         if full_scores is not None:

@@ -35,6 +35,7 @@ class Family:
     task_score / higher_is_better: what `--eval FILE` measures. quality_proxy: the agreement
     with the dense model a budget run reports without `--eval`. pooled_output: a mean-pooled
     `sentence_embedding` output makes sense (the embedding a sentence encoder is used for).
+    form: how factorized layers are stored by default (edgesvd.factorize.FORMS).
     """
 
     name: str
@@ -50,6 +51,7 @@ class Family:
     higher_is_better: bool
     quality_proxy: str
     pooled_output: bool
+    form: str = "plain"
 
     def timed_length(self, sequence_length: int, prompt_length: int | None = None) -> int:
         """Tokens per sequence of the timed pass: decoders time the prefill of their prompt."""

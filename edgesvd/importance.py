@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from .costmodel import LayerShape
-from .factorize import break_even_rank
+from .factorize import break_even_rank, params_at, rank_for_params
 from .finetune import MiniBatches, Teacher, distill_loss
 from .loading import set_submodule
 from .planner import LayerImportance, select_global, select_uniform
@@ -31,9 +31,9 @@ from .spectra import Spectrum
 SELECTIONS = ("global", "uniform")
 
 
-def layer_shape(linear: nn.Linear, name: str) -> LayerShape:
-    """The LayerShape of a dense Linear."""
-    return LayerShape(name, linear.out_features, linear.in_features, linear.bias is not None)
+def layer_shape(linear: nn.Linear, name: str, pivoted: bool = False) -> LayerShape:
+    """The LayerShape of a dense Linear, to be factorized in the plain or pivoted form."""
+    return LayerShape(name, linear.out_features, linear.in_features, linear.bias is not None, pivoted)
 
 
 def importance_order(importance: torch.Tensor) -> torch.Tensor:
@@ -62,14 +62,14 @@ def component_importance(sigma: torch.Tensor | np.ndarray) -> tuple[np.ndarray, 
     return (energy[order] / total if total > 0 else np.full(len(energy), 1.0 / max(len(energy), 1))), order
 
 
-def whitened_importances(model: nn.Module, spectra: dict[str, Spectrum]
+def whitened_importances(model: nn.Module, spectra: dict[str, Spectrum], pivoted: bool = False
                          ) -> tuple[list[LayerImportance], dict[str, torch.Tensor]]:
     """The planner's view of whitened spectra: each target's energy shares (most important first)
     and the component order they imply (keeping rank r keeps `order[:r]`)."""
     layers, orders = [], {}
     for name, spec in spectra.items():
         imp, order = component_importance(spec.sigma)
-        layers.append(LayerImportance(layer_shape(model.get_submodule(name), name), imp))
+        layers.append(LayerImportance(layer_shape(model.get_submodule(name), name, pivoted), imp))
         orders[name] = torch.as_tensor(order.copy())
     return layers, orders
 
@@ -136,18 +136,22 @@ class ScoredLowRank(nn.Module):
         return (self.scores * self.alive).detach()
 
 
-def candidate_rank(out_features: int, in_features: int, keep: float, margin: float, multiple: int) -> int:
-    """Stage 1's number of candidates: the rank at keep·(1+margin) of break-even, rounded up to the
-    multiple. When that reaches break-even the layer may end dense, and dense means *every*
-    component, so then all of them are candidates (their expected cost is capped at dense)."""
+def candidate_rank(out_features: int, in_features: int, keep: float, margin: float, multiple: int,
+                   pivoted: bool = False) -> int:
+    """Stage 1's number of candidates: the rank holding keep·(1+margin) of the layer's parameters
+    (in its form), rounded up to the multiple. When that reaches break-even the layer may end dense,
+    and dense means *every* component, so then all of them are candidates (their expected cost is
+    capped at dense)."""
     full = min(out_features, in_features)
-    be = break_even_rank(out_features, in_features)
-    rank = multiple * math.ceil(keep * (1 + margin) * be / multiple)
+    be = break_even_rank(out_features, in_features, pivoted)
+    params = keep * (1 + margin) * params_at(out_features, in_features, None)
+    rank = multiple * math.ceil(rank_for_params(out_features, in_features, params, pivoted) / multiple)
     return full if rank >= be else max(1, min(rank, full))
 
 
 def attach_scores(model: nn.Module, spectra: dict[str, Spectrum], keep: float, margin: float, multiple: int,
-                  reporter: Reporter = SILENT) -> tuple[dict[str, nn.Linear], dict[str, ScoredLowRank]]:
+                  reporter: Reporter = SILENT, pivoted: bool = False
+                  ) -> tuple[dict[str, nn.Linear], dict[str, ScoredLowRank]]:
     """Stage 1: replace every target of `spectra` in `model` by a ScoredLowRank over its top
     whitened candidates. Returns the original Linears and the scored layers."""
     dense: dict[str, nn.Linear] = {}
@@ -155,7 +159,7 @@ def attach_scores(model: nn.Module, spectra: dict[str, Spectrum], keep: float, m
     with reporter.progress("stage 1: whitened candidates", total=len(spectra)) as bar:
         for name, spec in spectra.items():
             linear = model.get_submodule(name)
-            k = candidate_rank(linear.out_features, linear.in_features, keep, margin, multiple)
+            k = candidate_rank(linear.out_features, linear.in_features, keep, margin, multiple, pivoted)
             a, b = spec.factors(k)
             layer = ScoredLowRank(a.to(linear.weight), b.to(linear.weight),
                                   None if linear.bias is None else linear.bias.detach())
@@ -185,12 +189,18 @@ def select(layers: list[LayerImportance], budget: float, total_dense: int, multi
     return select_uniform(layers, budget / total_dense, multiple)
 
 
-def _expected_params(scored: dict[str, ScoredLowRank]) -> torch.Tensor:
-    """Differentiable kept parameters: Σ soft mask × (in+out), capped at the dense size per layer."""
+def _expected_params(scored: dict[str, ScoredLowRank], shapes: dict[str, LayerShape]) -> torch.Tensor:
+    """Differentiable kept parameters: those of each layer's soft rank r = Σ soft mask in its form,
+    r·(in+out) or r·(in+out−r), capped at the dense size."""
     total = 0.0
-    for layer in scored.values():
+    for name, layer in scored.items():
         out_f, in_f = layer.b.shape[0], layer.a.shape[1]
-        total = total + torch.clamp(layer.soft_mask().sum() * (in_f + out_f), max=out_f * in_f)
+        r = layer.soft_mask().sum()
+        if shapes[name].pivoted:
+            r = torch.clamp(r, max=min(out_f, in_f))
+            total = total + r * (out_f + in_f - r)
+        else:
+            total = total + torch.clamp(r * (in_f + out_f), max=out_f * in_f)
     return total
 
 
@@ -224,7 +234,7 @@ def learn_scores(model: nn.Module, scored: dict[str, ScoredLowRank], shapes: dic
             distill.backward()
             for layer in scored.values():
                 layer.update_importance()
-            expected = _expected_params(scored)
+            expected = _expected_params(scored, shapes)
             if budget_weight > 0:
                 (budget_weight * torch.relu(expected / scheduled - 1) ** 2).backward()
             opt.step()

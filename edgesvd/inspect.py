@@ -21,6 +21,7 @@ class LayerRow:
     bytes_per_param: int = 4
     energy_kept: float | None = None  # share of Σσ² (whitened spectrum) in the kept components
     mean_score: float | None = None  # mean learned score of the kept components (method 'learned')
+    pivoted: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -28,7 +29,7 @@ class LayerRow:
 
     @property
     def break_even(self) -> float:
-        return break_even_rank(self.out_features, self.in_features)
+        return break_even_rank(self.out_features, self.in_features, self.pivoted)
 
     @property
     def params_before(self) -> int:
@@ -36,7 +37,7 @@ class LayerRow:
 
     @property
     def params_after(self) -> int:
-        return params_at(self.out_features, self.in_features, self.rank)
+        return params_at(self.out_features, self.in_features, self.rank, self.pivoted)
 
     @property
     def bytes_dense(self) -> int:
@@ -49,7 +50,8 @@ class LayerRow:
 
 def layer_rows(record: CompressionRecord, bytes_per_param: int = 4) -> list[LayerRow]:
     """One row per targeted layer, in model order."""
-    return [LayerRow(l.name, l.out_features, l.in_features, l.rank, bytes_per_param) for l in record.layers]
+    return [LayerRow(l.name, l.out_features, l.in_features, l.rank, bytes_per_param, pivoted=l.pivoted)
+            for l in record.layers]
 
 
 def add_spectrum_columns(rows: list[LayerRow], spectra: dict) -> None:

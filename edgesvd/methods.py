@@ -7,6 +7,7 @@ from dataclasses import dataclass, fields, replace
 from typing import ClassVar
 
 from .errors import ConfigError
+from .factorize import FORMS
 from .families import Family
 from .importance import SELECTIONS
 
@@ -25,10 +26,12 @@ MIN_DEFAULT_STEPS = 20
 @dataclass(frozen=True)
 class Method:
     """What every method shares. keep: parameters of the targeted Linear layers after ÷ before,
-    in (0, 1]. rank_multiple: every rank is rounded to a multiple of this."""
+    in (0, 1]. rank_multiple: every rank is rounded to a multiple of this. form: how a factorized
+    layer is stored, 'plain' or 'pivoted' (edgesvd.factorize); None: the family's (`Family.form`)."""
 
     keep: float = 0.5
     rank_multiple: int = 8
+    form: str | None = None
     name: ClassVar[str] = ""
     needs_statistics: ClassVar[bool] = True
 
@@ -37,6 +40,12 @@ class Method:
             raise ConfigError(f"keep must be in (0, 1], got {self.keep}")
         if self.rank_multiple < 1:
             raise ConfigError(f"rank multiple must be >= 1, got {self.rank_multiple}")
+        if self.form is not None and self.form not in FORMS:
+            raise ConfigError(f"unknown form '{self.form}' (choose from {', '.join(FORMS)})")
+
+    def pivoted(self, family: Family) -> bool:
+        """Whether this method factorizes `family`'s layers in the pivoted form."""
+        return (self.form or family.form) == "pivoted"
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import numpy as np
 
 from .costmodel import CostModel, LayerShape, candidate_ranks
 from .errors import BudgetError, ConfigError
-from .factorize import break_even_rank, dense_or_rank, params_at
+from .factorize import break_even_rank, dense_or_rank, params_at, rank_for_params
 from .profiles import BUDGET_KEYS, BUDGET_LABELS, Budget
 from .units import fmt_bytes, fmt_ms
 
@@ -27,18 +27,20 @@ class LayerImportance:
     def cost(self, rank: int) -> int:
         """Parameters at `rank`; a rank at or past break-even (or full rank) costs the dense layer."""
         s = self.shape
-        return params_at(s.out_features, s.in_features, dense_or_rank(s.out_features, s.in_features, rank))
+        rank = dense_or_rank(s.out_features, s.in_features, rank, s.pivoted)
+        return params_at(s.out_features, s.in_features, rank, s.pivoted)
 
 
 # -- rank choice under a parameter budget --------------------------------------------------------
-def check_rank_multiple(shapes: dict[str, tuple[int, int]], multiple: int) -> None:
+def check_rank_multiple(shapes: dict[str, tuple[int, int]], multiple: int, pivoted: bool = False) -> None:
     """Refuse a rank multiple at or above every layer's break-even rank: every rank is at least one
     multiple, so every layer would stay dense and the "compressed" model would be the dense one."""
-    usable = [name for name, (out_f, in_f) in shapes.items() if dense_or_rank(out_f, in_f, multiple) is not None]
+    usable = [name for name, (out_f, in_f) in shapes.items()
+              if dense_or_rank(out_f, in_f, multiple, pivoted) is not None]
     if shapes and not usable:
-        name, (out_f, in_f) = max(shapes.items(), key=lambda kv: break_even_rank(*kv[1]))
+        name, (out_f, in_f) = max(shapes.items(), key=lambda kv: break_even_rank(*kv[1], pivoted))
         raise ConfigError(f"rank multiple {multiple} (--rank-multiple) is not below the break-even rank of any "
-                          f"targeted layer (the largest is {break_even_rank(out_f, in_f):.1f}, {name}, "
+                          f"targeted layer (the largest is {break_even_rank(out_f, in_f, pivoted):.1f}, {name}, "
                           f"{out_f}×{in_f}): every layer would stay dense; use a smaller multiple")
 
 
@@ -47,10 +49,11 @@ def round_rank(rank: float, multiple: int) -> int:
     return max(multiple, int(round(rank / multiple)) * multiple)
 
 
-def uniform_rank(out_features: int, in_features: int, keep: float, multiple: int = 8) -> int | None:
-    """The rank that keeps `keep` of an out×in layer, rounded; None if the layer stays dense."""
-    target = keep * break_even_rank(out_features, in_features)
-    return dense_or_rank(out_features, in_features, round_rank(target, multiple))
+def uniform_rank(out_features: int, in_features: int, keep: float, multiple: int = 8,
+                 pivoted: bool = False) -> int | None:
+    """The rank that keeps `keep` of an out×in layer in its form, rounded; None if the layer stays dense."""
+    target = rank_for_params(out_features, in_features, keep * params_at(out_features, in_features, None), pivoted)
+    return dense_or_rank(out_features, in_features, round_rank(target, multiple), pivoted)
 
 
 def _blocks(layer: LayerImportance, multiple: int) -> list[tuple[int, float]]:
@@ -103,7 +106,7 @@ def select_uniform(layers: list[LayerImportance], keep: float, multiple: int) ->
     by the components it has."""
     out = {}
     for l in layers:
-        r = uniform_rank(l.shape.out_features, l.shape.in_features, keep, multiple)
+        r = uniform_rank(l.shape.out_features, l.shape.in_features, keep, multiple, l.shape.pivoted)
         out[l.shape.name] = None if r is None else min(r, len(l.importance))
     return out
 
@@ -117,6 +120,7 @@ class ReceiptRow:
     bytes: float
     ms: float
     importance_kept: float
+    pivoted: bool = False
 
 
 @dataclass
@@ -325,7 +329,7 @@ def _receipt(ladders: list[_Ladder], cost: CostModel, budgets: dict[str, Budget]
              dense: dict[str, float], sum_b: float, sum_t: float, notes: list[str]) -> Receipt:
     totals = cost.quantities(sum_b, sum_t)
     rows = [ReceiptRow(l.layer.shape.name, (l.layer.shape.out_features, l.layer.shape.in_features), l.state,
-                       l.bytes[l.pos], l.ms[l.pos], l.layer.kept(l.state)) for l in ladders]
+                       l.bytes[l.pos], l.ms[l.pos], l.layer.kept(l.state), l.layer.shape.pivoted) for l in ladders]
     lines = [BudgetLine(k, str(budgets[k]), lim, totals[k], (lim - totals[k]) / lim)
              for k, lim in limits.items()]
     lines.sort(key=lambda b: BUDGET_KEYS.index(b.key))

@@ -45,6 +45,14 @@ class Spectrum:
         b = self.left[:, idx] * root[None, :]
         return a, b
 
+    def output_rms(self, index: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
+        """Relative size of each output of the components `index` on the data the spectrum was
+        computed for: ‖left·diag(σ·s)‖ per row. Exact for whitened spectra (their components are
+        uncorrelated with unit variance on the calibration data); for plain ones the row norms of
+        the truncated weight, i.e. isotropic inputs."""
+        s = self.sigma[index] if scores is None else self.sigma[index] * scores[index].to(self.sigma)
+        return (self.left[:, index] * s[None, :]).norm(dim=1)
+
 
 def _svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     u, s, vh = torch.linalg.svd(matrix, full_matrices=False)

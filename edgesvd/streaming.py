@@ -34,8 +34,8 @@ from .calibration import CalibrationBatch
 from .checkpoint import Shards, parameters_on_meta
 from .distributed import Group
 from .errors import ConfigError, ModelLoadError, first_line
-from .factorize import LayerRecord, apply_ranks, replace_with_factors
-from .loading import ModelSource, select_targets
+from .factorize import LayerRecord, apply_ranks, low_rank_class
+from .loading import ModelSource, select_targets, set_submodule
 from .methods import Method
 from .planner import check_rank_multiple, uniform_rank
 from .reporting import SILENT, Reporter
@@ -393,7 +393,8 @@ def open_stream(source: ModelSource, method: Method, calib: CalibrationBatch | N
     model = skeleton(source)
     blocks_name, blocks = find_blocks(model)
     targets = [n for n in select_targets(model, (), exclude) if n.startswith(blocks_name + ".")]
-    check_rank_multiple({n: tuple(model.get_submodule(n).weight.shape) for n in targets}, method.rank_multiple)
+    check_rank_multiple({n: tuple(model.get_submodule(n).weight.shape) for n in targets}, method.rank_multiple,
+                        method.pivoted(source.family))
     hidden = per_block = masks = None
     batches: list = []
     if method.needs_statistics:
@@ -445,6 +446,7 @@ def compress_blocks(source: ModelSource, method: Method, calib: CalibrationBatch
     if propagate not in PROPAGATIONS:
         raise ConfigError(f"unknown propagation '{propagate}' (choose from {', '.join(PROPAGATIONS)})")
     needs_data = method.needs_statistics
+    pivoted = method.pivoted(source.family)
     laps = Laps()
     stream = open_stream(source, method, calib, exclude, device, batch_size, group)
     model, blocks, hidden = stream.model, stream.blocks, stream.hidden
@@ -469,14 +471,14 @@ def compress_blocks(source: ModelSource, method: Method, calib: CalibrationBatch
                 outputs, stats = run_block(block, hidden, stream.arguments[i], stream.masks, mine, stream.prefix(i))
                 group.sum_statistics(stats)
                 laps.lap("statistics_s")
-            ranks = {n: uniform_rank(*model.get_submodule(n).weight.shape, method.keep, method.rank_multiple)
-                     for n in mine}
+            ranks = {n: uniform_rank(*model.get_submodule(n).weight.shape, method.keep, method.rank_multiple,
+                                     pivoted) for n in mine}
             # Under torchrun each rank factorizes its share of the block's layers and broadcasts the factors.
             owner = group.owners({n: factorization_cost(*model.get_submodule(n).weight.shape)
                                   for n, r in ranks.items() if r is not None})
             spectra = spectra_of(model, [n for n in owner if owner[n] == group.rank], method.name, stats)
-            block_layers, block_entries, _ = apply_ranks(model, spectra, ranks)
-            _share_factors(model, group, owner, ranks, block_entries)
+            block_layers, block_entries, _ = apply_ranks(model, spectra, ranks, pivoted=pivoted)
+            _share_factors(model, group, owner, ranks, block_entries, pivoted)
             for n in owner:
                 factorized_by[owner[n]] += 1
             layers += block_layers
@@ -505,7 +507,7 @@ def compress_blocks(source: ModelSource, method: Method, calib: CalibrationBatch
 
 
 def _share_factors(model: nn.Module, group: Group, owner: dict[str, int], ranks: dict[str, int | None],
-                   entries: dict[str, dict[str, torch.Tensor]]) -> None:
+                   entries: dict[str, dict[str, torch.Tensor]], pivoted: bool = False) -> None:
     """Every rank gets the factors and spectrum entries of the layers other ranks computed: such a layer
     becomes a LowRankLinear of its rank here, which its owner's broadcast fills."""
     if group.size == 1:
@@ -513,13 +515,18 @@ def _share_factors(model: nn.Module, group: Group, owner: dict[str, int], ranks:
     tensors = {}
     for name in owner:
         if owner[name] != group.rank:
-            weight = model.get_submodule(name).weight
-            replace_with_factors(model, name, weight.new_empty(ranks[name], weight.shape[1]),
-                                 weight.new_empty(weight.shape[0], ranks[name]))
+            dense = model.get_submodule(name)
+            weight = dense.weight
+            set_submodule(model, name, low_rank_class(pivoted)(weight.shape[1], weight.shape[0], ranks[name],
+                                                               bias=dense.bias is not None, device=weight.device,
+                                                               dtype=weight.dtype))
+            if dense.bias is not None:
+                model.get_submodule(name).out_bias.data.copy_(dense.bias.detach())
             full = min(weight.shape)
             entries[name] = {k: torch.empty(full, dtype=torch.float64, device=weight.device) for k in ("sigma", "kept")}
         layer = model.get_submodule(name)
-        tensors[name] = [layer.a.weight.data, layer.b.weight.data, entries[name]["sigma"], entries[name]["kept"]]
+        form = [layer.rows, layer.scale] if pivoted else []
+        tensors[name] = [layer.a.weight.data, layer.b.weight.data, *form, entries[name]["sigma"], entries[name]["kept"]]
     group.broadcast_owned(owner, tensors)
 
 

@@ -134,8 +134,10 @@ def _block_candidates(model: nn.Module, targets: list[str], stats, method: Learn
     tensors = {}
     for name in targets:
         linear = model.get_submodule(name)
-        shapes[name] = LayerShape(name, linear.out_features, linear.in_features, linear.bias is not None)
-        k = candidate_rank(linear.out_features, linear.in_features, method.keep, method.margin, method.rank_multiple)
+        pivoted = method.form == "pivoted"
+        shapes[name] = LayerShape(name, linear.out_features, linear.in_features, linear.bias is not None, pivoted)
+        k = candidate_rank(linear.out_features, linear.in_features, method.keep, method.margin, method.rank_multiple,
+                           pivoted)
         if name in computed:
             a, b = computed[name].factors(k)
             tensors[name] = [a.float(), b.float(), computed[name].sigma]
@@ -333,7 +335,8 @@ def _sweep_compressed(stream: Stream, method: Learned, xs: list[list[torch.Tenso
             trained: list[nn.Parameter] = []
             for name in stream.targets_of(i):
                 s, rank = shapes[name], ranks[name]
-                records.append(LayerRecord(name, s.in_features, s.out_features, rank, s.bias))
+                records.append(LayerRecord(name, s.in_features, s.out_features, rank, s.bias,
+                                           s.pivoted and rank is not None))
                 kept = torch.zeros_like(sigma[name])
                 if rank is None:
                     kept[:] = 1
@@ -341,7 +344,11 @@ def _sweep_compressed(stream: Stream, method: Learned, xs: list[list[torch.Tenso
                         trained += list(model.get_submodule(name).parameters())
                 else:
                     index = orders[name][:rank].sort().values
-                    low = replace_with_factors(model, name, factors[f"{name}.a"][index], factors[f"{name}.b"][:, index])
+                    fb = factors[f"{name}.b"][:, index]
+                    # B = U·√σ (Spectrum.factors), so U·σ = B·√σ: the outputs' sizes, as Spectrum.output_rms
+                    rms = (fb.double() * sigma[name][index].to(fb.device).sqrt()[None, :]).norm(dim=1)
+                    low = replace_with_factors(model, name, factors[f"{name}.a"][index], fb, s.pivoted,
+                                               rms if s.pivoted else None)
                     trained += [low.a.weight, low.b.weight]
                     kept[index] = 1
                 entries[name] = {"sigma": sigma[name], "kept": kept}
@@ -479,6 +486,7 @@ def compress_learned_blocks(source: ModelSource, method: Learned, calib: Calibra
     if method.steps:
         reporter.info("the streamed learned method learns importance in one reverse sweep: --steps is not used")
     method = replace(method, steps=0, batch_size=batch_size).resolved(source.family, targeted, n, seq_len)
+    method = replace(method, form="pivoted" if method.pivoted(source.family) else "plain")
     end_to_end_steps = method.finetune_steps
     laps.lap("load_s")
     estimate = memory_estimate(model, stream.blocks, stream.targets, method.keep, stream.tokens, stream.widest_batch)

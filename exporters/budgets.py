@@ -17,6 +17,7 @@ from edgesvd.errors import DeviceError
 from edgesvd.factorize import LayerRecord, keep_of
 from edgesvd.families import Family
 from edgesvd.importance import whitened_importances
+from edgesvd.methods import Whiten
 from edgesvd.planner import Receipt, plan_ranks
 from edgesvd.profiles import BUDGET_LABELS, Budget, Profile, load_profiles
 from edgesvd.reporting import SILENT, Reporter
@@ -89,7 +90,8 @@ def at_export_precision(profiles: Sequence[Profile], export: ExportConfig) -> li
 
 def plan_keep(receipt: Receipt) -> float:
     """Targeted parameters a plan keeps (dense layers count whole)."""
-    return keep_of([LayerRecord(r.name, r.shape[1], r.shape[0], r.rank, False) for r in receipt.rows])
+    return keep_of([LayerRecord(r.name, r.shape[1], r.shape[0], r.rank, False, r.pivoted and r.rank is not None)
+                    for r in receipt.rows])
 
 
 # -- what a measurement can claim ---------------------------------------------------------------------
@@ -278,7 +280,8 @@ def preview_plans(model: str | os.PathLike, profiles: Sequence[str | Profile], b
     chosen = load_profiles(profiles, budgets)  # every profile error before any work
     require_measurable(chosen)
     prepared = prepare(model, calib, reporter=reporter)
-    facts = model_facts(prepared.model, prepared.targets, prepared.source.family)
+    pivoted = Whiten().pivoted(prepared.source.family)
+    facts = model_facts(prepared.model, prepared.targets, prepared.source.family, pivoted)
     spectra = spectra_of(prepared.model, prepared.targets, "whiten", prepared.stats, reporter)
-    layers, _ = whitened_importances(prepared.model, spectra)
+    layers, _ = whitened_importances(prepared.model, spectra, pivoted)
     return [plan_ranks(layers, cost_model_for(p, facts, reporter=reporter)) for p in chosen]

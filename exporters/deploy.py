@@ -373,7 +373,8 @@ def _cost_models(ck: Compressed, profiles: list[Profile], config: DeployConfig, 
     deployed -- how far importance is learned, whether a budget is feasible -- already count the
     part of the model factorization leaves alone."""
     family = ck.source.family
-    facts = model_facts(ck.importance.dense, [l.shape.name for l in ck.importance.layers], family)
+    facts = model_facts(ck.importance.dense, [l.shape.name for l in ck.importance.layers], family,
+                        ck.importance.pivoted)
     costs = {p.name: cost_model_for(p, facts, reporter=reporter) for p in profiles}
     local = [p for p in profiles if is_local(p)]
     if local:
@@ -432,8 +433,8 @@ def deploy(ck: Compressed, profiles: Sequence[str | Profile] = (), out: str | Pa
 class RunConfig:
     """Everything `edgesvd run` does, with the defaults of the README's main command.
 
-    method: a method name (with `keep` and `rank_multiple`) or a Method config (which carries its
-    own); None is edgesvd.compression.DEFAULT_METHOD. profiles / budgets: plan per device instead of
+    method: a method name (with `keep`, `rank_multiple` and `form`) or a Method config (which carries
+    its own); None is edgesvd.compression.DEFAULT_METHOD. profiles / budgets: plan per device instead of
     `keep` (budgets override every profile's, e.g. {"latency_p50": "60%"}).
     """
 
@@ -441,6 +442,7 @@ class RunConfig:
     method: Method | str | None = None
     keep: float = 0.5
     rank_multiple: int = 8
+    form: str | None = None
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     device: str = "auto"
     profiles: tuple[str, ...] = ()
@@ -467,7 +469,8 @@ def run(cfg: RunConfig = RunConfig(), reporter: Reporter = SILENT) -> Deployment
                           "--profile/--budget")
     if cfg.deploy.eval_file is not None:
         check_eval_data(cfg.deploy.eval_file, source.family)
-    method = method_config(cfg.method or DEFAULT_METHOD, keep=cfg.keep, rank_multiple=cfg.rank_multiple)
+    method = method_config(cfg.method or DEFAULT_METHOD, keep=cfg.keep, rank_multiple=cfg.rank_multiple,
+                           form=cfg.form)
     if profiles and not isinstance(method, (Whiten, Learned)):
         raise ConfigError(f"--profile plans with method learned or whiten, not '{method.name}'")
     multiple = min(p.rank_multiple for p in profiles) if profiles else method.rank_multiple
@@ -481,7 +484,8 @@ def run(cfg: RunConfig = RunConfig(), reporter: Reporter = SILENT) -> Deployment
         deployment.summary.seconds = {"compress": round(compressed_s, 2), **deployment.summary.seconds}
         return deployment
     method = replace(method, rank_multiple=multiple)
-    whitened = importance_pass(prepared, Whiten(keep=method.keep, rank_multiple=method.rank_multiple),
+    whitened = importance_pass(prepared, Whiten(keep=method.keep, rank_multiple=method.rank_multiple,
+                                                form=method.form),
                                reporter=reporter)
     ck = compress_prepared(prepared, method, cfg.model, whitened, build=False, reporter=reporter)
     costs = _cost_models(ck, profiles, cfg.deploy, reporter)

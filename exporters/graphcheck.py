@@ -33,7 +33,7 @@ class LayerCheck:
     name: str
     rank: int
     a_shape: tuple[int, ...] | None  # initializer of the first MatMul, expected (in, rank)
-    b_shape: tuple[int, ...] | None  # initializer of the second MatMul, expected (rank, out)
+    b_shape: tuple[int, ...] | None  # initializer of the second MatMul, expected (rank, out) (pivoted: out − rank)
     ok: bool
     reason: str = ""
 
@@ -214,7 +214,8 @@ def check_graph(model, record: CompressionRecord, fused_groups: list[dict] | Non
         if a_shape is None and layer.name in fused:  # its columns of a fused A MatMul
             a_shape, a_bytes = fused[layer.name]
         b_shape = graph.weight_shape(*found["b"]) if "b" in found else None
-        expect_a, expect_b = (layer.in_features, layer.rank), (layer.rank, layer.out_features)
+        # the second factor of a pivoted layer computes the outputs other than the rank pivot ones
+        expect_a, expect_b = (layer.in_features, layer.rank), (layer.rank, layer.out_features - layer.rank * layer.pivoted)
         if a_shape == expect_a and b_shape == expect_b:
             result.layers.append(LayerCheck(layer.name, layer.rank, a_shape, b_shape, True))
             result.factor_bytes += a_bytes + graph.init_bytes[found["b"][1]]

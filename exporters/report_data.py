@@ -159,7 +159,7 @@ def _layers(bundle: Path, manifest: dict, bytes_per_param: int):
     record = check_section(config["edgesvd"], f"'edgesvd' section of {bundle / 'config.json'}", InputFileError)
     ranks = manifest["compression"].get("ranks", {})
     rows = [LayerRow(layer.name, layer.out_features, layer.in_features, ranks.get(layer.name, layer.rank),
-                     bytes_per_param) for layer in record.layers]
+                     bytes_per_param, pivoted=layer.pivoted) for layer in record.layers]
     return rows, record
 
 

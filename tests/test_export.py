@@ -41,7 +41,8 @@ def test_export_keeps_factors_and_loads_in_optimum(family_fixture, request, root
     assert compressed, "the tiny model must have factorized layers for this test to mean anything"
     check = check_onnx_file(onnx_dir / "model.onnx", record)
     assert check.ok and check.factorized == len(compressed)
-    assert all(l.a_shape == (l_rec.in_features, l_rec.rank) and l.b_shape == (l_rec.rank, l_rec.out_features)
+    assert all(l.a_shape == (l_rec.in_features, l_rec.rank)
+               and l.b_shape == (l_rec.rank, l_rec.out_features - l_rec.rank * l_rec.pivoted)
                for l, l_rec in zip(check.layers, compressed))
     meta = read_export(onnx_dir)
     assert meta["graph_check"]["factorized"] == len(compressed)
@@ -119,11 +120,14 @@ def test_quantized_exports_keep_factors_pass_parity_and_quantize_the_embedding(f
     assert meta["graph_check"]["initializer_bytes"] < fp32 / (2.5 if quantize == "int8" else 3.5)
 
 
-class FoldedLowRank(LowRankLinear):
-    """What must never happen: forward multiplies the factors back, so export constant-folds B·A."""
+def folded(cls: type[LowRankLinear]) -> type[LowRankLinear]:
+    """What must never happen: forward multiplies the factors back, so export constant-folds them."""
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x, self.b.weight @ self.a.weight, self.b.bias)
+    class Folded(cls):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return nn.functional.linear(x, self.weight_product(), self.out_bias)
+
+    return Folded
 
 
 def test_folded_graph_fails_the_check(tiny_llama_dir, root, tmp_path):
@@ -131,7 +135,7 @@ def test_folded_graph_fails_the_check(tiny_llama_dir, root, tmp_path):
     model, record = load_compressed(ck)
     for name, module in list(model.named_modules()):
         if isinstance(module, LowRankLinear):
-            module.__class__ = FoldedLowRank
+            module.__class__ = folded(type(module))
     from edgesvd.loading import load_tokenizer
 
     with pytest.raises(FactorizationError, match="folded back into one dense MatMul"):

@@ -9,7 +9,7 @@ from torch import nn
 from edgesvd import CalibrationConfig, LowRankLinear, Plain, Whiten, compress, load_compressed, save_compressed
 from edgesvd.calibration import sample_calibration
 from edgesvd.checkpoint import load_spectra
-from edgesvd.factorize import break_even_rank, params_at
+from edgesvd.factorize import PivotedLowRank, break_even_rank, params_at, pivot, rank_for_params
 from edgesvd.families import DECODER
 from edgesvd.loading import load_model, load_tokenizer, resolve_model, select_targets
 from edgesvd.planner import uniform_rank
@@ -42,6 +42,53 @@ def test_rank_arithmetic():
     assert uniform_rank(384, 384, 0.99, 8) is None  # rounds up to 192 = break-even
     assert uniform_rank(64, 64, 0.01, 8) == 8  # never below one multiple
     assert params_at(384, 384, 96) / params_at(384, 384, None) == pytest.approx(0.5)
+
+
+def test_pivoted_layer_is_the_same_product_in_fewer_parameters():
+    torch.manual_seed(0)
+    a, b, bias = torch.randn(4, 10), torch.randn(6, 4), torch.randn(6)
+    layer = PivotedLowRank.from_factors(a, b, bias, output_rms=torch.rand(6) + 0.5)
+    x = torch.randn(3, 10)
+    assert torch.allclose(layer(x), (x @ a.T) @ b.T + bias, atol=1e-5)
+    assert [type(m) for m in layer.children()] == [nn.Linear, nn.Linear]
+    # 4 pivot rows of the product (4×10) and the other 2 rows as combinations of them (2×4)
+    assert layer.a.weight.shape == (4, 10) and layer.b.weight.shape == (2, 4) and layer.a.bias is None
+    assert sorted(layer.rows.tolist()) == list(range(6))
+    assert torch.allclose(layer.weight_product(), b @ a, atol=1e-5)
+    with pytest.raises(ValueError, match="rank"):
+        PivotedLowRank(10, 6, 6)
+
+
+def test_pivots_depend_on_the_product_only_and_avoid_outlier_outputs():
+    """Any split of the product gives the same pivoted layer, whose combination weights stay near 1
+    (QR with column pivoting on an orthonormal basis), so the factors quantize like weights; an output
+    expected to be far larger than the rest is computed through C, not kept as a pivot."""
+    torch.manual_seed(1)
+    a, b = torch.randn(48, 96, dtype=torch.float64), torch.randn(128, 48, dtype=torch.float64)
+    a_new, c, rows = pivot(a, b)
+    assert torch.allclose(torch.cat([a_new, c @ a_new])[rows], b @ a, atol=1e-9)
+    scale = torch.logspace(-3, 3, 48, dtype=torch.float64)
+    _, c2, rows2 = pivot(a / scale[:, None], b * scale)  # σ on one side: same product, other split
+    assert torch.equal(rows2, rows) and torch.allclose(c2, c, atol=1e-8)
+    assert c.abs().max() < 4
+    pivots = set(rows.argsort()[:48].tolist())
+    rms = torch.ones(128, dtype=torch.float64)
+    rms[sorted(pivots)[0]] = 40.0  # one outlier among the current pivots
+    _, _, rows3 = pivot(a, b, rms)
+    assert sorted(pivots)[0] not in set(rows3.argsort()[:48].tolist())
+
+
+def test_pivoted_rank_arithmetic():
+    assert break_even_rank(384, 384, pivoted=True) == 384  # full rank costs what the dense layer does
+    assert params_at(384, 384, 112, pivoted=True) == 112 * (768 - 112)
+    assert all(params_at(64, 96, r, pivoted=True) < params_at(64, 96, None) for r in range(1, 64))
+    for out_f, in_f, keep in ((384, 384, 0.5), (1536, 384, 0.3), (576, 192, 0.9)):
+        r = rank_for_params(out_f, in_f, keep * out_f * in_f, pivoted=True)
+        assert r * (out_f + in_f - r) == pytest.approx(keep * out_f * in_f)
+    assert uniform_rank(384, 384, 0.5, 8, pivoted=True) == 112  # r(768 − r) = 73,728 → 112.5
+    assert uniform_rank(576, 576, 0.9, 8, pivoted=True) == 392  # 393.9; plain: 256
+    assert uniform_rank(576, 576, 0.9, 8) == 256
+    assert uniform_rank(384, 384, 0.9999, 8, pivoted=True) is None  # rounds up to full rank
 
 
 def test_whiten_reconstructs_exactly_at_full_rank_and_beats_plain_on_correlated_inputs():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from edgesvd.compression import compress as compress_model
+from edgesvd.factorize import FORMS
 from edgesvd.inspect import checkpoint_summary
 from edgesvd.loading import DEFAULT_MODEL
 from edgesvd.methods import DEFAULT_METHOD, METHODS, Learned, method_config
@@ -38,6 +39,11 @@ def model_options(f):
               help="Parameters of the targeted Linear layers after ÷ before, in (0, 1].")
 @click.option("--rank-multiple", type=int, default=8, show_default=True,
               help="Round every rank to a multiple of this (8/16 suits CPU SIMD, 64 GPU tensor cores).")
+@click.option("--form", type=click.Choice(list(FORMS)), default=None,
+              help="How a factorized layer is stored: plain = two MatMuls, r·(out+in) parameters (fastest at a "
+                   "given rank); pivoted = r pivot rows and the rest as their combinations, r·(out+in−r) parameters "
+                   "(more components at a given size, plus a Concat and a Gather per layer) [default: plain for "
+                   "encoders, pivoted for decoders; see README].")
 @calibration_options
 @model_options
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Sequences per forward pass.")
@@ -65,13 +71,14 @@ def model_options(f):
 @click.option("--out", "out", type=PATH, required=True, help="Checkpoint folder to write.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def compress(model, method, keep, rank_multiple, calib, calib_samples, calib_len, calib_temperature, seed, include,
+def compress(model, method, keep, rank_multiple, form, calib, calib_samples, calib_len, calib_temperature, seed, include,
              exclude, trust_remote_code, device, batch_size, steps, finetune_steps, margin, lr, finetune_lr,
              finetune_dense, stream, out, force, quiet):
     """Compress MODEL (alias 'minilm', a local folder, a .gguf file, the alias 'smollm2', or a hub id) into a
     checkpoint folder."""
     check_output_dir(out, force, inputs=[*calib] + ([] if model == DEFAULT_MODEL else [model]))
-    config = method_config(method, keep=keep, rank_multiple=rank_multiple, steps=steps, finetune_steps=finetune_steps,
+    config = method_config(method, keep=keep, rank_multiple=rank_multiple, form=form, steps=steps,
+                           finetune_steps=finetune_steps,
                            margin=margin, lr=lr, finetune_lr=finetune_lr, finetune_dense=finetune_dense)
     result = compress_model(model, config, calib=calibration(calib, calib_samples, calib_len, calib_temperature, seed),
                             include=include, exclude=exclude, device=device, batch_size=batch_size,

@@ -12,6 +12,7 @@ from edgesvd.exporters.deploy import run as run_job
 from edgesvd.exporters.export import ExportConfig
 from edgesvd.exporters.providers import SessionConfig, resolve_eps
 from edgesvd.exporters.quantize import QUANTIZATIONS
+from edgesvd.factorize import FORMS
 from edgesvd.profiles import parse_budget_overrides
 
 from .options import (
@@ -35,6 +36,11 @@ from .printing import print_devices, print_summary
               help="Compression method (default: the best available, edgesvd.compression.DEFAULT_METHOD).")
 @click.option("--keep", type=float, default=0.5, show_default=True, help="Targeted parameters kept, in (0, 1].")
 @click.option("--rank-multiple", type=int, default=8, show_default=True, help="Round ranks to this multiple.")
+@click.option("--form", type=click.Choice(list(FORMS)), default=None,
+              help="How a factorized layer is stored: plain = two MatMuls, r·(out+in) parameters (fastest at a "
+                   "given rank); pivoted = r pivot rows and the rest as their combinations, r·(out+in−r) parameters "
+                   "(more components at a given size, plus a Concat and a Gather per layer) [default: plain for "
+                   "encoders, pivoted for decoders; see README].")
 @calibration_options
 @click.option("--out-root", type=PATH, default=Path("edgesvd-out"), show_default=True,
               help="Everything goes to OUT_ROOT/<model>/.")
@@ -73,7 +79,7 @@ from .printing import print_devices, print_summary
                    "stable on a machine shared with other work).")
 @click.option("--force", is_flag=True, help="Replace OUT_ROOT/<model>/ if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def run(model, method, keep, rank_multiple, calib, calib_samples, calib_len, calib_temperature, seed, out_root, dtype, quantize, fuse, eps,
+def run(model, method, keep, rank_multiple, form, calib, calib_samples, calib_len, calib_temperature, seed, out_root, dtype, quantize, fuse, eps,
         allow_cpu_fallback, threads, inter_threads, opt_level, runs, batch, seq_len, device, profile_refs,
         budget_items, max_plans, max_pairs, eval_file, compare_quantized, compare_clock, force, quiet):
     """The whole job: compress MODEL, export, verify, profile dense vs compressed, pack a bundle.
@@ -88,7 +94,7 @@ def run(model, method, keep, rank_multiple, calib, calib_samples, calib_len, cal
                           compare=CompareConfig(runs=max(runs, 3), seq_len=seq_len, clock=compare_clock,
                                                 session=SessionConfig(threads, inter_threads, opt_level))
                           if compare_quantized else None)
-    cfg = RunConfig(model=model, method=method, keep=keep, rank_multiple=rank_multiple,
+    cfg = RunConfig(model=model, method=method, keep=keep, rank_multiple=rank_multiple, form=form,
                     calibration=calibration(calib, calib_samples, calib_len, calib_temperature, seed), device=device,
                     profiles=tuple(profile_refs), budgets=parse_budget_overrides(budget_items) or None,
                     out_root=out_root, force=force, deploy=deploy)
