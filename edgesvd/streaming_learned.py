@@ -344,11 +344,10 @@ def _sweep_compressed(stream: Stream, method: Learned, xs: list[list[torch.Tenso
                         trained += list(model.get_submodule(name).parameters())
                 else:
                     index = orders[name][:rank].sort().values
-                    fb = factors[f"{name}.b"][:, index]
-                    # B = U·√σ (Spectrum.factors), so U·σ = B·√σ: the outputs' sizes, as Spectrum.output_rms
-                    rms = (fb.double() * sigma[name][index].to(fb.device).sqrt()[None, :]).norm(dim=1)
-                    low = replace_with_factors(model, name, factors[f"{name}.a"][index], fb, s.pivoted,
-                                               rms if s.pivoted else None)
+                    fb, rms = factors[f"{name}.b"][:, index], None
+                    if s.pivoted:  # B = U·√σ (Spectrum.factors), so U·σ = B·√σ: Spectrum.output_rms
+                        rms = (fb.double() * sigma[name][index].to(fb.device).sqrt()[None, :]).norm(dim=1)
+                    low = replace_with_factors(model, name, factors[f"{name}.a"][index], fb, s.pivoted, rms)
                     trained += [low.a.weight, low.b.weight]
                     kept[index] = 1
                 entries[name] = {"sigma": sigma[name], "kept": kept}
