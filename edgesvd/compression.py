@@ -24,7 +24,7 @@ from .costmodel import LayerShape
 from .device import resolve_device
 from .distributed import join, launched, local_device
 from .errors import ConfigError
-from .factorize import LayerRecord, apply_ranks
+from .factorize import LayerRecord, apply_ranks, pivot_layers
 from .finetune import MiniBatches, Teacher, finetune_factors, probe_loss
 from .importance import (
     ScoredLowRank,
@@ -211,7 +211,7 @@ def finish(state: LearnedState, plan: "Plan", model: nn.Module | None = None, re
         own = model is not state.model or method.finetune_dense
         set_submodule(model, name, copy.deepcopy(linear) if own else linear)
     records, entries, factored = apply_ranks(model, state.spectra, plan.ranks, plan.orders, plan.scores,
-                                             state.pivoted)
+                                             state.pivoted, pivot_later=True)
     left_dense = ([m for m in map(model.get_submodule, state.targets) if isinstance(m, nn.Linear)]
                   if method.finetune_dense else [])
     losses = dict(state.losses)
@@ -219,6 +219,7 @@ def finish(state: LearnedState, plan: "Plan", model: nn.Module | None = None, re
     curve3 = (finetune_factors(model, factored, state.teacher, method.finetune_steps, method.finetune_lr,
                                state.batches(), reporter, dense=left_dense)
               if method.finetune_steps and (factored or left_dense) else [])
+    pivot_layers(model, records)
     losses["after_finetune"] = probe_loss(model, state.teacher, state.probe)
     timings = {**state.timings, "stage3_s": time.perf_counter() - t0}
     details = {

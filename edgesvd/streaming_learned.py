@@ -49,7 +49,7 @@ from .checkpoint import Shards
 from .costmodel import LayerShape
 from .distributed import Group
 from .errors import ConfigError
-from .factorize import LayerRecord, LowRankLinear, replace_with_factors
+from .factorize import LayerRecord, LowRankLinear, pivot_layers, replace_with_factors
 from .families import Family
 from .finetune import HiddenTeacher, MiniBatches, finetune_factors, probe_loss
 from .importance import ScoredLowRank, candidate_rank, importance_order, select
@@ -347,7 +347,8 @@ def _sweep_compressed(stream: Stream, method: Learned, xs: list[list[torch.Tenso
                     fb, rms = factors[f"{name}.b"][:, index], None
                     if s.pivoted:  # B = U·√σ (Spectrum.factors), so U·σ = B·√σ: Spectrum.output_rms
                         rms = (fb.double() * sigma[name][index].to(fb.device).sqrt()[None, :]).norm(dim=1)
-                    low = replace_with_factors(model, name, factors[f"{name}.a"][index], fb, s.pivoted, rms)
+                    # built plain even when pivoted: pivoted factors diverge under fine-tuning (pivot_layers)
+                    low = replace_with_factors(model, name, factors[f"{name}.a"][index], fb, False, rms)
                     trained += [low.a.weight, low.b.weight]
                     kept[index] = 1
                 entries[name] = {"sigma": sigma[name], "kept": kept}
@@ -356,6 +357,8 @@ def _sweep_compressed(stream: Stream, method: Learned, xs: list[list[torch.Tenso
             before, after = _finetune_block(block, trained, stream_in, targets, stream, i, update[i],
                                             method.finetune_steps, method.finetune_lr, seed, device, group)
             local[i] = [round(before, 5), round(after, 5)]
+            if shards is not None:  # no end-to-end stage will train this block again
+                pivot_layers(model, [r for r in records if r.name.startswith(stream.prefix(i))])
             bar.describe(f"sweep 3/3: fine-tune blocks · block {i} local loss {before:.4f} → {after:.4f}")
             laps.lap("finetune_s")
             with torch.no_grad():
@@ -522,6 +525,8 @@ def compress_learned_blocks(source: ModelSource, method: Learned, calib: Calibra
     release_memory(device)
     end_to_end = _end_to_end(model, stream, last_hidden, method, end_to_end_steps, plan, source.family, seed, device,
                              reporter)
+    if plan["ran"]:
+        pivot_layers(model, records)
     del last_hidden
     laps.lap("end_to_end_s")
     release_memory(device)

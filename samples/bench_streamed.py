@@ -54,7 +54,7 @@ def window_ppl(model, wins, batch: int = 4) -> float:
 
 
 def one(model_ref: str, method: str, keep: float, stream: str, calib: str, n_windows: int, device: str,
-        samples: int | None = None, finetune_steps: int | None = None) -> dict:
+        samples: int | None = None, finetune_steps: int | None = None, form: str | None = None) -> dict:
     """One configuration, in this process: compress (unless method is 'dense'), then score."""
     import torch
 
@@ -65,7 +65,8 @@ def one(model_ref: str, method: str, keep: float, stream: str, calib: str, n_win
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     source = resolve_model(model_ref)  # converts the GGUF once (cached), before anything is timed
     tokenizer = load_tokenizer(source.path)
-    row = {"method": method, "keep": keep, "stream": stream, "calib": calib, "device": device}
+    row = {"method": method, "keep": keep, "stream": stream, "form": form or "default", "calib": calib,
+           "device": device}
     w0, c0 = time.perf_counter(), time.process_time()
     if method == "dense":
         result = None
@@ -74,7 +75,7 @@ def one(model_ref: str, method: str, keep: float, stream: str, calib: str, n_win
 
         from edgesvd.calibration import CalibrationConfig
 
-        config = method_config(method, keep=keep, finetune_steps=finetune_steps)
+        config = method_config(method, keep=keep, finetune_steps=finetune_steps, form=form)
         result = edgesvd.compress(model_ref, config, stream=stream, device=device,
                                   calib=CalibrationConfig(calib, num_sequences=samples))
         d = result.record.details
@@ -104,7 +105,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--configs", default="dense:1:off,whiten:0.8:on,whiten:0.8:off",
-                    help="method:keep:stream, comma separated (method 'dense' = the uncompressed model)")
+                    help="method:keep:stream[:form], comma separated (method 'dense' = the uncompressed model; "
+                         "form 'plain' or 'pivoted', default the family's)")
     ap.add_argument("--calib", default=str(WIKI_CALIB), help="calibration text ('builtin' for the product default)")
     ap.add_argument("--windows", type=int, default=40, help="WikiText-2 windows of 512 tokens (0: no scoring)")
     ap.add_argument("--samples", type=int, help="calibration sequences (default: the product's for the model size)")
@@ -114,9 +116,9 @@ def main() -> None:
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
-        method, keep, stream = a.one.split(":")
+        method, keep, stream, *form = a.one.split(":")
         print(json.dumps(one(a.model, method, float(keep), stream, a.calib, a.windows, a.device, a.samples,
-                             a.finetune_steps)))
+                             a.finetune_steps, form[0] if form else None)))
         return
     rows = []
     for config in a.configs.split(","):

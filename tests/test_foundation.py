@@ -9,7 +9,16 @@ from torch import nn
 from edgesvd import CalibrationConfig, LowRankLinear, Plain, Whiten, compress, load_compressed, save_compressed
 from edgesvd.calibration import sample_calibration
 from edgesvd.checkpoint import load_spectra
-from edgesvd.factorize import PivotedLowRank, break_even_rank, params_at, pivot, rank_for_params
+from edgesvd.factorize import (
+    LayerRecord,
+    PivotedLowRank,
+    break_even_rank,
+    params_at,
+    pivot,
+    pivot_layers,
+    rank_for_params,
+    replace_with_factors,
+)
 from edgesvd.families import DECODER
 from edgesvd.loading import load_model, load_tokenizer, resolve_model, select_targets
 from edgesvd.planner import uniform_rank
@@ -57,6 +66,27 @@ def test_pivoted_layer_is_the_same_product_in_fewer_parameters():
     assert torch.allclose(layer.weight_product(), b @ a, atol=1e-5)
     with pytest.raises(ValueError, match="rank"):
         PivotedLowRank(10, 6, 6)
+
+
+def test_pivot_layers_stores_a_trained_plain_layer_pivoted_with_the_same_function():
+    """The learned method fine-tunes plain factors and pivots once at the end: the pivoted layer
+    computes what the trained plain one did, and only layers whose record says pivoted change."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 6), nn.Linear(6, 6))
+    records = [LayerRecord("0", 10, 6, 4, True, True), LayerRecord("1", 6, 6, 3, True, False)]
+    for record in records:
+        replace_with_factors(model, record.name, torch.randn(record.rank, record.in_features),
+                             torch.randn(record.out_features, record.rank), output_rms=torch.rand(6) + 0.5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # as fine-tuning would
+    x = torch.randn(5, 10)
+    before = model(x)
+    pivot_layers(model, records)
+    assert isinstance(model[0], PivotedLowRank) and type(model[1]) is LowRankLinear
+    assert torch.allclose(model(x), before, atol=1e-5)
+    pivot_layers(model, records)  # already pivoted: left alone
+    assert torch.allclose(model(x), before, atol=1e-5)
 
 
 def test_pivots_depend_on_the_product_only_and_avoid_outlier_outputs():

@@ -12,7 +12,7 @@ from edgesvd import CalibrationConfig, Learned, Whiten, compress, load_compresse
 from edgesvd.checkpoint import load_spectra
 from edgesvd.cli import main
 from edgesvd.costmodel import LayerShape
-from edgesvd.factorize import LowRankLinear
+from edgesvd.factorize import LowRankLinear, PivotedLowRank
 from edgesvd.importance import ScoredLowRank, candidate_rank, top_components
 from edgesvd.planner import LayerImportance, select_global
 from edgesvd.spectra import whiten_spectrum
@@ -77,6 +77,21 @@ def test_folded_checkpoint_reproduces_the_model(tiny_llama_dir, tmp_path):
         assert {"sigma", "scores", "kept"} <= set(entry)
         expected = min(layer.in_features, layer.out_features) if layer.rank is None else layer.rank
         assert int(entry["kept"].sum()) == expected
+
+
+def test_pivoted_form_is_fine_tuned_plain_then_stored_pivoted(tiny_llama_dir, tmp_path):
+    """--form pivoted: the budget is counted in the pivoted form, every factorized layer ends pivoted
+    (it was fine-tuned plain: pivoted factors diverge under Adam), and the checkpoint reproduces it."""
+    result = _compress(tiny_llama_dir, 0.5, learned=replace(FAST, form="pivoted"))
+    factored = [l for l in result.record.layers if l.rank is not None]
+    assert factored and all(l.pivoted for l in factored)
+    assert all(isinstance(result.model.get_submodule(l.name), PivotedLowRank) for l in factored)
+    assert abs(result.record.keep_actual / 0.5 - 1) <= 0.01
+    save_compressed(result.model, result.tokenizer, result.record, tmp_path / "ck", result.spectra)
+    loaded, _ = load_compressed(tmp_path / "ck")
+    ids = torch.randint(3, 500, (2, 16))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, result.model(input_ids=ids).logits)
 
 
 def test_deterministic_with_a_seed(tiny_llama_dir):

@@ -150,3 +150,22 @@ def test_the_end_to_end_stage_checkpoints_activations_or_steps_aside_on_a_smalle
     # Nothing needs the finished blocks again, so each went to disk as it was done.
     assert all(p.device.type == "meta" for p in skipped._model.model.layers.parameters())
     assert skipped.shards is not None and skipped.shards.written == len(skipped.model.model.layers)
+
+
+def test_pivoted_form_ends_pivoted_with_or_without_the_end_to_end_stage(tiny_llama_dir, monkeypatch):
+    """The blocks are fine-tuned in the plain form and pivoted when nothing trains them again: after
+    the end-to-end stage, or block by block before each goes to disk when that stage is skipped."""
+    from edgesvd import streaming_learned
+    from edgesvd.factorize import PivotedLowRank
+
+    src = resolve_model(tiny_llama_dir)
+    method = Learned(keep=0.5, finetune_steps=2, form="pivoted")
+    whole = compress_streamed(src, method, CALIB)
+    monkeypatch.setattr(streaming_learned, "available_memory", lambda device: 1000)
+    spilled = compress_streamed(src, method, CALIB)
+    assert whole.record.details["end_to_end"]["ran"] and not spilled.record.details["end_to_end"]["ran"]
+    for result in (whole, spilled):
+        factored = [r for r in result.record.layers if r.rank is not None]
+        assert factored and all(r.pivoted for r in factored)
+        assert all(isinstance(result.model.get_submodule(r.name), PivotedLowRank) for r in factored)
+        assert result.record.keep_actual <= 0.5 + 1e-9
