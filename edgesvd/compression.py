@@ -156,7 +156,7 @@ def learn_importance(prepared: Prepared, method: Learned, reporter: Reporter = S
         raise ConfigError("method 'learned' needs calibration statistics")
     n, seq_len = prepared.calib.input_ids.shape
     targeted = sum(model.get_submodule(t).weight.numel() for t in prepared.targets)
-    method = method.resolved(family, targeted, n, seq_len)
+    method = method.resolved(family, targeted, n, seq_len, model.config.hidden_size)
     pivoted = method.pivoted(family)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -13,12 +13,21 @@ class LearnedRecipe:
     left None; edgesvd.methods.Learned.resolved scales them to the model and its calibration).
 
     steps / finetune_steps: stage-2 and stage-3 optimizer steps. finetune_lr: Adam learning rate
-    of stage 3 (the factors, and the layers left dense).
+    of stage 3 (the factors, and the layers left dense) at `width`, the hidden size it was measured
+    on; a wider model gets finetune_lr·width/hidden_size (Adam's step on a weight moves each output
+    by about lr·fan-in, so the rate that keeps that move constant falls as 1/width: μP, Yang et al.
+    2021).
     """
 
     steps: int
     finetune_steps: int
     finetune_lr: float
+    width: int
+
+    def finetune_lr_for(self, hidden_size: int) -> float:
+        """Stage 3's learning rate for a model of this hidden size: the recipe's, scaled down as 1/width
+        above the width it was measured on (never scaled up: narrower models were not measured)."""
+        return self.finetune_lr * min(1.0, self.width / hidden_size)
 
 
 @dataclass(frozen=True)
@@ -73,7 +82,7 @@ class Family:
 ENCODER = Family("encoder", frozenset({"bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra", "camembert"}),
                  "AutoModel", "feature-extraction", causal=False, calibration_unit="sentence",
                  default_calibration=512, default_calibration_source="builtin",
-                 learned=LearnedRecipe(steps=120, finetune_steps=120, finetune_lr=2e-4),
+                 learned=LearnedRecipe(steps=120, finetune_steps=120, finetune_lr=2e-4, width=384),
                  task_score="stsb_spearman", higher_is_better=True,
                  quality_proxy="similarity_spearman_vs_dense", pooled_output=True)
 # Decoders: 2,048 sequences of 128 tokens sampled from the model itself, 200 + 1000 steps, fine-tune
@@ -84,7 +93,7 @@ DECODER = Family("decoder", frozenset({"llama", "qwen2", "qwen3", "mistral", "gp
                                        "gemma3_text"}),
                  "AutoModelForCausalLM", "text-generation-with-past", causal=True, calibration_unit="window",
                  default_calibration=2048, default_calibration_source="self",
-                 learned=LearnedRecipe(steps=200, finetune_steps=1000, finetune_lr=1e-3),
+                 learned=LearnedRecipe(steps=200, finetune_steps=1000, finetune_lr=1e-3, width=64),
                  task_score="perplexity", higher_is_better=False,
                  quality_proxy="top1_agreement_vs_dense", pooled_output=False)
 FAMILIES = {f.name: f for f in (ENCODER, DECODER)}

@@ -119,11 +119,13 @@ class Learned(Method):
             raise ConfigError(f"unknown selection '{self.selection}' (choose from {', '.join(SELECTIONS)})")
 
 
-    def resolved(self, family: Family, targeted_params: int, num_sequences: int, seq_len: int) -> "Learned":
+    def resolved(self, family: Family, targeted_params: int, num_sequences: int, seq_len: int,
+                 hidden_size: int) -> "Learned":
         """This config with the fields left None filled in for one model: the family's recipe, each
         stage capped at MAX_DEFAULT_EPOCHS passes over `num_sequences` calibration sequences, both
         scaled down together (not below MIN_DEFAULT_STEPS) when stages 2 + 3 would exceed
-        TRAIN_WORK_CAP (targeted parameters × training tokens). Values given explicitly stay."""
+        TRAIN_WORK_CAP (targeted parameters × training tokens); the fine-tuning rate scaled to
+        `hidden_size` (LearnedRecipe.finetune_lr_for). Values given explicitly stay."""
         recipe = family.learned
         per_epoch = math.ceil(num_sequences / min(self.batch_size, num_sequences))
         filled: dict = {k: min(v, MAX_DEFAULT_EPOCHS * per_epoch)
@@ -133,7 +135,7 @@ class Learned(Method):
         if work > TRAIN_WORK_CAP:
             filled = {k: min(v, max(MIN_DEFAULT_STEPS, round(v * TRAIN_WORK_CAP / work))) for k, v in filled.items()}
         if self.finetune_lr is None:
-            filled["finetune_lr"] = recipe.finetune_lr
+            filled["finetune_lr"] = recipe.finetune_lr_for(hidden_size)
         return replace(self, **filled)
 
 

@@ -487,7 +487,8 @@ def compress_learned_blocks(source: ModelSource, method: Learned, calib: Calibra
     # instead measured no better (stories260K keep 0.8, 64 sequences: 9.47 vs 9.48).
     if method.steps:
         reporter.info("the streamed learned method learns importance in one reverse sweep: --steps is not used")
-    method = replace(method, steps=0, batch_size=batch_size).resolved(source.family, targeted, n, seq_len)
+    method = replace(method, steps=0, batch_size=batch_size).resolved(source.family, targeted, n, seq_len,
+                                                                      model.config.hidden_size)
     method = replace(method, form="pivoted" if method.pivoted(source.family) else "plain")
     end_to_end_steps = method.finetune_steps
     laps.lap("load_s")

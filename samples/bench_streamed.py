@@ -54,7 +54,8 @@ def window_ppl(model, wins, batch: int = 4) -> float:
 
 
 def one(model_ref: str, method: str, keep: float, stream: str, calib: str, n_windows: int, device: str,
-        samples: int | None = None, finetune_steps: int | None = None, form: str | None = None) -> dict:
+        samples: int | None = None, finetune_steps: int | None = None, form: str | None = None,
+        finetune_lr: float | None = None) -> dict:
     """One configuration, in this process: compress (unless method is 'dense'), then score."""
     import torch
 
@@ -75,7 +76,7 @@ def one(model_ref: str, method: str, keep: float, stream: str, calib: str, n_win
 
         from edgesvd.calibration import CalibrationConfig
 
-        config = method_config(method, keep=keep, finetune_steps=finetune_steps, form=form)
+        config = method_config(method, keep=keep, finetune_steps=finetune_steps, form=form, finetune_lr=finetune_lr)
         result = edgesvd.compress(model_ref, config, stream=stream, device=device,
                                   calib=CalibrationConfig(calib, num_sequences=samples))
         d = result.record.details
@@ -111,6 +112,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=40, help="WikiText-2 windows of 512 tokens (0: no scoring)")
     ap.add_argument("--samples", type=int, help="calibration sequences (default: the product's for the model size)")
     ap.add_argument("--finetune-steps", type=int, help="learned: fine-tuning steps (default: the product's; for timing runs)")
+    ap.add_argument("--finetune-lr", type=float, help="learned: fine-tuning learning rate (default: the product's)")
     ap.add_argument("--device", default="cpu", help="where compression and scoring run (cpu, cuda)")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -118,7 +120,7 @@ def main() -> None:
     if a.one:
         method, keep, stream, *form = a.one.split(":")
         print(json.dumps(one(a.model, method, float(keep), stream, a.calib, a.windows, a.device, a.samples,
-                             a.finetune_steps, form[0] if form else None)))
+                             a.finetune_steps, form[0] if form else None, a.finetune_lr)))
         return
     rows = []
     for config in a.configs.split(","):
@@ -126,6 +128,7 @@ def main() -> None:
                               "--windows", str(a.windows), "--device", a.device,
                               *(["--samples", str(a.samples)] if a.samples else []),
                               *(["--finetune-steps", str(a.finetune_steps)] if a.finetune_steps is not None else []),
+                              *(["--finetune-lr", str(a.finetune_lr)] if a.finetune_lr is not None else []),
                               "--one", config], capture_output=True, text=True)
         if out.returncode != 0:
             print(f"{config}: failed\n{out.stderr[-3000:]}", file=sys.stderr)

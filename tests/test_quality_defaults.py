@@ -84,19 +84,23 @@ def test_self_calibration_of_stories260k_is_story_text(stories_dir):
 
 def test_learned_defaults_come_from_family_size_and_calibration():
     # the families' measured recipes, unchanged where neither cap binds
-    enc = Learned().resolved(ENCODER, 10_600_000, 512, 128)
+    enc = Learned().resolved(ENCODER, 10_600_000, 512, 128, 384)
     assert (enc.steps, enc.finetune_steps, enc.finetune_lr) == (120, 120, 2e-4)
-    dec = Learned().resolved(DECODER, 250_000, 2048, 128)
+    dec = Learned().resolved(DECODER, 250_000, 2048, 128, 64)
     assert (dec.steps, dec.finetune_steps, dec.finetune_lr) == (200, 1000, 1e-3)
     # at most MAX_DEFAULT_EPOCHS passes over a small calibration set
-    small = Learned().resolved(DECODER, 250_000, 16, 32)
+    small = Learned().resolved(DECODER, 250_000, 16, 32, 64)
     assert small.steps == small.finetune_steps == MAX_DEFAULT_EPOCHS * 2
     # a large model: both stages shrink in proportion, within the work cap, not below the floor
-    big = Learned().resolved(DECODER, 106_000_000, 2048, 128)
+    big = Learned().resolved(DECODER, 106_000_000, 2048, 128, 576)
     assert big.steps == MIN_DEFAULT_STEPS and 20 < big.finetune_steps < 200  # 200 → 15, raised to the floor
     assert big.finetune_steps * 8 * 128 * 106_000_000 <= TRAIN_WORK_CAP
+    # and a fine-tuning rate falling as 1/width above the width the recipe was measured on (never raised)
+    assert big.finetune_lr == pytest.approx(1e-3 * 64 / 576)
+    assert Learned().resolved(ENCODER, 40_000_000, 512, 128, 768).finetune_lr == pytest.approx(1e-4)
+    assert Learned().resolved(ENCODER, 4_000_000, 512, 128, 128).finetune_lr == 2e-4
     # explicit values are the user's
-    mine = Learned(steps=7, finetune_steps=3, finetune_lr=5e-4).resolved(DECODER, 106_000_000, 2048, 128)
+    mine = Learned(steps=7, finetune_steps=3, finetune_lr=5e-4).resolved(DECODER, 106_000_000, 2048, 128, 576)
     assert (mine.steps, mine.finetune_steps, mine.finetune_lr) == (7, 3, 5e-4)
     # calibration size: the family's, fewer for a model too large to sample that many quickly
     assert default_sequences(ENCODER, 22_700_000, 128) == 512
