@@ -5,14 +5,13 @@ from __future__ import annotations
 import click
 
 from edgesvd.compression import compress as compress_model
-from edgesvd.factorize import FORMS
 from edgesvd.inspect import checkpoint_summary
 from edgesvd.loading import DEFAULT_MODEL
 from edgesvd.methods import DEFAULT_METHOD, METHODS, Learned, method_config
 from edgesvd.outputs import check_output_dir
 from edgesvd.streaming import STREAM_CHOICES
 
-from .options import PATH, calibration, calibration_options, out_console, reporter
+from .options import PATH, calibration, calibration_options, form_option, out_console, reporter
 from .printing import print_checkpoint
 
 
@@ -39,11 +38,7 @@ def model_options(f):
               help="Parameters of the targeted Linear layers after ÷ before, in (0, 1].")
 @click.option("--rank-multiple", type=int, default=8, show_default=True,
               help="Round every rank to a multiple of this (8/16 suits CPU SIMD, 64 GPU tensor cores).")
-@click.option("--form", type=click.Choice(list(FORMS)), default=None,
-              help="How a factorized layer is stored: plain = two MatMuls, r·(out+in) parameters (fastest at a "
-                   "given rank); pivoted = r pivot rows and the rest as their combinations, r·(out+in−r) parameters "
-                   "(more components at a given size, plus a Concat and a Gather per layer) [default: plain for "
-                   "encoders, pivoted for decoders; see README].")
+@form_option
 @calibration_options
 @model_options
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Sequences per forward pass.")
@@ -59,7 +54,8 @@ def model_options(f):
               help="learned: stage-1 candidates per layer, as extra fraction over the budget (0.5: 1.5×keep).")
 @click.option("--lr", type=float, default=Learned.lr, show_default=True, help="learned: learning rate of the scores.")
 @click.option("--finetune-lr", type=float, default=None,
-              help="learned: learning rate of stage 3 [default: 2e-4 encoders, 1e-3 decoders].")
+              help="learned: learning rate of stage 3 [default: 2e-4 encoders, 1e-3 decoders, times 384 or 64 / "
+                   "hidden size above those widths; see README].")
 @click.option("--finetune-dense/--no-finetune-dense", default=Learned.finetune_dense, show_default=True,
               help="learned: stage 3 also trains the targeted layers the global selection left dense.")
 @click.option("--stream", type=click.Choice(list(STREAM_CHOICES)), default="auto", show_default=True,

@@ -10,6 +10,7 @@ import click
 from rich.console import Console
 
 from edgesvd.calibration import CalibrationConfig
+from edgesvd.factorize import FORMS
 from edgesvd.reporting import ConsoleReporter
 
 PATH = click.Path(path_type=Path)
@@ -87,3 +88,12 @@ def fuse_option(f):
                              "measured): concat-a = one MatMul for A factors sharing an input; attention = "
                              "MultiHeadAttention with separate Q/K/V (encoders); ort = onnxruntime's transformer "
                              "optimizer (encoders). Repeatable.")(f)
+
+
+def form_option(f):
+    return click.option("--form", type=click.Choice(list(FORMS)), default=None,
+                        help="How a factorized layer is stored: plain = two MatMuls, r·(out+in) parameters (fastest "
+                             "at a given rank); pivoted = r pivot rows and the rest as their combinations, "
+                             "r·(out+in−r) parameters (more components at a given size, better quality, plus a "
+                             "Concat and a Gather per layer: slower on CPUs) [default: plain for encoders, pivoted for "
+                             "decoders; see README].")(f)

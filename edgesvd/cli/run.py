@@ -12,7 +12,6 @@ from edgesvd.exporters.deploy import run as run_job
 from edgesvd.exporters.export import ExportConfig
 from edgesvd.exporters.providers import SessionConfig, resolve_eps
 from edgesvd.exporters.quantize import QUANTIZATIONS
-from edgesvd.factorize import FORMS
 from edgesvd.profiles import parse_budget_overrides
 
 from .options import (
@@ -22,6 +21,7 @@ from .options import (
     calibration_options,
     ep_options,
     exit_cleanly_on_sigterm,
+    form_option,
     fuse_option,
     out_console,
     reporter,
@@ -36,11 +36,7 @@ from .printing import print_devices, print_summary
               help="Compression method (default: the best available, edgesvd.compression.DEFAULT_METHOD).")
 @click.option("--keep", type=float, default=0.5, show_default=True, help="Targeted parameters kept, in (0, 1].")
 @click.option("--rank-multiple", type=int, default=8, show_default=True, help="Round ranks to this multiple.")
-@click.option("--form", type=click.Choice(list(FORMS)), default=None,
-              help="How a factorized layer is stored: plain = two MatMuls, r·(out+in) parameters (fastest at a "
-                   "given rank); pivoted = r pivot rows and the rest as their combinations, r·(out+in−r) parameters "
-                   "(more components at a given size, plus a Concat and a Gather per layer) [default: plain for "
-                   "encoders, pivoted for decoders; see README].")
+@form_option
 @calibration_options
 @click.option("--out-root", type=PATH, default=Path("edgesvd-out"), show_default=True,
               help="Everything goes to OUT_ROOT/<model>/.")
