@@ -78,9 +78,9 @@ def random_llama(work: Path) -> Path:
 def checkpoint(model: str, keep: float, args, work: Path) -> Path:
     """The compressed checkpoint at `keep` (cached): the default method (learned) on --calib, or
     plain SVD on a random-init model."""
-    out = work / f"ck-{args.method}-{keep}"
+    out = work / f"ck-{args.method}-{keep}" if args.form is None else work / f"ck-{args.method}-{keep}-{args.form}"
     if not out.exists():
-        method = method_config(args.method, keep=keep)
+        method = method_config(args.method, keep=keep, form=args.form)
         start = time.process_time()
         calib = CalibrationConfig(source=args.calib) if args.calib else CalibrationConfig()
         edgesvd.compress(model, method, calib=calib, device="cpu").save(out)
@@ -175,6 +175,7 @@ def main() -> None:
     ap.add_argument("model", help="minilm, a local model folder, or random-llama")
     ap.add_argument("--keeps", default="0.8,0.6,0.5")
     ap.add_argument("--method", default=None, help="default: learned (plain for random-llama)")
+    ap.add_argument("--form", default=None, choices=["plain", "pivoted"], help="factorized form (default: the family's)")
     ap.add_argument("--calib", default=None, help="calibration text (default: the built-in corpus)")
     ap.add_argument("--eval", default=None, help="STS-B file (encoders) or text (decoders); else the proxy")
     ap.add_argument("--fused-keep", default="0.5", help="keep that also gets fused variants, or 'none'")

@@ -54,9 +54,10 @@ def window_ppl(model, wins, batch: int = 4) -> float:
 
 
 def one(model_ref: str, method: str, keep: float, stream: str, calib: str, n_windows: int, device: str,
-        samples: int | None = None, finetune_steps: int | None = None, form: str | None = None,
-        finetune_lr: float | None = None) -> dict:
-    """One configuration, in this process: compress (unless method is 'dense'), then score."""
+        samples: int | None = None, save: str | None = None, **options) -> dict:
+    """One configuration, in this process: compress (unless method is 'dense'), then score. `options`
+    (form, finetune_steps, finetune_lr) go to the method's config; None means its default.
+    `save`: keep the checkpoint in this folder (for bench_quantized's cache)."""
     import torch
 
     import edgesvd
@@ -66,7 +67,7 @@ def one(model_ref: str, method: str, keep: float, stream: str, calib: str, n_win
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     source = resolve_model(model_ref)  # converts the GGUF once (cached), before anything is timed
     tokenizer = load_tokenizer(source.path)
-    row = {"method": method, "keep": keep, "stream": stream, "form": form or "default", "calib": calib,
+    row = {"method": method, "keep": keep, "stream": stream, "form": options.get("form") or "default", "calib": calib,
            "device": device}
     w0, c0 = time.perf_counter(), time.process_time()
     if method == "dense":
@@ -76,18 +77,18 @@ def one(model_ref: str, method: str, keep: float, stream: str, calib: str, n_win
 
         from edgesvd.calibration import CalibrationConfig
 
-        config = method_config(method, keep=keep, finetune_steps=finetune_steps, form=form, finetune_lr=finetune_lr)
+        config = method_config(method, keep=keep, **options)
         result = edgesvd.compress(model_ref, config, stream=stream, device=device,
                                   calib=CalibrationConfig(calib, num_sequences=samples))
         d = result.record.details
-        row.update(calib_sequences=result.record.calibration.get("num_sequences"),
+        row.update(calib_sequences=result.record.calibration.get("num_sequences"), local_loss=d.get("local_loss"),
                    block_steps=d.get("block_steps"), end_to_end=(d.get("end_to_end") or {}).get("steps"),
                    learned=d.get("learned"))
         row.update(keep_actual=round(result.record.keep_actual, 4), streamed=bool(d.get("streamed")),
                    phases=d.get("timings"), propagate=d.get("propagate"))
         t = time.perf_counter()
         with tempfile.TemporaryDirectory() as folder:  # what `edgesvd compress` does next: write the checkpoint
-            result.save(Path(folder) / "checkpoint")
+            result.save(Path(save) if save else Path(folder) / "checkpoint")
         row["save_wall_s"] = round(time.perf_counter() - t, 1)
     row["compress_wall_s"] = round(time.perf_counter() - w0, 1)
     row["compress_cpu_s"] = round(time.process_time() - c0, 1)
@@ -113,6 +114,7 @@ def main() -> None:
     ap.add_argument("--samples", type=int, help="calibration sequences (default: the product's for the model size)")
     ap.add_argument("--finetune-steps", type=int, help="learned: fine-tuning steps (default: the product's; for timing runs)")
     ap.add_argument("--finetune-lr", type=float, help="learned: fine-tuning learning rate (default: the product's)")
+    ap.add_argument("--save", help="keep the (single) compressed configuration's checkpoint in this folder")
     ap.add_argument("--device", default="cpu", help="where compression and scoring run (cpu, cuda)")
     ap.add_argument("--json", help="write the rows here")
     ap.add_argument("--one", help=argparse.SUPPRESS)
@@ -120,7 +122,8 @@ def main() -> None:
     if a.one:
         method, keep, stream, *form = a.one.split(":")
         print(json.dumps(one(a.model, method, float(keep), stream, a.calib, a.windows, a.device, a.samples,
-                             a.finetune_steps, form[0] if form else None, a.finetune_lr)))
+                             save=a.save, finetune_steps=a.finetune_steps, form=form[0] if form else None,
+                             finetune_lr=a.finetune_lr)))
         return
     rows = []
     for config in a.configs.split(","):
@@ -129,6 +132,7 @@ def main() -> None:
                               *(["--samples", str(a.samples)] if a.samples else []),
                               *(["--finetune-steps", str(a.finetune_steps)] if a.finetune_steps is not None else []),
                               *(["--finetune-lr", str(a.finetune_lr)] if a.finetune_lr is not None else []),
+                              *(["--save", a.save] if a.save else []),
                               "--one", config], capture_output=True, text=True)
         if out.returncode != 0:
             print(f"{config}: failed\n{out.stderr[-3000:]}", file=sys.stderr)
