@@ -37,6 +37,20 @@ def test_run_cli_end_to_end_on_a_decoder(tiny_llama_dir, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [tiny_llama_dir.name], "no temporary folder may be left"
 
 
+def test_a_decoder_run_that_quantizes_to_4_bits_factorizes_plain(tiny_llama_dir, tmp_path):
+    """Decoders are pivoted by default, but 4 bits on pivoted factors broke a real LLM (README): a run
+    with --quantize int4 factorizes plain unless --form says otherwise."""
+    layers = {}
+    for quantize in (None, "int4"):
+        root = tmp_path / str(quantize)
+        args = ["run", str(tiny_llama_dir), "--method", "whiten", "--keep", "0.6", "--out-root", str(root), *FAST]
+        r = CliRunner().invoke(main, args + (["--quantize", quantize] if quantize else []))
+        assert r.exit_code == 0, r.output
+        record = json.loads((root / tiny_llama_dir.name / "checkpoint" / "config.json").read_text())["edgesvd"]
+        layers[quantize] = {bool(l.get("pivoted")) for l in record["layers"] if l.get("rank") is not None}
+    assert layers == {None: {True}, "int4": {False}}, layers
+
+
 def test_run_reads_the_default_method_at_call_time(tiny_bert_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.import_module("edgesvd.exporters.deploy"), "DEFAULT_METHOD", "plain")
     summary = run(run_cfg(tiny_bert_dir, tmp_path, runs=2, warmup=0, seq_len=16, device="cpu")).summary
