@@ -11,12 +11,21 @@ from pathlib import Path
 
 import numpy as np
 
+from edgesvd.checkpoint import CompressionRecord, read_record
 from edgesvd.errors import ConfigError, ExportError
 from edgesvd.evaluate import spearman
 from edgesvd.families import Family
 from edgesvd.reporting import SILENT, Reporter
 
-from .export import MODEL_FILE, ExportConfig, export_checkpoint, export_model, onnx_files_bytes, read_export
+from .export import (
+    MODEL_FILE,
+    ExportConfig,
+    check_quantizable,
+    export_checkpoint,
+    export_model,
+    onnx_files_bytes,
+    read_export,
+)
 from .onnx_scores import task_score_onnx
 from .providers import CPU, SessionConfig, create_session
 
@@ -124,9 +133,19 @@ def _exported_as(where: Path, cfg: ExportConfig) -> bool:
         return False
 
 
-def edgesvd_precisions(family: Family) -> tuple[str | None, ...]:
-    """The precisions edgesvd's model is compared at: fp32 and int8, plus int4 for decoders."""
-    return (None, "int8", "int4") if family.causal else (None, "int8")
+def edgesvd_precisions(family: Family, record: CompressionRecord | None = None) -> tuple[str | None, ...]:
+    """The precisions edgesvd's model is compared at: fp32 and int8, plus int4 for decoders, less
+    those its factor forms do not survive (exporters/quantize.py)."""
+    wanted = (None, "int8", "int4") if family.causal else (None, "int8")
+    return tuple(q for q in wanted if not _refused(q, record))
+
+
+def _refused(quantize: str | None, record: CompressionRecord | None) -> str | None:
+    try:
+        check_quantizable(ExportConfig(quantize=quantize), record)
+    except ExportError as exc:
+        return str(exc)
+    return None
 
 
 def baseline_variants(dense_model, tokenizer, family: Family, source: str, folder: Path,
@@ -152,7 +171,7 @@ def edgesvd_variants(checkpoint: Path, name: str, family: Family, folder: Path, 
     variants = []
     fuse = ExportConfig(fuse=fuse).fuse
     suffix = " + " + "+".join(fuse) if fuse else ""
-    for i, q in enumerate(precisions or edgesvd_precisions(family)):
+    for i, q in enumerate(precisions or edgesvd_precisions(family, read_record(checkpoint)[1])):
         cfg = ExportConfig(pooled=family.pooled_output, quantize=q, fuse=fuse)
         label = f"{name} {cfg.precision}{suffix}"
         reporter.step(f"comparison: exporting {label}")
@@ -309,7 +328,11 @@ def compare_quantized(dense_model, tokenizer, family: Family, checkpoint: Path, 
     try:
         variants = baseline_variants(dense_model, tokenizer, family, source, folder, reporter)
         variants += edgesvd_variants(checkpoint, name, family, folder, fuse, reporter)
-        return compare_variants(variants, family, cfg, eval_file, held_out, reporter)
+        comparison = compare_variants(variants, family, cfg, eval_file, held_out, reporter)
+        record = read_record(checkpoint)[1]
+        refusals = [(q, _refused(q, record)) for q in edgesvd_precisions(family)]
+        comparison.verdict += [f"no {name} {q} point: {why}" for q, why in refusals if why]
+        return comparison
     finally:
         if not cfg.keep_variants:
             shutil.rmtree(folder, ignore_errors=True)

@@ -52,6 +52,7 @@ from .export import ExportConfig, export_checkpoint, export_model, onnx_files_by
 from .parity import ParityConfig, ParityReport, verify
 from .profiling import ProfileConfig, profile
 from .providers import CPU, CUDA, SessionConfig
+from .quantize import form_for
 from .report import write_report
 
 
@@ -469,9 +470,12 @@ def run(cfg: RunConfig = RunConfig(), reporter: Reporter = SILENT) -> Deployment
                           "--profile/--budget")
     if cfg.deploy.eval_file is not None:
         check_eval_data(cfg.deploy.eval_file, source.family)
-    # 4 bits on pivoted factors broke SmolLM2-135M (perplexity 15.0 in fp32, 1e5 in int4; README,
-    # "Stacked on quantization"): a run that will quantize to int4 factorizes plain unless told otherwise.
-    form = cfg.form or ("plain" if cfg.deploy.export.quantize == "int4" else None)
+    # A run that will quantize builds its factors in the form that quantization survives (exporters/quantize.py).
+    quantize = cfg.deploy.export.quantize
+    if cfg.form and form_for(quantize) not in (None, cfg.form):
+        raise ConfigError(f"--quantize {quantize} needs --form {form_for(quantize)}: {quantize} weights break "
+                          f"{cfg.form} factors")
+    form = cfg.form or form_for(quantize)
     method = method_config(cfg.method or DEFAULT_METHOD, keep=cfg.keep, rank_multiple=cfg.rank_multiple, form=form)
     if profiles and not isinstance(method, (Whiten, Learned)):
         raise ConfigError(f"--profile plans with method learned or whiten, not '{method.name}'")

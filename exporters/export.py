@@ -23,7 +23,7 @@ from edgesvd.units import PRECISIONS
 
 from .fusions import FUSIONS, apply_fusions, fused_for
 from .graphcheck import GraphCheck, check_graph, embedding_storage, load_graph, require_factorized
-from .quantize import QUANTIZATIONS, quantize_file
+from .quantize import QUANTIZATIONS, form_refusal, quantize_file
 
 MODEL_FILE = "model.onnx"
 META_FILE = "edgesvd_export.json"
@@ -188,6 +188,14 @@ def _optimum_export(model: nn.Module, out: Path, task: str, opset: int | None) -
                               f"{first_line(exc)}") from exc
 
 
+def check_quantizable(cfg: ExportConfig, record: CompressionRecord | None) -> None:
+    """ExportError if `cfg`'s quantization cannot take the record's factor forms (exporters/quantize.py)."""
+    pivoted = sum(1 for l in record.layers if l.pivoted and l.rank is not None) if record else 0
+    refusal = form_refusal(cfg.quantize, pivoted)
+    if refusal:
+        raise ExportError(refusal)
+
+
 def export_model(model: nn.Module, tokenizer, family: Family, out: str | os.PathLike, cfg: ExportConfig,
                  record: CompressionRecord | None = None, source: str = "", force: bool = False) -> ExportResult:
     """Export an in-memory model to `out` (atomically; never onto or around the `source` folder);
@@ -197,6 +205,7 @@ def export_model(model: nn.Module, tokenizer, family: Family, out: str | os.Path
     task = family.onnx_task
     if cfg.pooled and not family.pooled_output:
         raise ConfigError("--pooled adds a sentence embedding and applies to encoders only")
+    check_quantizable(cfg, record)
     with atomic_output_dir(out, force, inputs=(source,) if source else ()) as tmp:
         _optimum_export(model, tmp, task, cfg.opset)
         path = tmp / MODEL_FILE
@@ -239,7 +248,8 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, cfg
     """Export a compressed checkpoint folder; fails if a factor was folded back into a dense weight."""
     checkpoint = Path(checkpoint)
     check_output_dir(Path(out), force, inputs=(checkpoint,))
-    read_record(checkpoint)  # a one-line error for a folder that is not a checkpoint, before loading
+    # one-line errors for a folder that is not a checkpoint or a form the quantization breaks, before loading
+    check_quantizable(cfg, read_record(checkpoint)[1])
     tokenizer = load_tokenizer(checkpoint)
     model, record = load_compressed(checkpoint)
     return export_model(model, tokenizer, family_named(record.family), out, cfg, record, str(checkpoint.resolve()),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from click.testing import CliRunner
 from test_run import FAST
 
@@ -52,10 +53,16 @@ def test_compare_quantized_on_an_encoder_builds_scores_and_times_every_baseline(
     assert "edgesvd against what users already have" in html and c["verdict"][0] in html
 
 
-def test_compare_quantized_on_a_decoder_includes_4bit(tiny_llama_dir, tmp_path):
-    _, _, c = _run(tiny_llama_dir, tmp_path)
+@pytest.mark.parametrize("form", ["plain", "pivoted"])
+def test_compare_quantized_on_a_decoder_includes_4bit(tiny_llama_dir, tmp_path, form):
+    """Plain factors are compared in 4 bits too; pivoted ones (the decoder default), which 4-bit
+    weights break, are not, and the verdict says why."""
+    _, _, c = _run(tiny_llama_dir, tmp_path, "--form", form)
     assert [p["label"] for p in c["points"] if p["kind"] == "baseline"] == ["dense", "dense int8", "dense int4"]
-    assert [p["precision"] for p in c["points"] if p["kind"] == EDGESVD] == ["fp32", "int8", "int4"]
+    ours = [p["precision"] for p in c["points"] if p["kind"] == EDGESVD]
+    assert ours == (["fp32", "int8", "int4"] if form == "plain" else ["fp32", "int8"])
+    omitted = [line for line in c["verdict"] if "int4 point" in line]
+    assert len(omitted) == (form == "pivoted") and all("--form plain" in line for line in omitted)
     assert c["shapes"] == ["prefill", "decode"] and c["score_name"] == "top1_agreement_vs_dense"
     assert c["points"][0]["score"] == 1.0  # the dense model agrees with itself
 

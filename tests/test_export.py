@@ -22,6 +22,7 @@ from edgesvd.exporters.export import ExportConfig, export_model, read_export
 from edgesvd.exporters.graphcheck import QUANTIZED_STORAGE, check_graph, check_onnx_file
 from edgesvd.exporters.parity import THRESHOLDS, ParityConfig, verify
 from edgesvd.exporters.providers import CPU
+from edgesvd.exporters.quantize import form_for
 from edgesvd.factorize import LowRankLinear
 from edgesvd.families import DECODER
 
@@ -96,7 +97,7 @@ def test_fp16_and_int8_keep_the_factorization(tiny_bert_dir, root, dtype, quanti
 @pytest.mark.parametrize("family_fixture", FAMILIES)
 def test_quantized_exports_keep_factors_pass_parity_and_quantize_the_embedding(family_fixture, quantize, request,
                                                                               root):
-    ck = checkpoint(request.getfixturevalue(family_fixture), root)
+    ck = checkpoint(request.getfixturevalue(family_fixture), root, form=form_for(quantize))
     onnx_dir = exported(ck, root, quantize=quantize)
     _, record = read_record(ck)
     meta = read_export(onnx_dir)
@@ -196,7 +197,13 @@ def test_cli_export_bad_inputs(tiny_llama_dir, root, tmp_path):
     r = run(ck, "--out", tmp_path / "o6", "--dtype", "fp16", "--quantize", "int8")
     assert r.exit_code == 2 and "int8" in r.output
 
-    for i in range(1, 7):
+    # The decoder's factors are pivoted (the family's form), which 4-bit weights break (exporters/quantize.py).
+    assert any(l.pivoted and l.rank for l in read_record(ck)[1].layers)
+    r = run(ck, "--out", tmp_path / "o7", "--quantize", "int4")
+    assert r.exit_code == 2 and r.output.startswith("error: int4 weights break pivoted factors")
+    assert "--form plain" in r.output and len(r.output.strip().splitlines()) == 1
+
+    for i in range(1, 8):
         if i != 6:
             assert not (tmp_path / f"o{i}").exists()
     assert "Traceback" not in r.output

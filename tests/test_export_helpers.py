@@ -13,14 +13,15 @@ FAMILIES = ["tiny_llama_dir", "tiny_gpt2_dir", "tiny_qwen2_dir", "tiny_bert_dir"
 
 
 @lru_cache(maxsize=None)
-def checkpoint(model_dir: Path, root: Path, keep: float = 0.5, method: str = "whiten") -> Path:
-    """A compressed checkpoint of `model_dir` (whiten, few calibration sequences) under `root`."""
+def checkpoint(model_dir: Path, root: Path, keep: float = 0.5, method: str = "whiten", form: str | None = None) -> Path:
+    """A compressed checkpoint of `model_dir` (whiten, few calibration sequences, the family's form
+    unless `form`) under `root`."""
     from edgesvd import CalibrationConfig, compress
     from edgesvd.methods import method_config
 
-    out = root / f"ck-{Path(model_dir).name}-{method}-{keep}"
+    out = root / f"ck-{Path(model_dir).name}-{method}-{keep}{'-' + form if form else ''}"
     if not out.exists():
-        compress(str(model_dir), method_config(method, keep=keep, rank_multiple=8),
+        compress(str(model_dir), method_config(method, keep=keep, rank_multiple=8, form=form),
                  calib=CalibrationConfig(num_sequences=8, seq_len=32), device="cpu").save(out)
     return out
 

@@ -38,8 +38,8 @@ def test_run_cli_end_to_end_on_a_decoder(tiny_llama_dir, tmp_path):
 
 
 def test_a_decoder_run_that_quantizes_to_4_bits_factorizes_plain(tiny_llama_dir, tmp_path):
-    """Decoders are pivoted by default, but 4 bits on pivoted factors broke a real LLM (README): a run
-    with --quantize int4 factorizes plain unless --form says otherwise."""
+    """Decoders are pivoted by default, but 4-bit weights break pivoted factors (exporters/quantize.py):
+    a run with --quantize int4 factorizes plain."""
     layers = {}
     for quantize in (None, "int4"):
         root = tmp_path / str(quantize)
@@ -49,6 +49,11 @@ def test_a_decoder_run_that_quantizes_to_4_bits_factorizes_plain(tiny_llama_dir,
         record = json.loads((root / tiny_llama_dir.name / "checkpoint" / "config.json").read_text())["edgesvd"]
         layers[quantize] = {bool(l.get("pivoted")) for l in record["layers"] if l.get("rank") is not None}
     assert layers == {None: {True}, "int4": {False}}, layers
+    # Asking for both is refused before any work.
+    r = CliRunner().invoke(main, ["run", str(tiny_llama_dir), "--quantize", "int4", "--form", "pivoted",
+                                  "--out-root", str(tmp_path / "both")])
+    assert r.exit_code == 2 and r.output.startswith("error: --quantize int4 needs --form plain")
+    assert not (tmp_path / "both").exists()
 
 
 def test_run_reads_the_default_method_at_call_time(tiny_bert_dir, tmp_path, monkeypatch):
