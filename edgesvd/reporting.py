@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 
 
@@ -45,6 +46,30 @@ class _RichBar(Bar):
         self._progress.update(self._task, description=text)
 
 
+class _LineBar(Bar):
+    """Progress as plain lines, for a console that is not a terminal (a log file, CI): a line at most
+    every `every` seconds and one when the work is done, so a long job shows it is alive."""
+
+    def __init__(self, console, description: str, total: int | None, every: float = 20.0) -> None:
+        self.console, self.description, self.total, self.every = console, description, total, every
+        self.done = 0
+        self.start = self.last = time.monotonic()
+
+    def _line(self) -> None:
+        of = f"/{self.total}" if self.total else ""
+        self.console.print(f"{self.description}: {self.done}{of} ({time.monotonic() - self.start:.0f} s)",
+                           highlight=False)
+        self.last = time.monotonic()
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        if time.monotonic() - self.last >= self.every or (self.total and self.done >= self.total):
+            self._line()
+
+    def describe(self, text: str) -> None:
+        self.description = text
+
+
 class ConsoleReporter(Reporter):
     """Progress bars and notes on a rich Console (the CLI's stderr)."""
 
@@ -61,6 +86,9 @@ class ConsoleReporter(Reporter):
     def progress(self, description: str, total: int | None):
         if not self.bars:
             yield Bar()
+            return
+        if not self.console.is_terminal:  # rich would draw the bar only once, at the end
+            yield _LineBar(self.console, description, total)
             return
         from rich.progress import (
             BarColumn,

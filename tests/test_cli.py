@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -41,6 +42,17 @@ def test_compress_and_inspect(tiny_llama_dir, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == before
     forced = run("compress", tiny_llama_dir, "--out", out, "--method", "plain", "--force", *FAST)
     assert forced.exit_code == 0 and json.loads((out / "config.json").read_text())["edgesvd"]["method"] == "plain"
+
+
+def test_progress_in_a_log_is_plain_lines(tiny_llama_dir, tmp_path):
+    """Written to a file (not a terminal), progress is a line per stage when it ends, not a bar
+    drawn once at the end."""
+    result = run("compress", tiny_llama_dir, "--method", "whiten", "--out", tmp_path / "ck",
+                 *[a for a in FAST if a != "--quiet"])
+    assert result.exit_code == 0, result.output
+    done = re.findall(r"^(\S[^:]*): (\d+)/(\d+) \(\d+ s\)$", result.output, re.M)
+    assert done and all(n == total for _, n, total in done), result.output
+    assert "━" not in result.output
 
 
 def _bad_model_folders(tmp_path, tiny_llama_dir):
