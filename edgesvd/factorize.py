@@ -63,8 +63,9 @@ def pivot(a: torch.Tensor, b: torch.Tensor, output_rms: torch.Tensor | None = No
     C = B_R·B_S⁻¹ the rest as combinations of them, and `rows` (out) places each output, so that
     B·A·x = cat(A'x, C·A'x)[rows]. The pivots are chosen on an orthonormal basis Q of B's columns
     by QR with column pivoting of Qᵀ (LAPACK geqp3; Q-DEIM, Drmač & Gugercin 2016): the choice then
-    depends only on the product, not on how it was split, and it keeps B_S well conditioned and |C|
-    near or below 1, so both factors quantize like weights. `output_rms` (out), the expected size of
+    depends only on the product, not on how it was split, and it keeps B_S well conditioned: |C|
+    near 1 on random products, though up to 16 (rows of norm 5–100) on a real LLM's high-rank layers,
+    which is why 4-bit weights need the plain form (exporters/quantize.py). `output_rms` (out), the expected size of
     each output on the calibration data, steers the choice away from outlier outputs (a transformer's
     residual writers have channels 40× the others): the pivot outputs are an activation that int8
     quantizes with one scale, so one outlier among them would flatten the rest to a few levels;
@@ -218,11 +219,30 @@ class PivotedLowRank(LowRankLinear):
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+            return self.stored_forward(x)
+        # In PyTorch, moving the m×out outputs through Concat and Gather cost twice the two MatMuls
+        # (SmolLM2 block at 29.7k tokens: 3.7 s against 1.0 s). The order and the scale go into an
+        # out×r matrix instead, or into the out×in product when that is fewer operations at this
+        # many tokens (high ranks, long inputs); both are the same function.
+        tokens = x.numel() // self.in_features
+        r, i, o = self.rank, self.in_features, self.out_features
+        if tokens * r * (i + o) <= o * r * i + tokens * i * o:
+            return nn.functional.linear(self.a(x), self.expanded_b(), self.bias)
+        return nn.functional.linear(x, self.weight_product(), self.bias)
+
+    def stored_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The forward as the exported graph computes it: two MatMuls, Mul, Concat and Gather."""
         kept = self.a(x)
         # Gather along the first axis: onnxruntime copies whole rows there, element by element on the last
         y = torch.cat([kept * self.scale, self.b(kept)], dim=-1).transpose(0, -1)
         y = y.index_select(0, self.rows).transpose(0, -1)
         return y if self.bias is None else y + self.bias
+
+    def expanded_b(self) -> torch.Tensor:
+        """The out×r matrix B with B·A = the applied weight: the scaled identity and C, in output order."""
+        pivots = torch.eye(self.rank, dtype=self.scale.dtype, device=self.scale.device) * self.scale
+        return torch.cat([pivots, self.b.weight], dim=0).index_select(0, self.rows)
 
     def weight_product(self) -> torch.Tensor:
         a = self.a.weight

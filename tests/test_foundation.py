@@ -68,6 +68,24 @@ def test_pivoted_layer_is_the_same_product_in_fewer_parameters():
         PivotedLowRank(10, 6, 6)
 
 
+def test_a_pivoted_layer_computes_the_stored_form_whichever_way_pytorch_runs_it():
+    """PyTorch runs a pivoted layer through an expanded B (few tokens) or the product (many tokens),
+    the export through the stored form; all three are the same function, gradients included."""
+    torch.manual_seed(0)
+    a, b, bias = torch.randn(12, 20), torch.randn(16, 12), torch.randn(16)
+    layer = PivotedLowRank.from_factors(a, b, bias, output_rms=torch.rand(16) + 0.5)
+    for tokens in (1, 3, 400):  # 1 and 3: expanded B; 400: the product is fewer operations
+        x = torch.randn(tokens, 20)
+        stored = layer.stored_forward(x)
+        assert torch.allclose(layer(x), stored, atol=1e-5), tokens
+        grads = [torch.autograd.grad(f(x).square().sum(), [layer.a.weight, layer.b.weight])
+                 for f in (layer, layer.stored_forward)]
+        assert all(torch.allclose(g, h, rtol=1e-4, atol=1e-4) for g, h in zip(*grads)), tokens
+    traced = torch.jit.trace(layer, torch.randn(400, 20))  # tracing (and ONNX export) records the stored form
+    x = torch.randn(5, 20)
+    assert "index_select" in traced.graph.str() and torch.allclose(traced(x), layer.stored_forward(x), atol=1e-5)
+
+
 def test_pivot_layers_stores_a_trained_plain_layer_pivoted_with_the_same_function():
     """The learned method fine-tunes plain factors and pivots once at the end: the pivoted layer
     computes what the trained plain one did, and only layers whose record says pivoted change."""
