@@ -22,7 +22,8 @@ INT4_ACCURACY_LEVEL = 4
 # as C·(A'x): each is a combination of r pivot outputs whose large terms cancel, so independent
 # rounding errors in A' and C add up instead of cancelling. With 4-bit blocks the relative error of
 # the layer's weight is 0.50 pivoted against 0.14 for the plain factors of the same product and
-# 0.10 dense (mean over SmolLM2-135M's 210 layers at learned keep 0.9; its C rows have norms 5–100),
+# 0.10 dense (mean over SmolLM2-135M's 157 pivoted layers at learned keep 0.9, C rows of norm 5–150;
+# samples/bench_int4_forms.py),
 # and the model's perplexity went from 15.0 to 1e5. int8 rounds 16× finer and stays usable.
 PLAIN_ONLY = ("int4",)
 
