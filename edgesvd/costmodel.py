@@ -100,9 +100,9 @@ def candidate_ranks(shape: LayerShape, multiple: int) -> list[int]:
     return [r for r in range(multiple, int(np.ceil(bound)), multiple) if r < bound]
 
 
-# Latency table measured on this machine: (out, in, rank|None) → (p50 ms, p90 ms) of the layer at
-# the workload's token count; rank None is the dense layer.
-LayerTable = dict[tuple[int, int, int | None], tuple[float, float]]
+# Latency table measured on this machine: (out, in, rank|None, pivoted) → (p50 ms, p90 ms) of the
+# layer at the workload's token count; rank None is the dense layer (pivoted False).
+LayerTable = dict[tuple[int, int, int | None, bool], tuple[float, float]]
 
 
 def _fit_matmul_table(rows) -> tuple[float, float, float]:
@@ -239,8 +239,7 @@ class CostModel:
         key = (shape.out_features, shape.in_features, rank)
         if (key, shape.pivoted) in self._cache:
             return self._cache[key, shape.pivoted]
-        # the measured table holds plain factorized layers: a pivoted one is estimated
-        value = self._table_ms(key) if self.table and not shape.pivoted else None
+        value = self._table_ms(key, shape.pivoted and rank is not None) if self.table else None
         if value is None:
             m = self.tokens
             if rank is None:
@@ -258,19 +257,20 @@ class CostModel:
         self._cache[key, shape.pivoted] = value
         return value
 
-    def _table_ms(self, key: tuple[int, int, int | None]) -> float | None:
-        """Measured time at `key`, linearly interpolated between the measured ranks of that shape."""
-        if key in self.table:
-            return self.table[key][0]
+    def _table_ms(self, key: tuple[int, int, int | None], pivoted: bool) -> float | None:
+        """Measured time at `key` in the form, linearly interpolated between the measured ranks of
+        that shape and form."""
+        if (*key, pivoted) in self.table:
+            return self.table[(*key, pivoted)][0]
         out_f, in_f, rank = key
         if rank is None:
             return None
-        ranks = sorted(r for (o, i, r) in self.table if (o, i) == (out_f, in_f) and r is not None)
+        ranks = sorted(r for (o, i, r, p) in self.table if (o, i, p) == (out_f, in_f, pivoted) and r is not None)
         if not ranks:
             return None
         lo = max((r for r in ranks if r <= rank), default=ranks[0])
         hi = min((r for r in ranks if r >= rank), default=ranks[-1])
-        t_lo, t_hi = self.table[(out_f, in_f, lo)][0], self.table[(out_f, in_f, hi)][0]
+        t_lo, t_hi = self.table[(out_f, in_f, lo, pivoted)][0], self.table[(out_f, in_f, hi, pivoted)][0]
         if hi == lo:  # outside the measured range: scale the nearest point by the rank
             return t_lo * rank / lo
         return t_lo + (t_hi - t_lo) * (rank - lo) / (hi - lo)

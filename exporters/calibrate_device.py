@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-ONNX_FLOAT, ONNX_FLOAT16 = 1, 10
+ONNX_FLOAT, ONNX_FLOAT16, ONNX_INT64 = 1, 10, 7
 OPSET = 17
 
 
@@ -67,21 +67,42 @@ def _value_info(name: str, elem: int, dims: list[int | str]) -> bytes:
     return _bytes(1, name) + _bytes(2, _bytes(1, tensor_type))
 
 
-def _node(op: str, inputs: list[str], outputs: list[str], name: str) -> bytes:
-    """NodeProto: input=1, output=2, name=3, op_type=4."""
-    return b"".join(_bytes(1, i) for i in inputs) + b"".join(_bytes(2, o) for o in outputs) + _bytes(3, name) + _bytes(4, op)
+def _attribute(name: str, value: int | list[int]) -> bytes:
+    """AttributeProto: name=1, i=3, ints=8, type=20 (INT=2, INTS=7)."""
+    if isinstance(value, int):
+        return _bytes(1, name) + _int(3, value) + _int(20, 2)
+    return _bytes(1, name) + b"".join(_int(8, v) for v in value) + _int(20, 7)
+
+
+def _node(op: str, inputs: list[str], outputs: list[str], name: str, **attributes: int | list[int]) -> bytes:
+    """NodeProto: input=1, output=2, name=3, op_type=4, attribute=5."""
+    return (b"".join(_bytes(1, i) for i in inputs) + b"".join(_bytes(2, o) for o in outputs) + _bytes(3, name)
+            + _bytes(4, op) + b"".join(_bytes(5, _attribute(k, v)) for k, v in attributes.items()))
 
 
 def linear_model(in_features: int, out_features: int, rank: int | None, precision: str = "fp32",
-                 bias: bool = True, seed: int = 0) -> bytes:
+                 bias: bool = True, seed: int = 0, pivoted: bool = False) -> bytes:
     """Serialized ONNX model of one Linear on input x[m, in]: dense `x·W (+b)` or factorized
-    `(x·A)·B (+b)` with A in×rank, B rank×out held as initializers (the factors are never multiplied)."""
+    `(x·A)·B (+b)` with A in×rank, B rank×out held as initializers (the factors are never multiplied);
+    `pivoted`: the graph edgesvd exports for that form, h = x·A, Gather(Concat(h·s, h·C)) with C
+    rank×(out−rank) and the Gather between two Transposes."""
     dtype, elem = (np.float16, ONNX_FLOAT16) if precision == "fp16" else (np.float32, ONNX_FLOAT)
     rng = np.random.default_rng(seed)
     inits, nodes = [], []
     if rank is None:
         inits.append(_tensor("w", (rng.standard_normal((in_features, out_features)) * 0.02).astype(dtype), elem))
         nodes.append(_node("MatMul", ["x", "w"], ["y0"], "matmul"))
+    elif pivoted:
+        inits.append(_tensor("a", (rng.standard_normal((in_features, rank)) * 0.05).astype(dtype), elem))
+        inits.append(_tensor("c", (rng.standard_normal((rank, out_features - rank)) * 0.05).astype(dtype), elem))
+        inits.append(_tensor("s", (1 + rng.random(rank)).astype(dtype), elem))
+        inits.append(_tensor("rows", rng.permutation(out_features).astype(np.int64), ONNX_INT64))
+        nodes += [_node("MatMul", ["x", "a"], ["h"], "matmul_a"), _node("Mul", ["h", "s"], ["hs"], "scale"),
+                  _node("MatMul", ["h", "c"], ["hc"], "matmul_b"),
+                  _node("Concat", ["hs", "hc"], ["cat"], "concat", axis=-1),
+                  _node("Transpose", ["cat"], ["cat_t"], "transpose_in", perm=[1, 0]),
+                  _node("Gather", ["cat_t", "rows"], ["y_t"], "gather", axis=0),
+                  _node("Transpose", ["y_t"], ["y0"], "transpose_out", perm=[1, 0])]
     else:
         inits.append(_tensor("a", (rng.standard_normal((in_features, rank)) * 0.05).astype(dtype), elem))
         inits.append(_tensor("b", (rng.standard_normal((rank, out_features)) * 0.05).astype(dtype), elem))

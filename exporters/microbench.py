@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from edgesvd.costmodel import LayerShape, LayerTable, candidate_ranks
+from edgesvd.factorize import params_at
 from edgesvd.reporting import SILENT, Reporter
 
 from .calibrate_device import linear_model, make_session
@@ -46,26 +47,26 @@ GROUP_BYTES = 1 << 30  # weights held by the sessions of one interleaved group
 
 @dataclass(frozen=True)
 class Entry:
-    """One timed layer: an out×in weight at `rank` (None: dense), no bias (factorization leaves the
-    bias add alone, so it belongs to the untouched part of the model)."""
+    """One timed layer: an out×in weight at `rank` (None: dense), in the pivoted form or not, no bias
+    (factorization leaves the bias add alone, so it belongs to the untouched part of the model)."""
 
     out_features: int
     in_features: int
     rank: int | None
+    pivoted: bool = False
 
     @property
     def key(self) -> str:
-        return f"{self.out_features}|{self.in_features}|{self.rank}"
+        return f"{self.out_features}|{self.in_features}|{self.rank}" + ("|pivoted" if self.pivoted else "")
 
     @classmethod
     def parse(cls, key: str) -> "Entry":
-        out, inp, rank = key.split("|")
-        return cls(int(out), int(inp), None if rank == "None" else int(rank))
+        out, inp, rank, *form = key.split("|")
+        return cls(int(out), int(inp), None if rank == "None" else int(rank), form == ["pivoted"])
 
     @property
     def weight_bytes(self) -> int:
-        o, i, r = self.out_features, self.in_features, self.rank
-        return 4 * (o * i if r is None else r * (o + i))
+        return 4 * params_at(self.out_features, self.in_features, self.rank, self.pivoted)
 
 
 # A timer runs one round: `runs` timed runs (ms) of every entry in turn. OrtTimer is the real one;
@@ -84,7 +85,8 @@ class OrtTimer:
 
     def _session(self, e: Entry):
         if e not in self._sessions:
-            sess = make_session(linear_model(e.in_features, e.out_features, e.rank, self.precision, bias=False),
+            sess = make_session(linear_model(e.in_features, e.out_features, e.rank, self.precision, bias=False,
+                                             pivoted=e.pivoted),
                                 self.provider, self.threads)
             dtype = np.float16 if self.precision == "fp16" else np.float32
             feed = {"x": np.random.default_rng(1).standard_normal((self.tokens, e.in_features)).astype(dtype)}
@@ -297,15 +299,16 @@ class Bench:
 def measure_layers(shapes: list[LayerShape], tokens: int, multiple: int, provider: str = "CPUExecutionProvider",
                    threads: int = 0, precision: str = "fp32", max_points: int = 12, use_cache: bool = True,
                    timer: Timer | None = None, reporter: Reporter = SILENT) -> Bench:
-    """Time every distinct layer shape dense and at its candidate ranks (rank None: dense).
+    """Time every distinct layer shape dense and at its candidate ranks (rank None: dense), in the
+    shape's form.
 
-    Returns (out, in, rank|None) → (p50 ms, p90 ms) at `tokens` input rows, and its provenance.
+    Returns (out, in, rank|None, pivoted) → (p50 ms, p90 ms) at `tokens` input rows, and its provenance.
     Cached timings are reused only after the probes, re-timed now, agree with them.
     """
     fp = fingerprint(tokens, provider, threads, precision)
     own_timer = timer is None
     timer = timer or OrtTimer(tokens, provider, threads, precision)
-    needed = list(dict.fromkeys(Entry(s.out_features, s.in_features, r) for s in shapes
+    needed = list(dict.fromkeys(Entry(s.out_features, s.in_features, r, s.pivoted and r is not None) for s in shapes
                                 for r in [None, *ranks_to_time(s, multiple, max_points)]))
     path = cache_file(fp)
     data = _read_cache(path, fp) if use_cache else {"fingerprint": fp, "entries": {}, "probes": []}
@@ -339,7 +342,7 @@ def measure_layers(shapes: list[LayerShape], tokens: int, multiple: int, provide
         if own_timer:
             timer.close()
     rows = {**data["entries"], **fresh}
-    table: LayerTable = {(e.out_features, e.in_features, e.rank): (rows[e.key]["p50_ms"], rows[e.key]["p90_ms"])
+    table: LayerTable = {(e.out_features, e.in_features, e.rank, e.pivoted): (rows[e.key]["p50_ms"], rows[e.key]["p90_ms"])
                          for e in needed}
     cached = len(needed) - len(missing)
     info.update(entries=len(needed), from_cache=cached)

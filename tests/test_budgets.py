@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from test_export_helpers import checkpoint, exported, exported_dense, work_root
 
-from edgesvd.costmodel import CostModel, LayerShape, candidate_ranks
+from edgesvd.costmodel import CostModel, LayerShape, ModelFacts, candidate_ranks
 from edgesvd.errors import BudgetError
 from edgesvd.exporters.budgets import MET, MISSED, UNDECIDED, PlanMeasurement, Verdict, judge
 from edgesvd.exporters.closed_loop import CLOSE_ENOUGH, Bracket, closed_loop
@@ -21,6 +21,7 @@ from edgesvd.exporters.microbench import (
     cache_file,
     fingerprint,
     measure_layers,
+    ranks_to_time,
     refresh_caches,
 )
 from edgesvd.exporters.profiling import (
@@ -31,6 +32,8 @@ from edgesvd.exporters.profiling import (
     paired_latency,
     quantile_interval,
 )
+from edgesvd.factorize import break_even_rank
+from edgesvd.families import DECODER
 from edgesvd.profiles import load_profile, parse_budget
 
 
@@ -188,7 +191,7 @@ def test_real_onnxruntime_timer_and_refresh(tmp_path, monkeypatch):
     [[*times]] = timer([Entry(96, 64, 16)], 3)
     assert len(times) == 3 and all(t > 0 for t in times)
     bench = measure_layers(SHAPES, tokens=16, multiple=8, use_cache=False)
-    assert {(96, 64, None), (64, 96, None), (96, 64, 8)} <= set(bench.table)
+    assert {(96, 64, None, False), (64, 96, None, False), (96, 64, 8, False)} <= set(bench.table)
     assert all(p50 > 0 and p90 > 0 for p50, p90 in bench.table.values())
     measure_layers(SHAPES, tokens=16, multiple=8, timer=ScriptedTimer(_law))  # a cache to refresh
     [summary] = refresh_caches()  # re-timed by onnxruntime: kept if its timings agree, else removed
@@ -197,6 +200,25 @@ def test_real_onnxruntime_timer_and_refresh(tmp_path, monkeypatch):
     assert path.exists() == summary["kept"]
     if summary["kept"]:
         assert json.loads(path.read_text())["entries"]["96|64|None"]["p50_ms"] != pytest.approx(_law(Entry(96, 64, None)))
+
+
+def test_pivoted_layers_are_timed_in_their_form_and_the_cost_model_reads_those_timings(tmp_path, monkeypatch):
+    """A pivoted shape is timed as the pivoted graph (onnxruntime) at its own candidate ranks, cached
+    under its own keys, and the cost model's layer time comes from those entries, not the plain ones."""
+    monkeypatch.setenv("EDGESVD_CACHE_DIR", str(tmp_path))
+    pivoted = [LayerShape("p", 96, 64, pivoted=True)]
+    bench = measure_layers(pivoted, tokens=16, multiple=8, use_cache=False)
+    factorized = {k for k in bench.table if k[2] is not None}
+    assert factorized and all(k[3] for k in factorized)  # every factorized entry is pivoted
+    assert {k[2] for k in factorized} == set(ranks_to_time(pivoted[0], 8))
+    # ranks beyond the plain break-even (38.4 here) exist only in the pivoted form
+    assert max(k[2] for k in factorized) > break_even_rank(96, 64)
+    assert Entry.parse(Entry(96, 64, 40, True).key) == Entry(96, 64, 40, True)
+    table = {**bench.table, (96, 64, 16, True): (7.0, 7.0), (96, 64, 16, False): (1.0, 1.0)}
+    facts = ModelFacts(DECODER, 96 * 64, tuple(pivoted), (), 64, 96, 1, 1, 1, 64, 10)
+    cost = CostModel(load_profile("host", measure_host=False), facts, table)
+    assert cost.layer_ms(pivoted[0], 16) == pytest.approx(7.0)
+    assert cost.layer_ms(pivoted[0], None) == pytest.approx(table[(96, 64, None, False)][0])
 
 
 # -- the closed loop's search ------------------------------------------------------------------------
@@ -230,7 +252,7 @@ def tiny_plan_inputs(tiny_bert_dir):
     table = {}
     for shape in facts.layers:
         for rank in [None, *candidate_ranks(shape, 8)]:
-            table[(shape.out_features, shape.in_features, rank)] = (shape.params(rank) * 1e-5,) * 2
+            table[(shape.out_features, shape.in_features, rank, False)] = (shape.params(rank) * 1e-5,) * 2
     cost = CostModel(load_profile("raspberry-pi-5"), facts, table).anchored_to(10.0, 11.0, 0.6)
     return layers, cost
 

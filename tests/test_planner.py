@@ -133,10 +133,10 @@ def test_factorized_layer_not_faster_than_dense_stays_dense():
     table = {}
     for shape in facts.layers:
         slow = shape.key == (384, 384)
-        table[(*shape.key, None)] = (1.0, 1.1)
+        table[(*shape.key, None, False)] = (1.0, 1.1)
         for r in candidate_ranks(shape, 8):
             ms = 1.2 + r / 1000 if slow else 0.2 + 0.8 * r / break_even_rank(*shape.key)
-            table[(*shape.key, r)] = (ms, ms * 1.1)
+            table[(*shape.key, r, False)] = (ms, ms * 1.1)
     profile = load_profile("host", measure_host=False)
     cost = CostModel(profile, facts, table, fixed_ms=2.0)
     assert cost.source == MEASURED
@@ -174,7 +174,7 @@ def test_decoder_memory_counts_the_kv_cache():
 def test_table_interpolates_between_measured_ranks(setup):
     facts, _, _ = setup
     shape = facts.layers[0]
-    table = {(384, 384, None): (1.0, 1.0), (384, 384, 32): (0.2, 0.2), (384, 384, 96): (0.6, 0.6)}
+    table = {(384, 384, None, False): (1.0, 1.0), (384, 384, 32, False): (0.2, 0.2), (384, 384, 96, False): (0.6, 0.6)}
     cost = CostModel(load_profile("host", measure_host=False), facts, table)
     assert cost.layer_ms(shape, 64) == pytest.approx(0.4)
     assert cost.layer_ms(shape, 32) == pytest.approx(0.2)

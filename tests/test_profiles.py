@@ -161,6 +161,17 @@ def test_minimal_onnx_encoder_matches_onnx_and_runs():
         got = ort.InferenceSession(linear_model(8, 5, rank), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
         assert [n.op_type for n in proto.graph.node].count("MatMul") == (1 if rank is None else 2)
+    # The pivoted form: the same nodes as edgesvd's export of a PivotedLowRank (attributes included).
+    proto = onnx.load_from_string(linear_model(8, 5, 3, bias=False, pivoted=True))
+    onnx.checker.check_model(proto, full_check=True)
+    a, c, s, rows = (numpy_helper.to_array(t) for t in proto.graph.initializer)
+    assert [n.op_type for n in proto.graph.node] == ["MatMul", "Mul", "MatMul", "Concat", "Transpose", "Gather",
+                                                     "Transpose"]
+    x = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    h = x @ a
+    expected = np.concatenate([h * s, h @ c], axis=-1)[:, rows]
+    got = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
 
 
 def test_calibrate_device_standalone_writes_a_loadable_profile(tmp_path):
