@@ -169,9 +169,11 @@ def time_session(session, feed: dict, warmup: int = 5, runs: int = 30, min_secon
 
 
 def time_linear(tokens: int, in_features: int, out_features: int, rank: int | None, provider: str = "CPUExecutionProvider",
-                threads: int = 0, precision: str = "fp32", bias: bool = True, runs: int = 30) -> tuple[float, float]:
-    """(p50, p90) ms of one Linear (dense when `rank` is None) on `tokens` input rows."""
-    session = make_session(linear_model(in_features, out_features, rank, precision, bias), provider, threads)
+                threads: int = 0, precision: str = "fp32", bias: bool = True, runs: int = 30,
+                pivoted: bool = False) -> tuple[float, float]:
+    """(p50, p90) ms of one Linear (dense when `rank` is None; `pivoted`: in that form) on `tokens` input rows."""
+    session = make_session(linear_model(in_features, out_features, rank, precision, bias, pivoted=pivoted),
+                           provider, threads)
     dtype = np.float16 if precision == "fp16" else np.float32
     x = np.random.default_rng(1).standard_normal((tokens, in_features)).astype(dtype)
     return time_session(session, {"x": x}, runs=runs)
