@@ -87,9 +87,11 @@ def _check_positions(config, seq_len: int) -> None:
 def prepare(model: str | os.PathLike | ModelSource = DEFAULT_MODEL,
             calib: CalibrationConfig | str | Sequence[str] | None = None, include: Sequence[str] = (),
             exclude: Sequence[str] = (), device: str = "auto", batch_size: int = 16, trust_remote_code: bool = False,
-            need_stats: bool = True, reporter: Reporter = SILENT, rank_multiple: int | None = None) -> Prepared:
+            need_stats: bool = True, reporter: Reporter = SILENT, rank_multiple: int | None = None,
+            form: str | None = None) -> Prepared:
     """Load the model and tokenizer, pick targets, sample calibration data, collect XᵀX; with
-    `rank_multiple`, refuse one no targeted layer can be factorized at (before any calibration)."""
+    `rank_multiple`, refuse one no targeted layer can be factorized at in `form` (None: the
+    family's) before any calibration."""
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
     calib = calibration_config(calib)
@@ -99,7 +101,8 @@ def prepare(model: str | os.PathLike | ModelSource = DEFAULT_MODEL,
     tokenizer = load_tokenizer(source.path, trust_remote_code)
     targets = select_targets(loaded, include, exclude)
     if rank_multiple is not None:
-        check_rank_multiple({t: tuple(loaded.get_submodule(t).weight.shape) for t in targets}, rank_multiple)
+        check_rank_multiple({t: tuple(loaded.get_submodule(t).weight.shape) for t in targets}, rank_multiple,
+                            (form or source.family.form) == "pivoted")
     sample = stats = None
     if need_stats:
         _check_positions(loaded.config, calib.seq_len)
@@ -461,5 +464,6 @@ def compress(model: str | os.PathLike = DEFAULT_MODEL, method: Method | str = DE
         raise ConfigError("several processes (torchrun) share only streamed compression: use --stream on "
                           "on a decoder")
     prepared = prepare(source, calib, include, exclude, device, batch_size, trust_remote_code,
-                       need_stats=method.needs_statistics, reporter=reporter, rank_multiple=method.rank_multiple)
+                       need_stats=method.needs_statistics, reporter=reporter, rank_multiple=method.rank_multiple,
+                       form=method.form)
     return compress_prepared(prepared, method, str(model), reporter=reporter)

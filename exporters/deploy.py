@@ -482,7 +482,7 @@ def run(cfg: RunConfig = RunConfig(), reporter: Reporter = SILENT) -> Deployment
     multiple = min(p.rank_multiple for p in profiles) if profiles else method.rank_multiple
     reporter.step("compress")
     prepared = prepare(source, cfg.calibration, device=cfg.device, need_stats=method.needs_statistics,
-                       reporter=reporter, rank_multiple=multiple)
+                       reporter=reporter, rank_multiple=multiple, form=method.form)
     if not profiles:
         ck = compress_prepared(prepared, method, cfg.model, reporter=reporter)
         compressed_s = time.perf_counter() - start

@@ -123,3 +123,15 @@ def test_calibration_sources_jsonl_and_folder(tiny_llama_dir, tmp_path):
     result = run("compress", tiny_llama_dir, "--calib", folder, "--out", tmp_path / "o", *FAST)
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "o" / "config.json").read_text())["edgesvd"]["calibration"]["documents"] == 3
+
+
+def test_the_rank_multiple_is_checked_against_the_break_even_of_the_form(tiny_llama_dir, tmp_path):
+    """Rank 48 is above every plain break-even of the tiny decoder (at most 45.7, its 160×64 MLP) but
+    below the pivoted ones (64): the decoder's default form takes it, --form plain refuses it."""
+    args = ["compress", tiny_llama_dir, "--method", "whiten", "--rank-multiple", "48", *FAST]
+    ok = run(*args, "--out", tmp_path / "pivoted")
+    assert ok.exit_code == 0, ok.output
+    layers = json.loads((tmp_path / "pivoted" / "config.json").read_text())["edgesvd"]["layers"]
+    assert any(l["rank"] == 48 and l["pivoted"] for l in layers)
+    assert_one_line_error(run(*args, "--form", "plain", "--out", tmp_path / "plain"), "break-even")
+    assert not (tmp_path / "plain").exists()
