@@ -76,7 +76,7 @@ def main():
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     manifest, sess, tok = load(args.provider)
-    if manifest["model"]["family"] == "encoder":
+    if "logits" not in {o.name for o in sess.get_outputs()}:  # an encoder: the graph says what it computes
         emb = embed(sess, tok, args.texts)
         result = {"embeddings": emb.tolist()}
         if len(args.texts) == 2:
