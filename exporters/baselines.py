@@ -20,10 +20,10 @@ from edgesvd.reporting import SILENT, Reporter
 from .export import (
     MODEL_FILE,
     ExportConfig,
-    check_quantizable,
     export_checkpoint,
     export_model,
     onnx_files_bytes,
+    quantize_refusal,
     read_export,
 )
 from .onnx_scores import task_score_onnx
@@ -137,15 +137,7 @@ def edgesvd_precisions(family: Family, record: CompressionRecord | None = None) 
     """The precisions edgesvd's model is compared at: fp32 and int8, plus int4 for decoders, less
     those its factor forms do not survive (exporters/quantize.py)."""
     wanted = (None, "int8", "int4") if family.causal else (None, "int8")
-    return tuple(q for q in wanted if not _refused(q, record))
-
-
-def _refused(quantize: str | None, record: CompressionRecord | None) -> str | None:
-    try:
-        check_quantizable(ExportConfig(quantize=quantize), record)
-    except ExportError as exc:
-        return str(exc)
-    return None
+    return tuple(q for q in wanted if not quantize_refusal(q, record))
 
 
 def baseline_variants(dense_model, tokenizer, family: Family, source: str, folder: Path,
@@ -330,7 +322,7 @@ def compare_quantized(dense_model, tokenizer, family: Family, checkpoint: Path, 
         variants += edgesvd_variants(checkpoint, name, family, folder, fuse, reporter)
         comparison = compare_variants(variants, family, cfg, eval_file, held_out, reporter)
         record = read_record(checkpoint)[1]
-        refusals = [(q, _refused(q, record)) for q in edgesvd_precisions(family)]
+        refusals = [(q, quantize_refusal(q, record)) for q in edgesvd_precisions(family)]
         comparison.verdict += [f"no {name} {q} point: {why}" for q, why in refusals if why]
         return comparison
     finally:

@@ -188,10 +188,15 @@ def _optimum_export(model: nn.Module, out: Path, task: str, opset: int | None) -
                               f"{first_line(exc)}") from exc
 
 
-def check_quantizable(cfg: ExportConfig, record: CompressionRecord | None) -> None:
-    """ExportError if `cfg`'s quantization cannot take the record's factor forms (exporters/quantize.py)."""
+def quantize_refusal(quantize: str | None, record: CompressionRecord | None) -> str | None:
+    """Why `quantize` cannot take the record's factor forms (exporters/quantize.py); None: it can."""
     pivoted = sum(1 for l in record.layers if l.pivoted and l.rank is not None) if record else 0
-    refusal = form_refusal(cfg.quantize, pivoted)
+    return form_refusal(quantize, pivoted)
+
+
+def check_quantizable(cfg: ExportConfig, record: CompressionRecord | None) -> None:
+    """ExportError if `cfg`'s quantization cannot take the record's factor forms."""
+    refusal = quantize_refusal(cfg.quantize, record)
     if refusal:
         raise ExportError(refusal)
 
