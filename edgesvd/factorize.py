@@ -64,7 +64,7 @@ def pivot(a: torch.Tensor, b: torch.Tensor, output_rms: torch.Tensor | None = No
     B·A·x = cat(A'x, C·A'x)[rows]. The pivots are chosen on an orthonormal basis Q of B's columns
     by QR with column pivoting of Qᵀ (LAPACK geqp3; Q-DEIM, Drmač & Gugercin 2016): the choice then
     depends only on the product, not on how it was split, and it keeps B_S well conditioned: |C|
-    near 1 on random products, though up to 16 (rows of norm 5–100) on a real LLM's high-rank layers,
+    near 1 on random products, though up to 16 (rows of norm 5–150) on a real LLM's high-rank layers,
     which is why 4-bit weights need the plain form (exporters/quantize.py). `output_rms` (out), the expected size of
     each output on the calibration data, steers the choice away from outlier outputs (a transformer's
     residual writers have channels 40× the others): the pivot outputs are an activation that int8

@@ -319,9 +319,10 @@ def compare_quantized(dense_model, tokenizer, family: Family, checkpoint: Path, 
     comparison; the folder is removed afterwards unless cfg.keep_variants."""
     try:
         variants = baseline_variants(dense_model, tokenizer, family, source, folder, reporter)
-        variants += edgesvd_variants(checkpoint, name, family, folder, fuse, reporter)
-        comparison = compare_variants(variants, family, cfg, eval_file, held_out, reporter)
         record = read_record(checkpoint)[1]
+        variants += edgesvd_variants(checkpoint, name, family, folder, fuse, reporter,
+                                     edgesvd_precisions(family, record))
+        comparison = compare_variants(variants, family, cfg, eval_file, held_out, reporter)
         refusals = [(q, quantize_refusal(q, record)) for q in edgesvd_precisions(family)]
         comparison.verdict += [f"no {name} {q} point: {why}" for q, why in refusals if why]
         return comparison
