@@ -51,7 +51,7 @@ from .distributed import Group
 from .errors import ConfigError
 from .factorize import LayerRecord, LowRankLinear, pivot_layers, replace_with_factors
 from .families import Family
-from .finetune import HiddenTeacher, MiniBatches, finetune_factors, probe_loss
+from .finetune import KL_CHUNK_TOKENS, HiddenTeacher, MiniBatches, finetune_factors, logit_head, probe_loss
 from .importance import ScoredLowRank, candidate_rank, importance_order, select
 from .loading import ModelSource, set_submodule
 from .methods import Learned
@@ -381,11 +381,12 @@ def end_to_end_bytes(model: nn.Module, trained: int, batch_tokens: int, checkpoi
     parameters (the compressed blocks' factors and, when fine-tuned, the targets left dense) with
     their gradients and Adam's two moments, and one batch's activations kept for backward: about 24
     hidden-sized tensors per block, or with activation checkpointing one per block plus one block's
-    24; the logits three times."""
+    24; and one KL chunk's logits, their log-softmax and gradient, the teacher's likewise (finetune._kl_loss)."""
     config = model.config
     blocks = getattr(config, "num_hidden_layers", 1)
     kept = blocks + 24 if checkpointing else 24 * blocks
-    activations = 4 * batch_tokens * (kept * config.hidden_size + 3 * config.vocab_size)
+    activations = 4 * (batch_tokens * kept * config.hidden_size
+                       + 6 * min(batch_tokens, KL_CHUNK_TOKENS) * config.vocab_size)
     return 4 * 4 * trained + activations
 
 
@@ -443,8 +444,7 @@ def _end_to_end(model: nn.Module, stream: Stream, last_hidden: list[torch.Tensor
     mask = torch.cat([m for _, m in stream.batches])
     model.to(device)
     teacher = HiddenTeacher(ids, mask, torch.cat(last_hidden), final_norm(model, stream.blocks_name, stream.blocks),
-                            model.get_output_embeddings(), family, device,
-                            getattr(model.config, "final_logit_softcapping", None))
+                            logit_head(model), family, device)
     batches = MiniBatches(ids.shape[0], method.batch_size, seed)
     probe_gen = MiniBatches(ids.shape[0], method.batch_size, seed + 1)
     probe = [probe_gen.next() for _ in range(min(PROBE_BATCHES, max(1, ids.shape[0] // method.batch_size)))]

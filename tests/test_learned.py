@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import torch
 from click.testing import CliRunner
 
@@ -186,3 +187,84 @@ def test_pruned_components_keep_their_importance_and_score_on_the_path():
     assert torch.equal(layer.alive, torch.tensor([1.0, 0.0, 1.0, 0.0]))
     assert torch.allclose(importance, torch.tensor([2.0, 1.0, 1.5, 2.0]))
     assert torch.allclose(scores, torch.tensor([1.2, 0.2, 0.8, 0.5]))
+
+
+def _distill_case(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    teacher = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    student = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ids = torch.randint(3, 512, (3, 19))
+    mask = torch.ones_like(ids)
+    mask[2, 13:] = 0  # a padded row: its last tokens are left out of the loss
+    return teacher, student, ids, mask
+
+
+def _reference_kl(student, target_logits, ids, mask):
+    import torch.nn.functional as F
+
+    valid = mask.bool()
+    out = student(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+    return F.kl_div(F.log_softmax(out[valid], -1), F.log_softmax(target_logits[valid], -1), log_target=True,
+                    reduction="batchmean")
+
+
+def _grads(model, loss):
+    model.zero_grad(set_to_none=True)
+    loss.backward()
+    return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("fixture, model_type", [("tiny_llama_dir", None), ("tiny_qwen2_dir", None),
+                                                 ("tiny_gpt2_dir", None), (None, "gemma2")])
+def test_chunked_kl_equals_the_full_logits_loss(fixture, model_type, request, monkeypatch):
+    """The decoders' distillation loss, summed over token chunks from the final hidden states (logits
+    recomputed in backward), gives the loss and gradients of the full-logits KL: untied and tied heads,
+    GPT-2's final LayerNorm, Gemma 2's soft-capped logits; teacher targets as logits (whole-model
+    path) or as final hidden states through the head (streamed path)."""
+    from edgesvd import finetune
+    from edgesvd.families import DECODER
+
+    model_dir = request.getfixturevalue(fixture) if fixture else request.getfixturevalue("tiny_family_dir")(model_type)
+    teacher, student, ids, mask = _distill_case(model_dir)
+    monkeypatch.setattr(finetune, "KL_CHUNK_TOKENS", 7)  # 3 × 19 tokens, less padding: several chunks and a rest
+    with torch.no_grad():
+        target_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+        target_hidden = teacher.base_model(input_ids=ids, attention_mask=mask, use_cache=False)[0]
+    reference = _reference_kl(student, target_logits, ids, mask)
+    expected = _grads(student, reference)
+    assert float(reference.detach()) > 1e-3  # the student differs from its teacher: the comparison is not 0 = 0
+    for batch in (finetune.Batch(ids, mask, target_logits),
+                  finetune.Batch(ids, mask, target_hidden, finetune.logit_head(teacher))):
+        loss = finetune.distill_loss(student, batch, DECODER)
+        assert torch.allclose(loss, reference, rtol=1e-5, atol=1e-6), (float(loss), float(reference))
+        for got, want in zip(_grads(student, loss), expected, strict=True):
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_a_model_that_changes_its_logits_after_the_head_trains_on_full_logits(tiny_llama_dir):
+    """An architecture whose logits are not its head's output (here scaled after the head) is found by
+    the one-time check and distilled on its real logits."""
+    from transformers import LlamaForCausalLM
+
+    from edgesvd import finetune
+    from edgesvd.families import DECODER
+
+    class Scaled(LlamaForCausalLM):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2.0
+            return out
+
+    teacher, _, ids, mask = _distill_case(tiny_llama_dir)
+    student = Scaled.from_pretrained(tiny_llama_dir).eval()
+    with torch.no_grad():
+        target_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
+    reference = _reference_kl(student, target_logits, ids, mask)
+    loss = finetune.distill_loss(student, finetune.Batch(ids, mask, target_logits), DECODER)
+    assert not finetune._SPLITS[student]
+    assert torch.allclose(loss, reference, rtol=1e-5, atol=1e-6)
