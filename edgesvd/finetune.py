@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 from .calibration import CalibrationBatch
 from .factorize import LowRankLinear
 from .families import Family
+from .loading import find_blocks
 from .reporting import SILENT, Reporter
 
 # Teacher outputs are cached for the whole calibration set when they fit in this many bytes;
@@ -60,20 +61,25 @@ def logit_head(model: nn.Module) -> LogitHead:
     return LogitHead(model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None))
 
 
-# Per model: whether its logits are logit_head(model) of its base model's last hidden state.
-_SPLITS: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
+# Per model: the module holding its blocks, whose first output is the final (normed) hidden state that
+# logit_head(model) turns into the model's logits; None where that does not hold.
+_BODIES: "weakref.WeakKeyDictionary[nn.Module, nn.Module | None]" = weakref.WeakKeyDictionary()
 
 
 @torch.no_grad()
-def _splits_at_head(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> bool:
-    """Checked once per model on a few tokens, so that an architecture that does more after its head
-    (a scale, a bias) falls back to full logits instead of training against the wrong ones."""
-    if model not in _SPLITS:
+def _body(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> nn.Module | None:
+    """Found by structure (the owner of the blocks) and checked once per model on a few tokens, so that
+    an architecture that does more after its head (a scale, a bias) keeps the full-logits loss
+    instead of training against the wrong logits."""
+    if model not in _BODIES:
+        blocks_name, _ = find_blocks(model)
+        body = model.get_submodule(blocks_name.rpartition(".")[0])
         ids, mask = ids[:1, :8], mask[:1, :8]
         full = _logits(model, ids, mask).float()
-        split = logit_head(model)(model.base_model(input_ids=ids, attention_mask=mask, use_cache=False)[0])
-        _SPLITS[model] = full.shape == split.shape and torch.allclose(full, split, rtol=1e-4, atol=1e-4)
-    return _SPLITS[model]
+        split = logit_head(model)(body(input_ids=ids, attention_mask=mask, use_cache=False)[0])
+        same = full.shape == split.shape and torch.allclose(full, split, rtol=1e-4, atol=1e-4)
+        _BODIES[model] = body if same else None
+    return _BODIES[model]
 
 
 @dataclass
@@ -160,12 +166,13 @@ def _kl_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """KL(teacher ‖ student) of the next-token distributions, mean over tokens, summed chunk by chunk
     (KL_CHUNK_TOKENS) from the student's final hidden states where its logits are its head's."""
     valid = batch.mask.bool()
-    if not _splits_at_head(model, batch.ids, batch.mask):
+    body = _body(model, batch.ids, batch.mask)
+    if body is None:
         out = _logits(model, batch.ids, batch.mask).float()
         target = batch.head(batch.target[valid]) if batch.head else batch.target[valid].float()
         return F.kl_div(F.log_softmax(out[valid], dim=-1), F.log_softmax(target, dim=-1), log_target=True,
                         reduction="batchmean")
-    hidden = model.base_model(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False)[0][valid]
+    hidden = body(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False)[0][valid]
     target, head = batch.target[valid], logit_head(model)
     total = sum(checkpoint(_kl_chunk, head, hidden[i:i + KL_CHUNK_TOKENS], target[i:i + KL_CHUNK_TOKENS],
                            batch.head, use_reentrant=False)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ModelLoadError, NoTargetError, first_line
+from .errors import ConfigError, ModelLoadError, NoTargetError, first_line
 from .families import Family, family_of
 from .gguf_intake import gguf_folder, is_gguf_ref
 
@@ -152,6 +152,22 @@ def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList of transformer blocks, by structure: the one whose element class the model
+    names as not to be split (`_no_split_modules`), else the longest ModuleList."""
+    wanted = set(getattr(model, "_no_split_modules", None) or [])
+    longest = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module):
+            if type(module[0]).__name__ in wanted:
+                return name, module
+            if longest is None or len(module) > len(longest[1]):
+                longest = (name, module)
+    if longest is None:
+        raise ConfigError("no list of transformer blocks found in the model")
+    return longest
 
 
 def select_targets(model: nn.Module, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> list[str]:

@@ -35,7 +35,7 @@ from .checkpoint import Shards, parameters_on_meta
 from .distributed import Group
 from .errors import ConfigError, ModelLoadError, first_line
 from .factorize import LayerRecord, apply_ranks, low_rank_class
-from .loading import ModelSource, select_targets, set_submodule
+from .loading import ModelSource, find_blocks, select_targets, set_submodule
 from .methods import Method
 from .planner import check_rank_multiple, uniform_rank
 from .reporting import SILENT, Reporter
@@ -149,22 +149,6 @@ def skeleton(source: ModelSource) -> nn.Module:
         raise ConfigError(f"{source.name} stores its layers as Conv1D (GPT-2 style), which streaming does not read; "
                           "use stream 'off'")
     return model.eval()
-
-
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The ModuleList of transformer blocks, by structure: the one whose element class the model
-    names as not to be split (`_no_split_modules`), else the longest ModuleList."""
-    wanted = set(getattr(model, "_no_split_modules", None) or [])
-    longest = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module):
-            if type(module[0]).__name__ in wanted:
-                return name, module
-            if longest is None or len(module) > len(longest[1]):
-                longest = (name, module)
-    if longest is None:
-        raise ConfigError("no list of transformer blocks found in the model")
-    return longest
 
 
 def materialize_parameters(module: nn.Module, prefix: str, weights: LazyWeights, device: torch.device,
