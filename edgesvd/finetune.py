@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .calibration import CalibrationBatch
+from .errors import ConfigError
 from .factorize import LowRankLinear
 from .families import Family
 from .loading import find_blocks
@@ -24,8 +25,8 @@ CACHE_LIMIT_BYTES = 1 << 30
 # Decoders' next-token KL is summed over chunks of this many tokens, each chunk's logits recomputed
 # during backward (torch.utils.checkpoint) instead of kept: a batch's logits, their log-softmax and
 # gradients are each tokens × vocabulary floats (SmolLM2, 16 × 128 tokens: 0.4 GB apiece). One
-# end-to-end step of SmolLM2 peaked at 6.58 GB with them and at 4.27 GB chunked, with the same loss and
-# gradients, in 48 s instead of 42 (the head runs twice).
+# end-to-end step of SmolLM2 peaked at 6.58 GB with them and peaks at 4.23 GB in chunks, with the same
+# loss and gradients, about 8 % slower (the head runs twice): samples/bench_distill_memory.py.
 KL_CHUNK_TOKENS = 256
 
 
@@ -72,7 +73,11 @@ def _body(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> nn.Module 
     an architecture that does more after its head (a scale, a bias) keeps the full-logits loss
     instead of training against the wrong logits."""
     if model not in _BODIES:
-        blocks_name, _ = find_blocks(model)
+        try:
+            blocks_name, _ = find_blocks(model)
+        except ConfigError:
+            _BODIES[model] = None
+            return None
         body = model.get_submodule(blocks_name.rpartition(".")[0])
         ids, mask = ids[:1, :8], mask[:1, :8]
         full = _logits(model, ids, mask).float()
