@@ -19,8 +19,8 @@ from .families import Family
 from .loading import find_blocks
 from .reporting import SILENT, Reporter
 
-# Teacher outputs are cached for the whole calibration set when they fit in this many bytes;
-# otherwise (large vocabularies) the teacher runs again on every batch.
+# Teacher outputs (encoders: every block's hidden states; decoders: the final ones) are cached for the
+# whole calibration set when they fit in this many bytes; otherwise the teacher runs again on every batch.
 CACHE_LIMIT_BYTES = 1 << 30
 # Decoders' next-token KL is summed over chunks of this many tokens, each chunk's logits recomputed
 # during backward (torch.utils.checkpoint) instead of kept: a batch's logits, their log-softmax and
@@ -103,14 +103,22 @@ class Teacher:
     """The dense model's outputs on the calibration set, cached when small enough.
 
     Build it before the model is factorized. Caching once saves one forward pass per training
-    step; the cache is float32 on the compression device.
+    step; the cache is float32 on the compression device. A decoder's outputs are its final hidden
+    states, which a frozen copy of its head turns into logits chunk by chunk (_kl_loss): tokens ×
+    hidden floats instead of tokens × vocabulary (stories260K: 67 MB instead of 537 MB), and the
+    copy stays the dense head even where the head is itself compressed or fine-tuned (`--include`).
     """
 
     def __init__(self, model: nn.Module, calib: CalibrationBatch, family: Family, device: torch.device,
                  batch_size: int = 16) -> None:
         self.model, self.calib, self.family, self.device = model, calib, family, device
         n, length = calib.input_ids.shape
-        # Encoders' outputs are blocks × batch × tokens × hidden, decoders' batch × tokens × vocab.
+        self.head: LogitHead | None = None
+        self._body = _body(model, calib.input_ids, calib.attention_mask) if family.causal else None
+        if self._body is not None:
+            dense_head = logit_head(model)
+            self.head = LogitHead(copy.deepcopy(dense_head.head), dense_head.softcap)
+        # Encoders' outputs are blocks × batch × tokens × hidden, decoders' batch × tokens × (hidden or vocab).
         self._batch_dim = 0 if family.causal else 1
         probe = self._run(calib.input_ids[:1], calib.attention_mask[:1])
         per_token = probe.numel() // probe.shape[self._batch_dim + 1]
@@ -118,14 +126,19 @@ class Teacher:
         if n * length * per_token * 4 <= CACHE_LIMIT_BYTES:
             chunks = [self._run(i, m) for i, m in calib.batches(batch_size)]
             self.cache = torch.cat(chunks, dim=self._batch_dim)
-            self.model = None  # the cache replaces the teacher
+            self.model = self._body = None  # the cache replaces the teacher
         else:
             # The caller goes on to factorize `model` in place, so the teacher needs its own copy.
             self.model = copy.deepcopy(model)
+            if self._body is not None:
+                self._body = _body(self.model, calib.input_ids, calib.attention_mask)
 
     @torch.no_grad()
     def _run(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return _outputs(self.model, ids.to(self.device), mask.to(self.device), self.family).float()
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        if self._body is not None:
+            return self._body(input_ids=ids, attention_mask=mask, use_cache=False)[0].float()
+        return _outputs(self.model, ids, mask, self.family).float()
 
     def batch(self, index: torch.Tensor) -> Batch:
         """Sequences `index` of the calibration set with their teacher targets, padding trimmed."""
@@ -138,7 +151,7 @@ class Teacher:
         else:
             target = self.cache.index_select(self._batch_dim, index.to(self.cache.device))
             target = target if self.family.causal else target[:, :, :width]
-        return Batch(ids, mask, target)
+        return Batch(ids, mask, target, self.head)
 
 
 class HiddenTeacher:

@@ -271,3 +271,25 @@ def test_a_model_that_changes_its_logits_after_the_head_trains_on_full_logits(ti
     loss = finetune.distill_loss(student, finetune.Batch(ids, mask, target_logits), DECODER)
     assert finetune._BODIES[student] is None
     assert torch.allclose(loss, reference, rtol=1e-5, atol=1e-6)
+
+
+def test_a_decoder_teacher_caches_final_hidden_states_and_keeps_its_own_head(tiny_qwen2_dir):
+    """The whole-model path's decoder teacher: tokens × hidden cached (not × vocabulary), a frozen copy of
+    the (tied) head, and targets whose logits are the dense model's."""
+    from transformers import AutoModelForCausalLM
+
+    from edgesvd.calibration import CalibrationBatch
+    from edgesvd.families import DECODER
+    from edgesvd.finetune import Teacher
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_qwen2_dir).eval()
+    ids = torch.randint(3, 512, (6, 12))
+    teacher = Teacher(model, CalibrationBatch(ids, torch.ones_like(ids), {}), DECODER, torch.device("cpu"), 4)
+    assert teacher.cache.shape == (6, 12, model.config.hidden_size) and teacher.model is None
+    assert teacher.head.head is not model.get_output_embeddings()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(2)  # what fine-tuning an --include'd head would do
+        batch = teacher.batch(torch.tensor([4, 1]))
+        model.get_output_embeddings().weight.div_(2)
+        dense = model(input_ids=ids[[4, 1]], use_cache=False).logits
+    assert torch.allclose(batch.head(batch.target), dense, atol=1e-5)
