@@ -79,7 +79,8 @@ def _body(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> nn.Module 
             _BODIES[model] = None
             return None
         body = model.get_submodule(blocks_name.rpartition(".")[0])
-        ids, mask = ids[:1, :8], mask[:1, :8]
+        device = next(model.parameters()).device  # the calibration set may still be on the CPU
+        ids, mask = ids[:1, :8].to(device), mask[:1, :8].to(device)
         full = _logits(model, ids, mask).float()
         split = logit_head(model)(body(input_ids=ids, attention_mask=mask, use_cache=False)[0])
         same = full.shape == split.shape and torch.allclose(full, split, rtol=1e-4, atol=1e-4)
