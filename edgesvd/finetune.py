@@ -62,30 +62,36 @@ def logit_head(model: nn.Module) -> LogitHead:
     return LogitHead(model.get_output_embeddings(), getattr(model.config, "final_logit_softcapping", None))
 
 
-# Per model: the module holding its blocks, whose first output is the final (normed) hidden state that
-# logit_head(model) turns into the model's logits; None where that does not hold.
-_BODIES: "weakref.WeakKeyDictionary[nn.Module, nn.Module | None]" = weakref.WeakKeyDictionary()
+def _blocks_owner(model: nn.Module) -> nn.Module | None:
+    """The module holding the model's blocks, found by structure; None when it has no list of blocks."""
+    try:
+        blocks_name, _ = find_blocks(model)
+    except ConfigError:
+        return None
+    return model.get_submodule(blocks_name.rpartition(".")[0])
+
+
+# Per model: the module holding its blocks, whose first output is the final (normed) hidden state, and
+# the LogitHead that turns that state into the model's logits; None where that does not hold.
+_SPLITS: "weakref.WeakKeyDictionary[nn.Module, tuple[nn.Module, LogitHead] | None]" = weakref.WeakKeyDictionary()
 
 
 @torch.no_grad()
-def _body(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> nn.Module | None:
-    """Found by structure (the owner of the blocks) and checked once per model on a few tokens, so that
-    an architecture that does more after its head (a scale, a bias) keeps the full-logits loss
+def _split(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> tuple[nn.Module, LogitHead] | None:
+    """(body, head) with head(body(x)[0]) = the model's logits, checked once per model on a few tokens, so
+    that an architecture that does more after its head (a scale, a bias) keeps the full-logits loss
     instead of training against the wrong logits."""
-    if model not in _BODIES:
-        try:
-            blocks_name, _ = find_blocks(model)
-        except ConfigError:
-            _BODIES[model] = None
-            return None
-        body = model.get_submodule(blocks_name.rpartition(".")[0])
-        device = next(model.parameters()).device  # the calibration set may still be on the CPU
-        ids, mask = ids[:1, :8].to(device), mask[:1, :8].to(device)
-        full = _logits(model, ids, mask).float()
-        split = logit_head(model)(body(input_ids=ids, attention_mask=mask, use_cache=False)[0])
-        same = full.shape == split.shape and torch.allclose(full, split, rtol=1e-4, atol=1e-4)
-        _BODIES[model] = body if same else None
-    return _BODIES[model]
+    if model not in _SPLITS:
+        body, head, split = _blocks_owner(model), logit_head(model), None
+        if body is not None:
+            device = next(model.parameters()).device  # the calibration set may still be on the CPU
+            ids, mask = ids[:1, :8].to(device), mask[:1, :8].to(device)
+            full = _logits(model, ids, mask).float()
+            mine = head(body(input_ids=ids, attention_mask=mask, use_cache=False)[0])
+            if full.shape == mine.shape and torch.allclose(full, mine, rtol=1e-4, atol=1e-4):
+                split = (body, head)
+        _SPLITS[model] = split
+    return _SPLITS[model]
 
 
 @dataclass
@@ -115,10 +121,10 @@ class Teacher:
         self.model, self.calib, self.family, self.device = model, calib, family, device
         n, length = calib.input_ids.shape
         self.head: LogitHead | None = None
-        self._body = _body(model, calib.input_ids, calib.attention_mask) if family.causal else None
-        if self._body is not None:
-            dense_head = logit_head(model)
-            self.head = LogitHead(copy.deepcopy(dense_head.head), dense_head.softcap)
+        split = _split(model, calib.input_ids, calib.attention_mask) if family.causal else None
+        self._body = split[0] if split else None
+        if split:
+            self.head = LogitHead(copy.deepcopy(split[1].head), split[1].softcap)
         # Encoders' outputs are blocks × batch × tokens × hidden, decoders' batch × tokens × (hidden or vocab).
         self._batch_dim = 0 if family.causal else 1
         probe = self._run(calib.input_ids[:1], calib.attention_mask[:1])
@@ -132,7 +138,7 @@ class Teacher:
             # The caller goes on to factorize `model` in place, so the teacher needs its own copy.
             self.model = copy.deepcopy(model)
             if self._body is not None:
-                self._body = _body(self.model, calib.input_ids, calib.attention_mask)
+                self._body = _blocks_owner(self.model)  # the same structure, checked on the original
 
     @torch.no_grad()
     def _run(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -173,8 +179,10 @@ class HiddenTeacher:
                      self.head)
 
 
-def _kl_chunk(head: LogitHead, hidden: torch.Tensor, target: torch.Tensor,
+def _kl_chunk(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, target: torch.Tensor,
               target_head: Callable[[torch.Tensor], torch.Tensor] | None) -> torch.Tensor:
+    """Σ over these tokens of KL(teacher ‖ student): the student's logits head(hidden), the teacher's
+    target_head(target), or `target` itself when there is no target_head."""
     logp = F.log_softmax(head(hidden), dim=-1)
     with torch.no_grad():
         logq = F.log_softmax(target_head(target) if target_head else target.float(), dim=-1)
@@ -185,14 +193,13 @@ def _kl_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
     """KL(teacher ‖ student) of the next-token distributions, mean over tokens, summed chunk by chunk
     (KL_CHUNK_TOKENS) from the student's final hidden states where its logits are its head's."""
     valid = batch.mask.bool()
-    body = _body(model, batch.ids, batch.mask)
-    if body is None:
-        out = _logits(model, batch.ids, batch.mask).float()
-        target = batch.head(batch.target[valid]) if batch.head else batch.target[valid].float()
-        return F.kl_div(F.log_softmax(out[valid], dim=-1), F.log_softmax(target, dim=-1), log_target=True,
-                        reduction="batchmean")
+    target = batch.target[valid]
+    split = _split(model, batch.ids, batch.mask)
+    if split is None:
+        out = _logits(model, batch.ids, batch.mask).float()[valid]
+        return _kl_chunk(nn.Identity(), out, target, batch.head) / out.shape[0]
+    body, head = split
     hidden = body(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False)[0][valid]
-    target, head = batch.target[valid], logit_head(model)
     total = sum(checkpoint(_kl_chunk, head, hidden[i:i + KL_CHUNK_TOKENS], target[i:i + KL_CHUNK_TOKENS],
                            batch.head, use_reentrant=False)
                 for i in range(0, hidden.shape[0], KL_CHUNK_TOKENS))

@@ -269,7 +269,7 @@ def test_a_model_that_changes_its_logits_after_the_head_trains_on_full_logits(ti
         target_logits = teacher(input_ids=ids, attention_mask=mask, use_cache=False).logits.float()
     reference = _reference_kl(student, target_logits, ids, mask)
     loss = finetune.distill_loss(student, finetune.Batch(ids, mask, target_logits), DECODER)
-    assert finetune._BODIES[student] is None
+    assert finetune._SPLITS[student] is None
     assert torch.allclose(loss, reference, rtol=1e-5, atol=1e-6)
 
 
