@@ -77,7 +77,7 @@ def pivot(a: torch.Tensor, b: torch.Tensor, output_rms: torch.Tensor | None = No
     if rank > out_features:
         raise ValueError(f"rank {rank} exceeds the {out_features} outputs: a pivoted factorization needs r ≤ out")
     bd, ad = b.detach().double().cpu(), a.detach().double().cpu()
-    basis = torch.linalg.qr(bd).Q
+    basis = _orthonormal_columns(bd)
     weighted = basis.T
     if output_rms is not None:
         rms = output_rms.detach().double().cpu()
@@ -91,6 +91,21 @@ def pivot(a: torch.Tensor, b: torch.Tensor, output_rms: torch.Tensor | None = No
     rows = torch.empty(out_features, dtype=torch.long)
     rows[order] = torch.arange(out_features)
     return a_new.to(a), c.to(a), rows.to(a.device)
+
+
+def _orthonormal_columns(m: torch.Tensor) -> torch.Tensor:
+    """An orthonormal basis of the columns of `m` (float64, full column rank). Factors from a spectrum
+    (B = U·√σ) already have orthogonal columns, and normalising them is exact where a QR costs
+    4·out·r² (a tenth of a second per SmolLM2 MLP layer); any basis of the same space gives the same
+    pivots and C up to rounding (`pivot`)."""
+    norms = m.norm(dim=0)
+    if bool((norms > 0).all()):
+        q = m / norms
+        gram = q.T @ q
+        gram.diagonal().sub_(1)
+        if float(gram.abs().max()) < 1e-10:
+            return q
+    return torch.linalg.qr(m).Q
 
 
 @dataclass

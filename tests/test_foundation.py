@@ -119,11 +119,15 @@ def test_pivots_depend_on_the_product_only_and_avoid_outlier_outputs():
     _, c2, rows2 = pivot(a / scale[:, None], b * scale)  # σ on one side: same product, other split
     assert torch.equal(rows2, rows) and torch.allclose(c2, c, atol=1e-8)
     assert c.abs().max() < 4
+    # A split whose B has orthogonal columns (B = U·√σ, every spectrum's) skips the QR: the same layer.
+    u, sv, vh = torch.linalg.svd(b @ a, full_matrices=False)
+    a3, c3, rows3 = pivot(sv[:48, None].sqrt() * vh[:48], u[:, :48] * sv[:48].sqrt())
+    assert torch.equal(rows3, rows) and torch.allclose(c3, c, atol=1e-8) and torch.allclose(a3, a_new, atol=1e-8)
     pivots = set(rows.argsort()[:48].tolist())
     rms = torch.ones(128, dtype=torch.float64)
     rms[sorted(pivots)[0]] = 40.0  # one outlier among the current pivots
-    _, _, rows3 = pivot(a, b, rms)
-    assert sorted(pivots)[0] not in set(rows3.argsort()[:48].tolist())
+    _, _, rows4 = pivot(a, b, rms)
+    assert sorted(pivots)[0] not in set(rows4.argsort()[:48].tolist())
 
 
 def test_pivoted_rank_arithmetic():
