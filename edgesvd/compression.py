@@ -21,7 +21,7 @@ from torch import nn
 from .calibration import BUILTIN, SELF, CalibrationBatch, CalibrationConfig, calibration_config, sample_calibration
 from .checkpoint import CompressionRecord, Shards, library_versions, save_compressed
 from .costmodel import LayerShape
-from .device import resolve_device
+from .device import check_precision, resolve_device
 from .distributed import join, launched, local_device
 from .errors import ConfigError
 from .factorize import LayerRecord, apply_ranks, pivot_layers
@@ -403,7 +403,7 @@ def compress_prepared(prepared: Prepared, method: Method, model_ref: str | None 
 def compress_streamed(source: ModelSource, method: Method, calib: CalibrationConfig | str | Sequence[str] = "builtin",
                       exclude: Sequence[str] = (), device: str = "auto", batch_size: int = 16,
                       propagate: str = "compressed", model_ref: str | None = None,
-                      reporter: Reporter = SILENT) -> Compressed:
+                      reporter: Reporter = SILENT, calib_precision: str = "auto") -> Compressed:
     """compress() for a decoder too large to load whole: one block at a time (edgesvd.streaming)."""
     start = time.perf_counter()
     calib = calibration_config(calib)
@@ -425,10 +425,11 @@ def compress_streamed(source: ModelSource, method: Method, calib: CalibrationCon
         sample = sample_calibration(tokenizer, calib, source.family, params=parameter_count(source.path))
     shown = reporter if group.writer else SILENT
     if isinstance(method, Learned):
-        result = compress_learned_blocks(source, method, sample, tuple(exclude), torch_device, batch_size, shown, group)
+        result = compress_learned_blocks(source, method, sample, tuple(exclude), torch_device, batch_size, shown, group,
+                                         calib_precision)
     else:
         result = compress_blocks(source, method, sample, tuple(exclude), torch_device, batch_size, propagate, shown,
-                                 group)
+                                 group, calib_precision)
     details = {**result.details, "wall_s": round(time.perf_counter() - start, 2), "device": str(torch_device)}
     record = CompressionRecord(
         method=method.name, keep_requested=method.keep, family=source.family.name,
@@ -441,7 +442,8 @@ def compress_streamed(source: ModelSource, method: Method, calib: CalibrationCon
 def compress(model: str | os.PathLike = DEFAULT_MODEL, method: Method | str = DEFAULT_METHOD, *,
              calib: CalibrationConfig | str | Sequence[str] | None = None, include: Sequence[str] = (),
              exclude: Sequence[str] = (), device: str = "auto", batch_size: int = 16,
-             trust_remote_code: bool = False, stream: str | bool = "auto", reporter: Reporter = SILENT) -> Compressed:
+             trust_remote_code: bool = False, stream: str | bool = "auto", calib_precision: str = "auto",
+             reporter: Reporter = SILENT) -> Compressed:
     """Compress `model` (the alias 'minilm', a local folder, a GGUF file or a hub id) with `method`
     (a config such as `Learned(keep=0.5)`, or a method name with its defaults); nothing is written.
 
@@ -451,15 +453,22 @@ def compress(model: str | os.PathLike = DEFAULT_MODEL, method: Method | str = DE
     torch runs ('auto' uses CUDA when present). batch_size: sequences per forward pass while
     collecting statistics. stream: 'auto' compresses a decoder larger than
     streaming.STREAM_ABOVE_BYTES one block at a time (edgesvd.streaming), 'on' / 'off' force it.
+    calib_precision: of the streamed path's passes over the calibration data, the learned method's
+    training included (edgesvd.device.PRECISIONS; 'auto': bfloat16 autocast where the device multiplies
+    it natively); the whole-model path (small models) computes in float32.
     """
     method = method_config(method)
+    check_precision(calib_precision)
     source = resolve_model(model)
     if trust_remote_code and stream in ("on", True):
         raise ConfigError("streamed compression builds the model from its config alone and runs no code from the "
                           "model folder: drop --trust-remote-code, or use --stream off")
     if not trust_remote_code and use_streaming(source, method, stream, include, reporter):
         return compress_streamed(source, method, calib, exclude, device, batch_size, model_ref=str(model),
-                                 reporter=reporter)
+                                 reporter=reporter, calib_precision=calib_precision)
+    if calib_precision == "bfloat16":
+        raise ConfigError("--calib-precision bfloat16 applies to streamed compression (--stream on, decoders); "
+                          "the whole-model path calibrates in float32")
     if launched():  # every rank would compress the whole model alone and write the same output
         raise ConfigError("several processes (torchrun) share only streamed compression: use --stream on "
                           "on a decoder")

@@ -52,7 +52,10 @@ def accumulate(stats: ActivationStats, group: str, x: torch.Tensor, mask: torch.
     if mask is not None and rows.shape[0] == mask.numel():
         rows = rows[mask]
     rows = rows.float()
-    g = (rows.T @ rows).double()
+    # Never a bfloat16 product, even inside the streamed path's autocast passes (device.calibration_matmuls):
+    # whitening squares the matrix's conditioning. Its float32 matmul may still round the inputs to bf16.
+    with torch.autocast(rows.device.type, enabled=False):
+        g = (rows.T @ rows).double()
     if group in stats.gram:
         stats.gram[group] += g
         stats.tokens[group] += rows.shape[0]

@@ -32,6 +32,7 @@ from torch import nn
 
 from .calibration import CalibrationBatch
 from .checkpoint import Shards, parameters_on_meta
+from .device import calibration_matmuls, resolve_precision
 from .distributed import Group
 from .errors import ConfigError, ModelLoadError, first_line
 from .factorize import LayerRecord, apply_ranks, low_rank_class
@@ -419,18 +420,20 @@ class Laps:
 def compress_blocks(source: ModelSource, method: Method, calib: CalibrationBatch | None,
                     exclude: tuple[str, ...] = (), device: torch.device = torch.device("cpu"),
                     batch_size: int = 16, propagate: str = "compressed", reporter: Reporter = SILENT,
-                    group: Group = Group()) -> Streamed:
+                    group: Group = Group(), precision: str = "auto") -> Streamed:
     """Compress `source` block by block with `method` (plain, asvd or whiten; uniform ranks at
     `method.keep`). `calib` is the calibration sample (None for plain, which needs no data).
     The layers compressed are every Linear inside a block, less `exclude` patterns. `group`: the
     ranks sharing the calibration batches (edgesvd.distributed); every rank gets the same factors.
-    The learned method streams through edgesvd.streaming_learned."""
+    `precision`: of the calibration passes' matmuls (edgesvd.device.PRECISIONS; the factorization
+    itself is always float32/float64). The learned method streams through edgesvd.streaming_learned."""
     if method.name not in STREAMED_METHODS:
         raise ConfigError(f"method '{method.name}' is not streamed by compress_blocks (see streaming_learned)")
     if propagate not in PROPAGATIONS:
         raise ConfigError(f"unknown propagation '{propagate}' (choose from {', '.join(PROPAGATIONS)})")
     needs_data = method.needs_statistics
     pivoted = method.pivoted(source.family)
+    precision = resolve_precision(precision, device)
     laps = Laps()
     stream = open_stream(source, method, calib, exclude, device, batch_size, group)
     model, blocks, hidden = stream.model, stream.blocks, stream.hidden
@@ -452,7 +455,9 @@ def compress_blocks(source: ModelSource, method: Method, calib: CalibrationBatch
             laps.lap("load_s")
             stats = None
             if needs_data:
-                outputs, stats = run_block(block, hidden, stream.arguments[i], stream.masks, mine, stream.prefix(i))
+                with calibration_matmuls(precision, device):
+                    outputs, stats = run_block(block, hidden, stream.arguments[i], stream.masks, mine,
+                                               stream.prefix(i))
                 group.sum_statistics(stats)
                 laps.lap("statistics_s")
             ranks = {n: uniform_rank(*model.get_submodule(n).weight.shape, method.keep, method.rank_multiple,
@@ -472,7 +477,8 @@ def compress_blocks(source: ModelSource, method: Method, calib: CalibrationBatch
             if needs_data:
                 if propagate == "compressed":
                     del outputs
-                    outputs, _ = run_block(block, hidden, stream.arguments[i])
+                    with calibration_matmuls(precision, device):
+                        outputs, _ = run_block(block, hidden, stream.arguments[i])
                 hidden = outputs
                 laps.lap("propagate_s")
             stream.spill(i, shards)
@@ -485,6 +491,7 @@ def compress_blocks(source: ModelSource, method: Method, calib: CalibrationBatch
     laps.lap("load_s")
     release_memory(device)
     details = {"streamed": True, "propagate": propagate if needs_data else None, "blocks": len(blocks),
+               "calibration_precision": precision if needs_data else None,
                "ranks": group.size, "factorized_by_rank": factorized_by, **laps.details(),
                "memory_estimate_bytes": estimate}
     return Streamed(model, layers, entries, details, shards)

@@ -47,6 +47,7 @@ from torch import nn
 from .calibration import CalibrationBatch
 from .checkpoint import Shards
 from .costmodel import LayerShape
+from .device import calibration_matmuls, resolve_precision
 from .distributed import Group
 from .errors import ConfigError
 from .factorize import LayerRecord, LowRankLinear, pivot_layers, replace_with_factors
@@ -319,10 +320,12 @@ def _finetune_block(block: nn.Module, params: list[nn.Parameter], xs: list[torch
 def _sweep_compressed(stream: Stream, method: Learned, xs: list[list[torch.Tensor]], update: list[float],
                       ranks: dict[str, int | None], orders: dict[str, torch.Tensor], sigma: dict[str, torch.Tensor],
                       shapes: dict[str, LayerShape], seed: int, device: torch.device, group: Group,
-                      candidates: Candidates, shards: Shards | None, laps: Laps, reporter: Reporter
+                      candidates: Candidates, shards: Shards | None, laps: Laps, reporter: Reporter,
+                      precision: str = "float32"
                       ) -> tuple[list[LayerRecord], dict[str, dict[str, torch.Tensor]], dict[int, list[float]]]:
-    """Sweep C: build each block at its ranks, fine-tune it, propagate the compressed stream; each
-    finished block joins the result in memory, or is written to `shards` and leaves memory."""
+    """Sweep C: build each block at its ranks, fine-tune it (float32), propagate the compressed stream
+    (at `precision`); each finished block joins the result in memory, or is written to `shards` and
+    leaves memory."""
     model = stream.model
     records: list[LayerRecord] = []
     entries: dict[str, dict[str, torch.Tensor]] = {}
@@ -361,7 +364,7 @@ def _sweep_compressed(stream: Stream, method: Learned, xs: list[list[torch.Tenso
                 pivot_layers(model, [r for r in records if r.name.startswith(stream.prefix(i))])
             bar.describe(f"sweep 3/3: fine-tune blocks · block {i} local loss {before:.4f} → {after:.4f}")
             laps.lap("finetune_s")
-            with torch.no_grad():
+            with torch.no_grad(), calibration_matmuls(precision, device):
                 stream_in = [_output(block(x.to(device), *a, **k)).cpu()
                              for x, (a, k) in zip(stream_in, stream.arguments[i])]
             if i + 1 < len(stream.blocks):  # the last one stays: the end-to-end stage's teacher
@@ -470,13 +473,18 @@ def _block_keeps(records: list[LayerRecord], stream: Stream) -> list[float]:
 
 def compress_learned_blocks(source: ModelSource, method: Learned, calib: CalibrationBatch,
                             exclude: tuple[str, ...] = (), device: torch.device = torch.device("cpu"),
-                            batch_size: int = 16, reporter: Reporter = SILENT, group: Group = Group()) -> Streamed:
+                            batch_size: int = 16, reporter: Reporter = SILENT, group: Group = Group(),
+                            precision: str = "auto") -> Streamed:
     """The learned method on `source` one block at a time (see the module docstring): every Linear
     inside a block, less `exclude`, at `method.keep` of their parameters in total. Each of the
     `batch_size`-sequence calibration batches is one fine-tuning step's batch; `method.finetune_steps`
-    left None comes from the family's recipe within the work cap (Learned.resolved), per block."""
+    left None comes from the family's recipe within the work cap (Learned.resolved), per block.
+    `precision` (edgesvd.device.PRECISIONS): of the passes that train nothing (sweeps A and B, the
+    propagation of sweep C); the fine-tuning computes in float32 (edgesvd.device says why), and
+    spectra, pivoting and the rank choice in float64."""
     if not isinstance(method, Learned):
         raise ConfigError(f"compress_learned_blocks runs the learned method, not '{method.name}'")
+    precision = resolve_precision(precision, device)
     laps = Laps()
     stream = open_stream(source, method, calib, exclude, device, batch_size, group)
     model = stream.model
@@ -502,8 +510,9 @@ def compress_learned_blocks(source: ModelSource, method: Learned, calib: Calibra
                   f"{estimate['total'] / 2**30:.2f} GiB)")
     candidates = Candidates()
     try:
-        xs, shapes, sigma, update = _sweep_dense(stream, method, device, group, candidates, laps, reporter)
-        importance = _sweep_reverse(stream, xs, device, group, candidates, laps, reporter)
+        with calibration_matmuls(precision, device):
+            xs, shapes, sigma, update = _sweep_dense(stream, method, device, group, candidates, laps, reporter)
+            importance = _sweep_reverse(stream, xs, device, group, candidates, laps, reporter)
         layers = [LayerImportance(shapes[n], importance[n].sort(descending=True).values.numpy())
                   for n in stream.targets]
         total_dense = sum(s.params(None) for s in shapes.values())
@@ -515,7 +524,7 @@ def compress_learned_blocks(source: ModelSource, method: Learned, calib: Calibra
         # Without an end-to-end stage no finished block is needed again: each goes to disk as it is done.
         shards = None if plan["ran"] else Shards(len(stream.blocks) + 1)
         records, entries, local = _sweep_compressed(stream, method, xs, update, ranks, orders, sigma, shapes, seed,
-                                                    device, group, candidates, shards, laps, reporter)
+                                                    device, group, candidates, shards, laps, reporter, precision)
     finally:
         candidates.close()
     stream.hidden = stream.arguments = None
@@ -532,6 +541,7 @@ def compress_learned_blocks(source: ModelSource, method: Learned, calib: Calibra
     laps.lap("end_to_end_s")
     release_memory(device)
     details = {"streamed": True, "propagate": "compressed", "blocks": len(stream.blocks), "ranks": group.size,
+               "calibration_precision": precision,
                "learned": asdict(method), "importance": "end-to-end Fisher through a reverse sweep",
                "block_steps": method.finetune_steps, "keep_per_block": _block_keeps(records, stream),
                "local_loss": local, "end_to_end": end_to_end, **laps.details(), "memory_estimate_bytes": estimate}

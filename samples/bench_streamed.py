@@ -54,7 +54,8 @@ def window_ppl(model, wins, batch: int = 4) -> float:
 
 
 def one(model_ref: str, method: str, keep: float, stream: str, calib: str, n_windows: int, device: str,
-        samples: int | None = None, save: str | None = None, calib_len: int = 128, **options) -> dict:
+        samples: int | None = None, save: str | None = None, calib_len: int = 128, calib_precision: str = "auto",
+        **options) -> dict:
     """One configuration, in this process: compress (unless method is 'dense'), then score. `options`
     (form, finetune_steps, finetune_lr) go to the method's config; None means its default.
     `save`: keep the checkpoint in this folder (for bench_quantized's cache)."""
@@ -78,9 +79,10 @@ def one(model_ref: str, method: str, keep: float, stream: str, calib: str, n_win
         from edgesvd.calibration import CalibrationConfig
 
         config = method_config(method, keep=keep, **options)
-        result = edgesvd.compress(model_ref, config, stream=stream, device=device,
+        result = edgesvd.compress(model_ref, config, stream=stream, device=device, calib_precision=calib_precision,
                                   calib=CalibrationConfig(calib, num_sequences=samples, seq_len=calib_len))
         d = result.record.details
+        row["calib_precision"] = d.get("calibration_precision", "float32")
         row.update(calib_sequences=result.record.calibration.get("num_sequences"),
                    calib_len=result.record.calibration.get("seq_len"), local_loss=d.get("local_loss"),
                    block_steps=d.get("block_steps"), end_to_end=(d.get("end_to_end") or {}).get("steps"),
@@ -116,6 +118,7 @@ def main() -> None:
     ap.add_argument("--calib-len", type=int, default=128, help="calibration sequence length in tokens (the product's default)")
     ap.add_argument("--finetune-steps", type=int, help="learned: fine-tuning steps (default: the product's; for timing runs)")
     ap.add_argument("--finetune-lr", type=float, help="learned: fine-tuning learning rate (default: the product's)")
+    ap.add_argument("--calib-precision", default="auto", help="streamed passes: auto, float32 or bfloat16 (the product's)")
     ap.add_argument("--save", help="keep the (single) compressed configuration's checkpoint in this folder")
     ap.add_argument("--device", default="cpu", help="where compression and scoring run (cpu, cuda)")
     ap.add_argument("--json", help="write the rows here")
@@ -125,12 +128,13 @@ def main() -> None:
         method, keep, stream, *form = a.one.split(":")
         print(json.dumps(one(a.model, method, float(keep), stream, a.calib, a.windows, a.device, a.samples,
                              save=a.save, finetune_steps=a.finetune_steps, form=form[0] if form else None,
-                             finetune_lr=a.finetune_lr, calib_len=a.calib_len)))
+                             finetune_lr=a.finetune_lr, calib_len=a.calib_len, calib_precision=a.calib_precision)))
         return
     rows = []
     for config in a.configs.split(","):
         out = subprocess.run([sys.executable, __file__, "--model", a.model, "--calib", a.calib,
                               "--windows", str(a.windows), "--device", a.device, "--calib-len", str(a.calib_len),
+                              "--calib-precision", a.calib_precision,
                               *(["--samples", str(a.samples)] if a.samples else []),
                               *(["--finetune-steps", str(a.finetune_steps)] if a.finetune_steps is not None else []),
                               *(["--finetune-lr", str(a.finetune_lr)] if a.finetune_lr is not None else []),

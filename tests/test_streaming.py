@@ -16,11 +16,13 @@ from edgesvd.calibration import CalibrationConfig
 from edgesvd.checkpoint import load_compressed, read_weights
 from edgesvd.cli import main
 from edgesvd.compression import compress, compress_streamed
-from edgesvd.errors import CheckpointError, ConfigError, ModelLoadError
+from edgesvd.device import calibration_matmuls, native_bf16
+from edgesvd.errors import CheckpointError, ConfigError, DeviceError, ModelLoadError
 from edgesvd.factorize import LowRankLinear
 from edgesvd.loading import resolve_model
 from edgesvd.methods import Asvd, Learned, Plain, Whiten
 from edgesvd.reporting import Bar, Reporter
+from edgesvd.statistics import ActivationStats, accumulate
 from edgesvd.streaming import use_streaming
 
 # Explicit text: the whole-model path of a decoder would otherwise sample its own (`self`), which the
@@ -42,7 +44,8 @@ def test_streamed_factors_equal_the_whole_model_path_on_stories260k(stories_dir,
     """Dense propagation gives every block the inputs the whole model gives it: the same Gram bits,
     the same factors (bit for bit), the same records."""
     whole = compress(stories_dir, method, calib=CALIB, stream="off")
-    streamed = compress_streamed(resolve_model(stories_dir), method, CALIB, propagate="dense")
+    streamed = compress_streamed(resolve_model(stories_dir), method, CALIB, propagate="dense",
+                                 calib_precision="float32")
     _same_models(whole, streamed)
     assert streamed.record.details["streamed"] is True and "streamed" not in whole.record.details
 
@@ -51,7 +54,8 @@ def test_streamed_factors_equal_the_whole_model_path_on_stories260k(stories_dir,
 def test_streamed_factors_equal_the_whole_model_path_on_a_tied_qwen2(tiny_qwen2_dir, method):
     """A tied embedding/head and biased q/k/v: equal factors, and the head is the embedding again."""
     whole = compress(tiny_qwen2_dir, method, calib=CALIB, stream="off")
-    streamed = compress_streamed(resolve_model(tiny_qwen2_dir), method, CALIB, propagate="dense")
+    streamed = compress_streamed(resolve_model(tiny_qwen2_dir), method, CALIB, propagate="dense",
+                                 calib_precision="float32")
     _same_models(whole, streamed)
     m = streamed.model
     assert m.get_output_embeddings().weight is m.get_input_embeddings().weight
@@ -61,12 +65,58 @@ def test_compressed_propagation_calibrates_each_block_on_the_compressed_stream(t
     """The default: block i+1's statistics come from the compressed block i, so its factors differ from
     the dense-propagation ones (block 0 sees the same inputs either way and is equal)."""
     src = resolve_model(tiny_llama_dir)
-    dense = compress_streamed(src, Whiten(keep=0.5), CALIB, propagate="dense")
-    comp = compress_streamed(src, Whiten(keep=0.5), CALIB)
+    dense = compress_streamed(src, Whiten(keep=0.5), CALIB, propagate="dense", calib_precision="float32")
+    comp = compress_streamed(src, Whiten(keep=0.5), CALIB, calib_precision="float32")
     assert comp.record.details["propagate"] == "compressed"
     a, b = dense.model.state_dict(), comp.model.state_dict()
     assert torch.equal(a["model.layers.0.mlp.down_proj.a.weight"], b["model.layers.0.mlp.down_proj.a.weight"])
     assert not torch.equal(a["model.layers.1.mlp.down_proj.a.weight"], b["model.layers.1.mlp.down_proj.a.weight"])
+
+
+def test_bfloat16_calibration_passes_change_the_factors_far_less_than_compression_does(stories_dir):
+    """Under bf16 autocast (what 'auto' picks on a CPU with AMX) the ranks are the same and the logits 40×
+    closer to the float32-calibrated model's than compression moves them (0.005 against 0.21 on
+    stories260K). Where the CPU has no bf16 at all, 'auto' stays float32 and asking for bfloat16 is refused."""
+    src = resolve_model(stories_dir)
+    exact = compress_streamed(src, Whiten(keep=0.5), CALIB, calib_precision="float32")
+    assert exact.record.details["calibration_precision"] == "float32"
+    auto = compress_streamed(src, Whiten(keep=0.5), CALIB)
+    cpu = torch.device("cpu")
+    assert auto.record.details["calibration_precision"] == ("bfloat16" if native_bf16(cpu, matrix_units=True)
+                                                            else "float32")
+    if not native_bf16(cpu):
+        with pytest.raises(DeviceError, match="no native bfloat16"):
+            compress_streamed(src, Whiten(keep=0.5), CALIB, calib_precision="bfloat16")
+        return
+    fast = compress_streamed(src, Whiten(keep=0.5), CALIB, calib_precision="bfloat16")
+    assert fast.record.details["calibration_precision"] == "bfloat16"
+    assert [(l.name, l.rank) for l in fast.record.layers] == [(l.name, l.rank) for l in exact.record.layers]
+    from transformers import AutoModelForCausalLM
+
+    dense = AutoModelForCausalLM.from_pretrained(stories_dir).eval()
+    ids = torch.randint(3, 500, (4, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        exact_logits, fast_logits = exact.model(input_ids=ids).logits, fast.model(input_ids=ids).logits
+        moved = (exact_logits - dense(input_ids=ids).logits).norm()
+    gap = (fast_logits - exact_logits).norm()
+    assert 0 < gap < 0.1 * moved, (float(gap), float(moved))
+
+
+def test_the_gram_matrix_is_a_float32_product_even_under_the_bf16_autocast():
+    """Autocast would round XᵀX itself to bf16 (2e-3 relative error here); statistics.accumulate keeps it a
+    float32 product of at most bf16-rounded inputs (5e-4), and the context restores torch's settings."""
+    x = torch.randn(2048, 96, generator=torch.Generator().manual_seed(0))
+    exact = x.double().T @ x.double()
+    before = torch.get_float32_matmul_precision()
+    stats = ActivationStats()
+    with calibration_matmuls("bfloat16", torch.device("cpu")):
+        accumulate(stats, "g", x, None)
+        assert torch.is_autocast_enabled("cpu")
+        rounded = x.T @ x  # what autocast makes of the same product
+    assert torch.get_float32_matmul_precision() == before and not torch.is_autocast_enabled("cpu")
+    err = lambda g: float((g.double() - exact).norm() / exact.norm())  # noqa: E731
+    assert rounded.dtype == torch.bfloat16 and stats.gram["g"].dtype == torch.float64
+    assert err(stats.gram["g"]) < 1e-3 < err(rounded)
 
 
 class _CountingReporter(Reporter):
@@ -106,6 +156,7 @@ def test_no_dense_block_weights_outlive_their_block(deep_llama_dir):
     of them from the start); the streamed model equals the whole-model one when propagation is dense."""
     reporter = _CountingReporter()
     streamed = compress_streamed(resolve_model(deep_llama_dir), Whiten(keep=0.5), CALIB, propagate="dense",
+                                 calib_precision="float32",
                                  reporter=reporter)
     assert reporter.counts == [0] * 8, reporter.counts
     assert reporter.factored == [0] * 8, reporter.factored  # each finished block went to disk
@@ -168,6 +219,10 @@ def test_cli_stream_flag(tiny_llama_dir, tmp_path):
                                "--out", str(tmp_path / "ck2")])
     assert bad.exit_code == 2 and bad.output.strip().startswith("error:") and len(bad.output.strip().splitlines()) == 1
     assert not (tmp_path / "ck2").exists()
+    refused = runner.invoke(main, ["compress", str(tiny_llama_dir), "--method", "whiten", "--stream", "off",
+                                   "--calib-precision", "bfloat16", "--out", str(tmp_path / "ck3")])
+    assert refused.exit_code == 2 and refused.output.startswith("error:") and "streamed" in refused.output
+    assert len(refused.output.strip().splitlines()) == 1 and not (tmp_path / "ck3").exists()
 
 
 # -- GGUF intake ----------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from edgesvd.compression import compress as compress_model
+from edgesvd.device import PRECISIONS
 from edgesvd.inspect import checkpoint_summary
 from edgesvd.loading import DEFAULT_MODEL
 from edgesvd.methods import DEFAULT_METHOD, METHODS, Learned, method_config
@@ -64,12 +65,18 @@ def model_options(f):
                    "exceed 256 MiB. The learned method then learns importance end to end in one reverse sweep "
                    "(--steps unused), fine-tunes each block against the dense one (--finetune-steps per block), "
                    "then the whole model when memory allows.")
+@click.option("--calib-precision", type=click.Choice(list(PRECISIONS)), default="auto", show_default=True,
+              help="Streamed compression: precision of the passes over the calibration data that train nothing "
+                   "(statistics, propagation, the learned method's importance sweep). bfloat16 runs them under bf16 "
+                   "autocast, XᵀX a float32 product (needs a CPU with AMX or AVX512-BF16, or a GPU); auto: bfloat16 on "
+                   "CPUs with AMX and CUDA GPUs, else float32. Fine-tuning, factorization and the whole-model path "
+                   "compute in float32/64.")
 @click.option("--out", "out", type=PATH, required=True, help="Checkpoint folder to write.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def compress(model, method, keep, rank_multiple, form, calib, calib_samples, calib_len, calib_temperature, seed, include,
              exclude, trust_remote_code, device, batch_size, steps, finetune_steps, margin, lr, finetune_lr,
-             finetune_dense, stream, out, force, quiet):
+             finetune_dense, stream, calib_precision, out, force, quiet):
     """Compress MODEL (alias 'minilm', a local folder, a .gguf file, the alias 'smollm2', or a hub id) into a
     checkpoint folder."""
     check_output_dir(out, force, inputs=[*calib] + ([] if model == DEFAULT_MODEL else [model]))
@@ -78,7 +85,8 @@ def compress(model, method, keep, rank_multiple, form, calib, calib_samples, cal
                            margin=margin, lr=lr, finetune_lr=finetune_lr, finetune_dense=finetune_dense)
     result = compress_model(model, config, calib=calibration(calib, calib_samples, calib_len, calib_temperature, seed),
                             include=include, exclude=exclude, device=device, batch_size=batch_size,
-                            trust_remote_code=trust_remote_code, stream=stream, reporter=reporter(quiet))
+                            trust_remote_code=trust_remote_code, stream=stream, calib_precision=calib_precision,
+                            reporter=reporter(quiet))
     if not result.writer:  # torchrun: rank 0 writes the checkpoint
         return
     result.save(out, force=force)
