@@ -453,9 +453,9 @@ def compress(model: str | os.PathLike = DEFAULT_MODEL, method: Method | str = DE
     torch runs ('auto' uses CUDA when present). batch_size: sequences per forward pass while
     collecting statistics. stream: 'auto' compresses a decoder larger than
     streaming.STREAM_ABOVE_BYTES one block at a time (edgesvd.streaming), 'on' / 'off' force it.
-    calib_precision: of the streamed path's passes over the calibration data, the learned method's
-    training included (edgesvd.device.PRECISIONS; 'auto': bfloat16 autocast where the device multiplies
-    it natively); the whole-model path (small models) computes in float32.
+    calib_precision: of the streamed path's passes over the calibration data that train nothing
+    (edgesvd.device.PRECISIONS; 'auto': bfloat16 autocast on CPUs with AMX and on CUDA GPUs); fine-tuning
+    and the whole-model path (small models) compute in float32.
     """
     method = method_config(method)
     check_precision(calib_precision)

