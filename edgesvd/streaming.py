@@ -24,6 +24,8 @@ import math
 import os
 import resource
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -184,6 +186,19 @@ def release_memory(device: torch.device) -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc
         pass
+
+
+@contextmanager
+def frozen_heap() -> Iterator[None]:
+    """Inside, Python's garbage collector leaves alone every object that exists on entry (the libraries,
+    the skeleton, the calibration data): release_memory's collection after each block then looks only
+    at what the block made, 0.2 ms instead of 0.23 s per block on SmolLM2 (400k objects, 30 blocks and,
+    for the learned method, three sweeps). What was frozen is unfrozen on exit."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def available_memory(device: torch.device) -> int | None:
@@ -448,7 +463,7 @@ def compress_blocks(source: ModelSource, method: Method, calib: CalibrationBatch
                                factors_kept=False)
     reporter.step(f"streamed {method.name}: {len(blocks)} blocks of {source.name}, one at a time "
                   f"(tensors at the peak ≈ {estimate['total'] / 2**30:.2f} GiB)")
-    with reporter.progress(f"blocks ({method.name})", total=len(blocks)) as bar:
+    with reporter.progress(f"blocks ({method.name})", total=len(blocks)) as bar, frozen_heap():
         for i in range(len(blocks)):
             mine = stream.targets_of(i)
             block = stream.materialize(i, device)

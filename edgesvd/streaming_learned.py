@@ -64,6 +64,7 @@ from .streaming import (
     Stream,
     Streamed,
     available_memory,
+    frozen_heap,
     materialize_parameters,
     memory_estimate,
     open_stream,
@@ -508,25 +509,26 @@ def compress_learned_blocks(source: ModelSource, method: Learned, calib: Calibra
                   f"{method.finetune_steps} fine-tuning steps per block, {end_to_end_steps} end to end "
                   f"(tensors at the peak ≈ "
                   f"{estimate['total'] / 2**30:.2f} GiB)")
-    candidates = Candidates()
-    try:
-        with calibration_matmuls(precision, device):
-            xs, shapes, sigma, update = _sweep_dense(stream, method, device, group, candidates, laps, reporter)
-            importance = _sweep_reverse(stream, xs, device, group, candidates, laps, reporter)
-        layers = [LayerImportance(shapes[n], importance[n].sort(descending=True).values.numpy())
-                  for n in stream.targets]
-        total_dense = sum(s.params(None) for s in shapes.values())
-        ranks = select(layers, method.keep * total_dense, total_dense, method.rank_multiple, method.selection)
-        orders = {n: importance_order(importance[n]) for n in stream.targets}
-        seed = int(calib.summary.get("seed", 0))
-        plan = _plan_end_to_end(model, _trained_parameters(ranks, shapes, method), method.batch_size * seq_len,
-                                device, group, reporter)
-        # Without an end-to-end stage no finished block is needed again: each goes to disk as it is done.
-        shards = None if plan["ran"] else Shards(len(stream.blocks) + 1)
-        records, entries, local = _sweep_compressed(stream, method, xs, update, ranks, orders, sigma, shapes, seed,
-                                                    device, group, candidates, shards, laps, reporter, precision)
-    finally:
-        candidates.close()
+    with frozen_heap():
+        candidates = Candidates()
+        try:
+            with calibration_matmuls(precision, device):
+                xs, shapes, sigma, update = _sweep_dense(stream, method, device, group, candidates, laps, reporter)
+                importance = _sweep_reverse(stream, xs, device, group, candidates, laps, reporter)
+            layers = [LayerImportance(shapes[n], importance[n].sort(descending=True).values.numpy())
+                      for n in stream.targets]
+            total_dense = sum(s.params(None) for s in shapes.values())
+            ranks = select(layers, method.keep * total_dense, total_dense, method.rank_multiple, method.selection)
+            orders = {n: importance_order(importance[n]) for n in stream.targets}
+            seed = int(calib.summary.get("seed", 0))
+            plan = _plan_end_to_end(model, _trained_parameters(ranks, shapes, method), method.batch_size * seq_len,
+                                    device, group, reporter)
+            # Without an end-to-end stage no finished block is needed again: each goes to disk as it is done.
+            shards = None if plan["ran"] else Shards(len(stream.blocks) + 1)
+            records, entries, local = _sweep_compressed(stream, method, xs, update, ranks, orders, sigma, shapes, seed,
+                                                        device, group, candidates, shards, laps, reporter, precision)
+        finally:
+            candidates.close()
     stream.hidden = stream.arguments = None
     last_hidden = xs[-1]
     del xs
