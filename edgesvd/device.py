@@ -42,7 +42,10 @@ def native_bf16(device: torch.device, matrix_units: bool = False) -> bool:
         return torch.cuda.is_bf16_supported()
     if device.type != "cpu" or not torch.backends.mkldnn.is_available():
         return False
-    return bool(torch.cpu._is_amx_tile_supported() or (not matrix_units and torch.cpu._is_avx512_bf16_supported()))
+    # Private probes of torch; a torch without them reads as a CPU without bf16.
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return bool(amx or (not matrix_units and avx512_bf16))
 
 
 def check_precision(name: str) -> str:
