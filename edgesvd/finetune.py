@@ -16,7 +16,7 @@ from .calibration import CalibrationBatch
 from .errors import ConfigError
 from .factorize import LowRankLinear
 from .families import Family
-from .loading import find_blocks
+from .loading import blocks_owner, find_blocks
 from .reporting import SILENT, Reporter
 
 # Teacher outputs (encoders: every block's hidden states; decoders: the final ones) are cached for the
@@ -68,7 +68,7 @@ def _blocks_owner(model: nn.Module) -> nn.Module | None:
         blocks_name, _ = find_blocks(model)
     except ConfigError:
         return None
-    return model.get_submodule(blocks_name.rpartition(".")[0])
+    return blocks_owner(model, blocks_name)
 
 
 # Per model: the module holding its blocks, whose first output is the final (normed) hidden state, and

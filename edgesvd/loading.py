@@ -170,6 +170,11 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return longest
 
 
+def blocks_owner(model: nn.Module, blocks_name: str) -> nn.Module:
+    """The module holding the list of blocks named `blocks_name` (Llama's `model`, GPT-2's `transformer`)."""
+    return model.get_submodule(blocks_name.rpartition(".")[0])
+
+
 def select_targets(model: nn.Module, include: Sequence[str] = (), exclude: Sequence[str] = ()) -> list[str]:
     """Qualified names of the Linear layers to compress, in module order.
 

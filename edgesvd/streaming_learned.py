@@ -54,7 +54,7 @@ from .factorize import LayerRecord, LowRankLinear, pivot_layers, replace_with_fa
 from .families import Family
 from .finetune import KL_CHUNK_TOKENS, HiddenTeacher, MiniBatches, finetune_factors, logit_head, probe_loss
 from .importance import ScoredLowRank, candidate_rank, importance_order, select
-from .loading import ModelSource, set_submodule
+from .loading import ModelSource, blocks_owner, set_submodule
 from .methods import Learned
 from .planner import LayerImportance
 from .reporting import SILENT, Reporter
@@ -89,7 +89,7 @@ def _output(out) -> torch.Tensor:
 def final_norm(model: nn.Module, blocks_name: str, blocks: nn.ModuleList) -> nn.Module:
     """The module between the last block and the head, by structure: the one child with parameters of
     the module holding the blocks that is neither the block list nor the input embedding."""
-    owner = model.get_submodule(blocks_name.rpartition(".")[0])
+    owner = blocks_owner(model, blocks_name)
     embedding = model.get_input_embeddings()
     found = [m for m in owner.children()
              if m is not blocks and m is not embedding and any(True for _ in m.parameters())]
@@ -240,7 +240,7 @@ def _block_fisher(stream: Stream, i: int, inputs: list[torch.Tensor], grads: lis
     fisher = {n: torch.zeros(s.scores.shape, dtype=torch.float64, device=device) for n, s in scored.items()}
     below = []
     for b, (args, kwargs) in enumerate(stream.arguments[i]):
-        x = inputs[b].to(device).requires_grad_(True)
+        x = inputs[b].to(device).detach().requires_grad_(True)  # not the stored tensor: its .grad would pile up
         with torch.enable_grad():
             _output(block(x, *args, **kwargs)).backward(grads[b].to(device))
         for n, layer in scored.items():

@@ -320,11 +320,11 @@ def compare_quantized(dense_model, tokenizer, family: Family, checkpoint: Path, 
     try:
         variants = baseline_variants(dense_model, tokenizer, family, source, folder, reporter)
         record = read_record(checkpoint)[1]
+        refusals = {q: quantize_refusal(q, record) for q in edgesvd_precisions(family)}
         variants += edgesvd_variants(checkpoint, name, family, folder, fuse, reporter,
-                                     edgesvd_precisions(family, record))
+                                     tuple(q for q, why in refusals.items() if not why))
         comparison = compare_variants(variants, family, cfg, eval_file, held_out, reporter)
-        refusals = [(q, quantize_refusal(q, record)) for q in edgesvd_precisions(family)]
-        comparison.verdict += [f"no {name} {q} point: {why}" for q, why in refusals if why]
+        comparison.verdict += [f"no {name} {q} point: {why}" for q, why in refusals.items() if why]
         return comparison
     finally:
         if not cfg.keep_variants:
