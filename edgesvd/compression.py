@@ -49,8 +49,8 @@ from .loading import (
 from .methods import DEFAULT_METHOD, Learned, Method, Whiten, method_config
 from .planner import LayerImportance, check_rank_multiple, uniform_rank
 from .reporting import SILENT, Reporter
-from .spectra import Spectrum, spectra_of
-from .statistics import ActivationStats, collect_statistics
+from .spectra import Spectrum, curvature_spectrum, spectra_of
+from .statistics import ActivationStats, collect_output_gradients, collect_statistics
 from .streaming import LazyWeights, compress_blocks, materialize_parameters, parameter_count, use_streaming
 from .streaming_learned import compress_learned_blocks
 
@@ -169,10 +169,16 @@ def learn_importance(prepared: Prepared, method: Learned, reporter: Reporter = S
     timings["teacher_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    spectra = dict(spectra or {})
-    missing = [t for t in prepared.targets if t not in spectra]
-    spectra.update(spectra_of(model, missing, "whiten", stats))
-    spectra = {t: spectra[t] for t in prepared.targets}
+    if family.causal and method.candidates == "curvature":  # encoders have no next-token loss
+        out_stats = collect_output_gradients(model, prepared.targets, prepared.calib, method.batch_size, reporter)
+        spectra = {t: curvature_spectrum(model.get_submodule(t).weight.detach(), stats.gram_for(t), stats.tokens_for(t),
+                                         out_stats.gram_for(t)) for t in prepared.targets}
+        del out_stats
+    else:
+        spectra = dict(spectra or {})
+        missing = [t for t in prepared.targets if t not in spectra]
+        spectra.update(spectra_of(model, missing, "whiten", stats))
+        spectra = {t: spectra[t] for t in prepared.targets}
     dense, scored = attach_scores(model, spectra, method.keep, method.margin, method.rank_multiple, reporter,
                                   pivoted)
     timings["stage1_s"] = time.perf_counter() - t0

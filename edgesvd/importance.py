@@ -29,6 +29,8 @@ from .reporting import SILENT, Reporter
 from .spectra import Spectrum
 
 SELECTIONS = ("global", "uniform")
+# Where stage 1's candidates come from on the block-streamed path (Learned.candidates).
+CANDIDATE_SPECTRA = ("curvature", "whiten")
 
 
 def layer_shape(linear: nn.Linear, name: str, pivoted: bool = False) -> LayerShape:

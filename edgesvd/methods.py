@@ -9,7 +9,7 @@ from typing import ClassVar
 from .errors import ConfigError
 from .factorize import FORMS
 from .families import Family
-from .importance import SELECTIONS
+from .importance import CANDIDATE_SPECTRA, SELECTIONS
 
 # Stages 2 and 3 each make at most this many passes over the calibration set by default: more
 # learns the sample rather than the model (on stories260K a held-back probe stopped improving long
@@ -87,6 +87,10 @@ class Learned(Method):
     max_score: cap on the scores (None: amplification allowed; 1.0 is the no-amplification ablation).
     selection: 'global' (importance per unit cost across layers) or 'uniform' (ablation: every layer
     gets the uniform rank and keeps its most important candidates).
+    candidates: the spectrum a decoder's stage 1 takes its candidates from: 'curvature' (K-FAC: the
+    next-token loss gradients' Gram matrix at each layer's output as well as XᵀX,
+    spectra.curvature_spectrum; one more backward pass over the calibration set) or 'whiten' (XᵀX
+    only). Encoders always whiten: they have no next-token loss to take gradients of.
     """
 
     steps: int | None = None
@@ -99,6 +103,7 @@ class Learned(Method):
     budget_weight: float = 10.0
     max_score: float | None = None
     selection: str = "global"
+    candidates: str = "curvature"
     name: ClassVar[str] = "learned"
 
     def __post_init__(self) -> None:
@@ -117,6 +122,8 @@ class Learned(Method):
             raise ConfigError(f"max score must be > 0, got {self.max_score}")
         if self.selection not in SELECTIONS:
             raise ConfigError(f"unknown selection '{self.selection}' (choose from {', '.join(SELECTIONS)})")
+        if self.candidates not in CANDIDATE_SPECTRA:
+            raise ConfigError(f"unknown candidates '{self.candidates}' (choose from {', '.join(CANDIDATE_SPECTRA)})")
 
 
     def resolved(self, family: Family, targeted_params: int, num_sequences: int, seq_len: int,

@@ -18,8 +18,9 @@ SPECTRA = ("plain", "asvd", "whiten")
 class Spectrum:
     """W ≈ left · diag(sigma) · right, components sorted by decreasing sigma.
 
-    `left` is out×k with orthonormal columns, `right` is k×in (for `whiten` and `asvd` it is
-    the right singular vectors mapped back through the input transform). All float64.
+    `left` is out×k with orthonormal columns (for `curvature_spectrum` the left singular vectors
+    mapped back through the output transform), `right` is k×in (for `whiten`, `asvd` and
+    `curvature_spectrum` the right singular vectors mapped back through the input transform). All float64.
     """
 
     left: torch.Tensor
@@ -47,8 +48,8 @@ class Spectrum:
 
     def output_rms(self, index: torch.Tensor, scores: torch.Tensor | None = None) -> torch.Tensor:
         """Relative size of each output of the components `index` on the data the spectrum was
-        computed for: ‖left·diag(σ·s)‖ per row. Exact for whitened spectra (their components are
-        uncorrelated with unit variance on the calibration data); for plain ones the row norms of
+        computed for: ‖left·diag(σ·s)‖ per row. Exact for whitened and curvature spectra (their
+        components are uncorrelated with unit variance on the calibration data); for plain ones the row norms of
         the truncated weight, i.e. isotropic inputs."""
         s = self.sigma[index] if scores is None else self.sigma[index] * scores[index].to(self.sigma)
         return (self.left[:, index] * s[None, :]).norm(dim=1)
@@ -134,6 +135,26 @@ def whiten_spectrum(weight: torch.Tensor, gram: torch.Tensor, tokens: int, damp:
         sigma, v = _descending_eigh(m.T @ m)
         left = (m @ v) / sigma.clamp_min(sigma[0] * 1e-12)[None, :]
         right = torch.linalg.solve_triangular(chol, v.T, upper=False, left=False)
+    left, right = _canonical_signs(left, right)
+    return Spectrum(left, sigma, right)
+
+
+def curvature_spectrum(weight: torch.Tensor, gram: torch.Tensor, tokens: int, out_gram: torch.Tensor,
+                       damp: float = 1e-2) -> Spectrum:
+    """Kronecker-factored curvature (K-FAC; KFAC-SVD): the SVD of L_Gᵀ·W·L_A, where L_A·L_Aᵀ = XᵀX/n + λI
+    as in whitening and L_G·L_Gᵀ the Gram matrix of the loss gradients at the layer's outputs, scaled to
+    a unit mean diagonal (+ λI). With the Fisher approximated by G ⊗ A, a change ΔW raises the loss by
+    about ½‖L_Gᵀ·ΔW·L_A‖², so truncating this SVD drops the components the *loss* needs least, where
+    whitening (G = I) drops those the layer's output needs least. Left factors L_G⁻ᵀ·U, right factors
+    Vᵀ·L_A⁻¹ (triangular solves); the unit-diagonal scaling keeps both factors near whitening's scale
+    (Adam fine-tunes them with one learning rate)."""
+    w = weight.double()
+    la = whitening_factor(gram, tokens, damp)
+    out_gram = out_gram.double()
+    lg = whitening_factor(out_gram / out_gram.diagonal().mean().clamp_min(1e-300), 1, damp)
+    u, sigma, vh = torch.linalg.svd(lg.T @ w @ la, full_matrices=False)
+    left = torch.linalg.solve_triangular(lg.T, u, upper=True)
+    right = torch.linalg.solve_triangular(la, vh, upper=False, left=False)
     left, right = _canonical_signs(left, right)
     return Spectrum(left, sigma, right)
 

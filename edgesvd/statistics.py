@@ -1,4 +1,4 @@
-"""Activation statistics: XᵀX (the input Gram matrix) of every targeted Linear, streamed over calibration data."""
+"""Activation statistics: XᵀX (the input Gram matrix) of every targeted Linear, and for decoders GᵀG of the loss gradients at its output, over calibration data."""
 
 from __future__ import annotations
 
@@ -120,6 +120,67 @@ def collect_statistics(model: nn.Module, targets: list[str], calib: CalibrationB
     finally:
         hooks.remove()
     missing = [t for t in targets if t not in stats.group_of]
+    if missing:
+        raise NoTargetError(f"layers never called during calibration: {missing[:3]}")
+    return stats
+
+
+
+class GradientGramHooks:
+    """Forward hooks on `modules` (name → module) whose outputs, in backward, add Σ gᵀg of their loss
+    gradient to `stats` (one matrix per module, padding excluded: set `mask` per batch with `batch()`);
+    `remove()` at the end. K-FAC's output factor, which spectra.curvature_spectrum weighs the SVD with."""
+
+    def __init__(self, stats: ActivationStats, modules: dict[str, nn.Module]) -> None:
+        self.stats, self.mask = stats, None
+        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name: str):
+        def on_output(module, args, out):
+            if out.requires_grad:
+                out.register_hook(lambda g, mask=self.mask: accumulate(self.stats, name, g, mask))
+        return on_output
+
+    def batch(self, mask: torch.Tensor | None) -> None:
+        self.mask = mask
+
+    def remove(self) -> ActivationStats:
+        for h in self.handles:
+            h.remove()
+        self.stats.group_of = {n: n for n in self.stats.gram}
+        return self.stats
+
+
+def collect_output_gradients(model: nn.Module, targets: list[str], calib: CalibrationBatch,
+                             batch_size: int = 16, reporter: Reporter = SILENT) -> ActivationStats:
+    """A causal LM's Σ gᵀg (float64) of the gradient of its mean next-token cross-entropy over the
+    calibration set at each target's output, padding excluded (GradientGramHooks). One forward and
+    backward per batch; the model's parameters get no gradients."""
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    hooks = GradientGramHooks(ActivationStats(), {t: model.get_submodule(t) for t in targets})
+    count = float(sum(int(m[:, 1:].sum()) for _, m in calib.batches(batch_size)))
+    requires = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    try:
+        n_batches = (calib.input_ids.shape[0] + batch_size - 1) // batch_size
+        with reporter.progress("loss gradients at the outputs", total=n_batches) as bar, torch.enable_grad():
+            for ids, attention in calib.batches(batch_size):
+                ids, attention = ids.to(device), attention.to(device)
+                hooks.batch(attention.reshape(-1).bool())
+                embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)  # a graph to differentiate
+                logits = model(inputs_embeds=embeds, attention_mask=attention, use_cache=False).logits
+                valid = attention[:, 1:].bool()
+                loss = F.cross_entropy(logits[:, :-1][valid].float(), ids[:, 1:][valid], reduction="sum") / count
+                loss.backward()
+                bar.advance()
+    finally:
+        stats = hooks.remove()
+        for p, r in zip(model.parameters(), requires):
+            p.requires_grad_(r)
+    missing = [t for t in targets if t not in stats.gram]
     if missing:
         raise NoTargetError(f"layers never called during calibration: {missing[:3]}")
     return stats

@@ -3,14 +3,19 @@
 The whole-model learned method trains scores with the whole student and teacher in memory. Here
 no more than one block is ever materialised, in three sweeps over the blocks:
 
-A. forward on the dense stream: XᵀX of each block's inputs → whitened spectrum → candidates
-   (`importance.candidate_rank`, as stage 1), written to a temporary safetensors file per block;
-   every block's input is kept (the calibration stream, on the CPU).
+A. forward on the dense stream: XᵀX of each block's inputs, written to a temporary safetensors file
+   per block (with `Learned.candidates == "whiten"`: the whitened spectrum's candidates right away,
+   `importance.candidate_rank` of them, as stage 1); every block's input is kept (the calibration
+   stream, on the CPU).
 B. reverse: the gradient of the next-token loss with respect to the last hidden state is pushed
-   down through each block with its candidates scored (s = 1): a score's gradient is then the
-   gradient of the *end-to-end* loss (the chain rule through the later blocks is what the pushed
-   gradient carries), and its Fisher estimate Σ_batches (s·∂L/∂s)² is in the same units in every
-   block. One global selection (importance per unit cost, `importance.select`) picks every rank.
+   down through the blocks. Each block first runs dense and collects the Gram matrix of the loss
+   gradients at each target's output, and its candidates are the top components of the curvature
+   spectrum (`spectra.curvature_spectrum`: K-FAC's G ⊗ A approximation of the Fisher, so the
+   truncation drops what the loss needs least); then it runs with its candidates scored (s = 1): a
+   score's gradient is then the gradient of the *end-to-end* loss (the chain rule through the later
+   blocks is what the pushed gradient carries), and its Fisher estimate Σ_batches (s·∂L/∂s)² is in
+   the same units in every block. The dense block's input gradient goes down to the next. One
+   global selection (importance per unit cost, `importance.select`) picks every rank.
 C. forward on the compressed stream: each block keeps its chosen candidates, and its factors (and
    the targets left dense) are fine-tuned against the dense block's output on the dense stream
    (MSE normalised by the block's own update ‖Y − X‖²), then its compressed output feeds the next.
@@ -22,6 +27,9 @@ ever loaded. On stories260K this stage is what brings the method level with the 
 (5.79 vs 5.72 perplexity; without it 7.42), and on SmolLM2-135M the streamed method beats the
 whole-model one (60.7 vs 67.9 at keep 0.8; README, "Real LLMs").
 
+Curvature candidates against whitened ones (stories260K, keep 0.8, 64 windows of the built-in prose,
+TinyStories held-out perplexity): 9.01 → 8.22 without fine-tuning, 6.75 → 6.27 with it; on 256
+self-sampled stories 8.06 → 6.74 and 5.37 → 5.20 (README, "Real LLMs", has SmolLM2).
 Decisions, measured on stories260K at keep 0.8 with a prototype (notes: issue 10 §5): importances
 learned per block against the block's own output are not comparable across blocks (global
 allocation on them: perplexity 53.9, uniform ranks 23.9); the end-to-end Fisher of the reverse
@@ -58,7 +66,8 @@ from .loading import ModelSource, blocks_owner, set_submodule
 from .methods import Learned
 from .planner import LayerImportance
 from .reporting import SILENT, Reporter
-from .spectra import factorization_cost, spectra_of
+from .spectra import curvature_spectrum, factorization_cost, spectra_of
+from .statistics import ActivationStats, GradientGramHooks
 from .streaming import (
     Laps,
     Stream,
@@ -107,15 +116,23 @@ class Candidates:
         self._dir = tempfile.TemporaryDirectory(prefix="edgesvd-candidates-")
         self.folder = Path(self._dir.name)
 
-    def write(self, i: int, factors: dict[str, torch.Tensor]) -> None:
+    def write(self, i: int, factors: dict[str, torch.Tensor], kind: str = "block") -> None:
         from safetensors.torch import save_file
 
-        save_file({k: v.contiguous() for k, v in factors.items()}, str(self.folder / f"block-{i:05d}.safetensors"))
+        save_file({k: v.contiguous() for k, v in factors.items()}, str(self.folder / f"{kind}-{i:05d}.safetensors"))
 
-    def read(self, i: int, device: torch.device) -> dict[str, torch.Tensor]:
+    def read(self, i: int, device: torch.device, kind: str = "block") -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
-        return load_file(str(self.folder / f"block-{i:05d}.safetensors"), device=str(device))
+        return load_file(str(self.folder / f"{kind}-{i:05d}.safetensors"), device=str(device))
+
+    def write_statistics(self, i: int, stats: ActivationStats) -> ActivationStats:
+        """Block i's XᵀX to disk until the reverse sweep needs them; returns the stats without matrices."""
+        self.write(i, stats.gram, kind="stats")
+        return ActivationStats({}, dict(stats.tokens), dict(stats.group_of))
+
+    def read_statistics(self, i: int, stats: ActivationStats, device: torch.device) -> ActivationStats:
+        return ActivationStats(self.read(i, device, kind="stats"), stats.tokens, stats.group_of)
 
     def close(self) -> None:
         self._dir.cleanup()
@@ -126,13 +143,20 @@ def _release_block(stream: Stream, i: int) -> None:
     release_parameters(block, [n for n, p in block.named_parameters() if p.device.type != "meta"])
 
 
-def _block_candidates(model: nn.Module, targets: list[str], stats, method: Learned, shapes: dict[str, LayerShape],
-                      sigma: dict[str, torch.Tensor], group: Group) -> dict[str, torch.Tensor]:
-    """Stage 1 for one block's targets: the top whitened components up to `candidate_rank` as
-    float32 factors (`<name>.a`, `<name>.b`, CPU); fills in each target's shape and whitened σ.
-    Under torchrun each rank computes its share of the layers and broadcasts them."""
+def _block_candidates(model: nn.Module, targets: list[str], stats: ActivationStats, method: Learned,
+                      shapes: dict[str, LayerShape], sigma: dict[str, torch.Tensor], group: Group,
+                      out_stats: ActivationStats | None = None) -> dict[str, torch.Tensor]:
+    """Stage 1 for one block's targets: the top components up to `candidate_rank` as float32 factors
+    (`<name>.a`, `<name>.b`, CPU) of the whitened spectrum, or with `out_stats` (the Gram matrices of
+    the loss gradients at the targets' outputs) of the curvature spectrum; fills in each target's
+    shape and σ. Under torchrun each rank computes its share of the layers and broadcasts them."""
     owner = group.owners({n: factorization_cost(*model.get_submodule(n).weight.shape) for n in targets})
-    computed = spectra_of(model, [n for n in targets if owner[n] == group.rank], "whiten", stats)
+    mine = [n for n in targets if owner[n] == group.rank]
+    if out_stats is None:
+        computed = spectra_of(model, mine, "whiten", stats)
+    else:
+        computed = {n: curvature_spectrum(model.get_submodule(n).weight.detach(), stats.gram_for(n),
+                                          stats.tokens_for(n), out_stats.gram_for(n)) for n in mine}
     tensors = {}
     for name in targets:
         linear = model.get_submodule(name)
@@ -156,9 +180,12 @@ def _block_candidates(model: nn.Module, targets: list[str], stats, method: Learn
 
 
 def _sweep_dense(stream: Stream, method: Learned, device: torch.device, group: Group, candidates: Candidates,
-                 laps: Laps, reporter: Reporter) -> tuple[list[list[torch.Tensor]], dict, dict, list[float]]:
+                 laps: Laps, reporter: Reporter, curvature: bool = False, deferred: dict | None = None
+                 ) -> tuple[list[list[torch.Tensor]], dict, dict, list[float]]:
     """Sweep A. Returns the dense stream X[0..L] (CPU), every target's shape and whitened σ, and
-    each block's mean squared update ‖Y − X‖² per token (the scale of its local loss)."""
+    each block's mean squared update ‖Y − X‖² per token (the scale of its local loss). With
+    `curvature`, no candidates yet: each block's XᵀX go to disk, what reads them back into
+    `deferred`, and sweep B fills in the shapes and (curvature) σ."""
     model = stream.model
     xs = [[h.cpu() for h in stream.hidden]]
     shapes: dict[str, LayerShape] = {}
@@ -180,7 +207,10 @@ def _sweep_dense(stream: Stream, method: Learned, device: torch.device, group: G
             group.sum_([energy, count])
             update.append(float(energy / count.clamp_min(1)) or 1.0)
             laps.lap("statistics_s")
-            candidates.write(i, _block_candidates(model, mine, stats, method, shapes, sigma, group))
+            if curvature:  # the candidates wait for the loss gradients of the reverse sweep
+                deferred[i] = candidates.write_statistics(i, stats)
+            else:
+                candidates.write(i, _block_candidates(model, mine, stats, method, shapes, sigma, group))
             del stats, inputs
             xs.append([y.cpu() for y in outputs])
             del outputs
@@ -223,6 +253,25 @@ def _top_gradients(stream: Stream, last: list[torch.Tensor], device: torch.devic
     return grads
 
 
+def _output_gradient_grams(stream: Stream, i: int, inputs: list[torch.Tensor], grads: list[torch.Tensor],
+                           device: torch.device) -> tuple[ActivationStats, list[torch.Tensor]]:
+    """Dense block i given ∂L/∂(output) per batch: the Gram matrix Σ gᵀg of the loss gradient at each
+    target's output (valid tokens, float64), and ∂L/∂(input) per batch for the block below."""
+    block = stream.materialize(i, device)
+    hooks = GradientGramHooks(ActivationStats(), {n: stream.model.get_submodule(n) for n in stream.targets_of(i)})
+    below = []
+    try:
+        for b, (args, kwargs) in enumerate(stream.arguments[i]):
+            hooks.batch(stream.masks[b])
+            x = inputs[b].to(device).detach().requires_grad_(True)
+            with torch.enable_grad():
+                _output(block(x, *args, **kwargs)).backward(grads[b].to(device))
+            below.append(x.grad.cpu())
+    finally:
+        out_stats = hooks.remove()
+    return out_stats, below
+
+
 def _block_fisher(stream: Stream, i: int, inputs: list[torch.Tensor], grads: list[torch.Tensor],
                   candidates: Candidates, device: torch.device) -> tuple[dict[str, torch.Tensor], list[torch.Tensor]]:
     """Block i with its candidates scored: Σ_batches (s·∂L/∂s)² of this rank's batches given ∂L/∂(output)
@@ -253,14 +302,31 @@ def _block_fisher(stream: Stream, i: int, inputs: list[torch.Tensor], grads: lis
 
 
 def _sweep_reverse(stream: Stream, xs: list[list[torch.Tensor]], device: torch.device, group: Group,
-                   candidates: Candidates, laps: Laps, reporter: Reporter) -> dict[str, torch.Tensor]:
-    """Sweep B: the end-to-end Fisher importance (float64) of every candidate of every target."""
+                   candidates: Candidates, laps: Laps, reporter: Reporter, method: Learned | None = None,
+                   deferred: dict[int, ActivationStats] | None = None, shapes: dict | None = None,
+                   sigma: dict | None = None) -> dict[str, torch.Tensor]:
+    """Sweep B: the end-to-end Fisher importance (float64) of every candidate of every target. With
+    `deferred` (curvature candidates), each block first runs dense to collect the Gram matrices of
+    the loss gradients at its targets' outputs, makes its candidates from them and its XᵀX, and
+    passes the dense block's input gradient down."""
     grads = _top_gradients(stream, xs[-1], device, group)
     laps.lap("importance_s")
     importance: dict[str, torch.Tensor] = {}
     with reporter.progress("sweep 2/3: end-to-end importance", total=len(stream.blocks)) as bar:
         for i in reversed(range(len(stream.blocks))):
+            dense_below = None
+            if deferred is not None:
+                out_stats, dense_below = _output_gradient_grams(stream, i, xs[i], grads, device)
+                group.sum_statistics(out_stats)
+                laps.lap("importance_s")
+                stats = candidates.read_statistics(i, deferred.pop(i), device)
+                candidates.write(i, _block_candidates(stream.model, stream.targets_of(i), stats, method, shapes,
+                                                      sigma, group, out_stats))
+                del stats, out_stats
+                laps.lap("factorize_s")
             fisher, grads = _block_fisher(stream, i, xs[i], grads, candidates, device)
+            if dense_below is not None:
+                grads = dense_below
             group.sum_(list(fisher.values()))
             importance.update({n: f.cpu() for n, f in fisher.items()})
             del fisher
@@ -505,6 +571,9 @@ def compress_learned_blocks(source: ModelSource, method: Learned, calib: Calibra
     hidden = model.config.hidden_size
     estimate["calibration_stream"] = 4 * stream.tokens * hidden * (len(stream.blocks) + 2)
     estimate["total"] += estimate["calibration_stream"]
+    if method.candidates == "curvature":  # a block's loss-gradient Gram matrices beside its XᵀX (float64)
+        estimate["output_statistics"] = 8 * sum(model.get_submodule(t).out_features ** 2 for t in stream.targets_of(0))
+        estimate["total"] += estimate["output_statistics"]
     reporter.step(f"streamed learned: {len(stream.blocks)} blocks of {source.name}, three sweeps, "
                   f"{method.finetune_steps} fine-tuning steps per block, {end_to_end_steps} end to end "
                   f"(tensors at the peak ≈ "
@@ -513,8 +582,12 @@ def compress_learned_blocks(source: ModelSource, method: Learned, calib: Calibra
         candidates = Candidates()
         try:
             with calibration_matmuls(precision, device):
-                xs, shapes, sigma, update = _sweep_dense(stream, method, device, group, candidates, laps, reporter)
-                importance = _sweep_reverse(stream, xs, device, group, candidates, laps, reporter)
+                curvature = method.candidates == "curvature"
+                deferred: dict[int, ActivationStats] = {}
+                xs, shapes, sigma, update = _sweep_dense(stream, method, device, group, candidates, laps, reporter,
+                                                         curvature, deferred)
+                importance = _sweep_reverse(stream, xs, device, group, candidates, laps, reporter, method,
+                                            deferred if curvature else None, shapes, sigma)
             layers = [LayerImportance(shapes[n], importance[n].sort(descending=True).values.numpy())
                       for n in stream.targets]
             total_dense = sum(s.params(None) for s in shapes.values())

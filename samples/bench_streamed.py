@@ -57,7 +57,7 @@ def one(model_ref: str, method: str, keep: float, stream: str, calib: str, n_win
         samples: int | None = None, save: str | None = None, calib_len: int = 128, calib_precision: str = "auto",
         **options) -> dict:
     """One configuration, in this process: compress (unless method is 'dense'), then score. `options`
-    (form, finetune_steps, finetune_lr) go to the method's config; None means its default.
+    (form, finetune_steps, finetune_lr, candidates) go to the method's config; None means its default.
     `save`: keep the checkpoint in this folder (for bench_quantized's cache)."""
     import torch
 
@@ -118,6 +118,7 @@ def main() -> None:
     ap.add_argument("--calib-len", type=int, default=128, help="calibration sequence length in tokens (the product's default)")
     ap.add_argument("--finetune-steps", type=int, help="learned: fine-tuning steps (default: the product's; for timing runs)")
     ap.add_argument("--finetune-lr", type=float, help="learned: fine-tuning learning rate (default: the product's)")
+    ap.add_argument("--candidates", help="learned: curvature or whiten (default: the product's)")
     ap.add_argument("--calib-precision", default="auto", help="streamed passes: auto, float32 or bfloat16 (the product's)")
     ap.add_argument("--save", help="keep the (single) compressed configuration's checkpoint in this folder")
     ap.add_argument("--device", default="cpu", help="where compression and scoring run (cpu, cuda)")
@@ -128,7 +129,8 @@ def main() -> None:
         method, keep, stream, *form = a.one.split(":")
         print(json.dumps(one(a.model, method, float(keep), stream, a.calib, a.windows, a.device, a.samples,
                              save=a.save, finetune_steps=a.finetune_steps, form=form[0] if form else None,
-                             finetune_lr=a.finetune_lr, calib_len=a.calib_len, calib_precision=a.calib_precision)))
+                             finetune_lr=a.finetune_lr, candidates=a.candidates, calib_len=a.calib_len,
+                             calib_precision=a.calib_precision)))
         return
     rows = []
     for config in a.configs.split(","):
@@ -138,6 +140,7 @@ def main() -> None:
                               *(["--samples", str(a.samples)] if a.samples else []),
                               *(["--finetune-steps", str(a.finetune_steps)] if a.finetune_steps is not None else []),
                               *(["--finetune-lr", str(a.finetune_lr)] if a.finetune_lr is not None else []),
+                              *(["--candidates", a.candidates] if a.candidates else []),
                               *(["--save", a.save] if a.save else []),
                               "--one", config], capture_output=True, text=True)
         if out.returncode != 0:

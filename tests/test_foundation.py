@@ -22,7 +22,7 @@ from edgesvd.factorize import (
 from edgesvd.families import DECODER
 from edgesvd.loading import load_model, load_tokenizer, resolve_model, select_targets
 from edgesvd.planner import uniform_rank
-from edgesvd.spectra import plain_spectrum, whiten_spectrum
+from edgesvd.spectra import curvature_spectrum, plain_spectrum, whiten_spectrum
 from edgesvd.statistics import collect_statistics
 
 SMALL = CalibrationConfig(num_sequences=8, seq_len=32)
@@ -157,6 +157,32 @@ def test_whiten_reconstructs_exactly_at_full_rank_and_beats_plain_on_correlated_
         a, b = spec.factors(8)
         err[name] = ((x @ (b @ a).T - x @ w.T).norm() / (x @ w.T).norm()).item()
     assert err["whiten"] < 0.5 * err["plain"]
+
+
+def test_curvature_spectrum_truncates_in_the_kronecker_factored_loss_metric():
+    """With G ∝ I it is whitening (the same truncated weights); with a real G its rank-k truncation has a
+    lower ½‖L_Gᵀ·ΔW·L_A‖² (the loss rise under the G ⊗ A Fisher) than whitening's, which ignores G."""
+    torch.manual_seed(0)
+    w = torch.randn(40, 24, dtype=torch.float64)
+    x = torch.randn(3000, 24, dtype=torch.float64) @ (torch.randn(24, 24, dtype=torch.float64)
+                                                       * torch.logspace(0, -2, 24, dtype=torch.float64))
+    g = torch.randn(3000, 40, dtype=torch.float64) * torch.logspace(0, -2, 40, dtype=torch.float64)
+    gram, out_gram = x.T @ x, g.T @ g
+    for k in (4, 12):
+        a, b = curvature_spectrum(w, gram, 3000, 7.0 * torch.eye(40, dtype=torch.float64)).factors(k)
+        wa, wb = whiten_spectrum(w, gram, 3000).factors(k)
+        assert torch.allclose(b @ a, wb @ wa, atol=1e-10)
+
+    def loss_rise(approx):  # tr(ΔW·A·ΔWᵀ·G) = ‖L_Gᵀ·ΔW·L_A‖²
+        delta = approx - w
+        return float(torch.trace(delta @ (gram / 3000) @ delta.T @ (out_gram / 3000)))
+
+    for k in (4, 12):
+        a, b = curvature_spectrum(w, gram, 3000, out_gram, damp=1e-9).factors(k)
+        wa, wb = whiten_spectrum(w, gram, 3000, damp=1e-9).factors(k)
+        assert loss_rise(b @ a) < 0.9 * loss_rise(wb @ wa)
+    a, b = curvature_spectrum(w, gram, 3000, out_gram, damp=1e-9).factors(24)
+    assert torch.allclose(b @ a, w, atol=1e-6)  # every component: the weight itself
 
 
 def test_whiten_survives_singular_statistics():

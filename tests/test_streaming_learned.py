@@ -20,8 +20,9 @@ from edgesvd.importance import ScoredLowRank
 from edgesvd.loading import load_model, load_tokenizer, resolve_model, set_submodule
 from edgesvd.methods import Learned, Whiten
 from edgesvd.reporting import SILENT
+from edgesvd.statistics import collect_output_gradients
 from edgesvd.streaming import Laps, open_stream
-from edgesvd.streaming_learned import Candidates, _sweep_dense, _sweep_reverse
+from edgesvd.streaming_learned import Candidates, _output_gradient_grams, _sweep_dense, _sweep_reverse, _top_gradients
 
 CALIB = CalibrationConfig(source="builtin", num_sequences=24, seq_len=48)
 
@@ -61,6 +62,59 @@ def test_the_reverse_sweep_gives_the_end_to_end_fisher_of_every_candidate(tiny_l
     assert streamed.keys() == whole.keys()
     for n in whole:
         torch.testing.assert_close(streamed[n], whole[n], rtol=2e-3, atol=1e-12 * float(whole[n].max()))
+
+
+def test_the_curvature_sweep_collects_the_whole_models_loss_gradient_grams(tiny_llama_dir):
+    """The reverse sweep's Gram matrices of the loss gradients at every target's output, block by block
+    from the top, and the whole-model path's (statistics.collect_output_gradients) equal those of one
+    backward of the whole model's next-token loss per batch."""
+    source = resolve_model(tiny_llama_dir)
+    method = Learned(keep=0.5)
+    sample = sample_calibration(load_tokenizer(source.path), CALIB, source.family)
+    cpu = torch.device("cpu")
+    stream = open_stream(source, method, sample, (), cpu, 8, Group())
+    candidates, deferred = Candidates(), {}
+    try:
+        xs, _, _, _ = _sweep_dense(stream, method, cpu, Group(), candidates, Laps(), SILENT, True, deferred)
+        assert sorted(deferred) == list(range(len(stream.blocks)))  # XᵀX on disk, no candidates yet
+        grads, streamed = _top_gradients(stream, xs[-1], cpu, Group()), {}
+        for i in reversed(range(len(stream.blocks))):
+            out_stats, grads = _output_gradient_grams(stream, i, xs[i], grads, cpu)
+            streamed.update(out_stats.gram)
+    finally:
+        candidates.close()
+    model = load_model(source)
+    outputs = {}
+    for name in stream.targets:
+        model.get_submodule(name).register_forward_hook(lambda m, a, out, n=name: outputs.__setitem__(n, out))
+    count = sum(int(m[:, 1:].sum()) for _, m in stream.batches)
+    whole = {n: 0.0 for n in stream.targets}
+    for ids, mask in stream.batches:
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        for out in outputs.values():
+            out.retain_grad()
+        valid = mask[:, 1:].bool()
+        (F.cross_entropy(logits[:, :-1][valid], ids[:, 1:][valid], reduction="sum") / count).backward()
+        for n, out in outputs.items():
+            rows = out.grad[mask.bool()].double()
+            whole[n] = whole[n] + rows.T @ rows
+    whole_model = collect_output_gradients(load_model(source), stream.targets, sample, 8).gram  # the --stream off path
+    assert streamed.keys() == whole.keys() == whole_model.keys()
+    for n in whole:
+        torch.testing.assert_close(streamed[n], whole[n], rtol=2e-3, atol=1e-6 * float(whole[n].abs().max()))
+        torch.testing.assert_close(whole_model[n], whole[n], rtol=2e-3, atol=1e-6 * float(whole[n].abs().max()))
+
+
+def test_curvature_candidates_beat_whitened_ones_on_real_weights(stories_dir, tinystories_file):
+    """stories260K at keep 0.8, no fine-tuning (the candidates and the rank choice alone), 64 windows of
+    the built-in prose: the curvature spectrum's candidates give a lower perplexity on unseen stories
+    than whitening's (measured 8.22 against 9.01)."""
+    calib = CalibrationConfig(source="builtin", num_sequences=64, seq_len=128)
+    src = resolve_model(stories_dir)
+    tok = load_tokenizer(src.path)
+    ppl = {c: perplexity(compress_streamed(src, Learned(keep=0.8, finetune_steps=0, candidates=c), calib).model,
+                         tok, tinystories_file, max_chunks=60) for c in ("curvature", "whiten")}
+    assert ppl["curvature"] < 0.95 * ppl["whiten"], ppl
 
 
 def test_no_dense_block_weights_outlive_their_block(deep_llama_dir):

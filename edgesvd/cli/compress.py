@@ -6,6 +6,7 @@ import click
 
 from edgesvd.compression import compress as compress_model
 from edgesvd.device import PRECISIONS
+from edgesvd.importance import CANDIDATE_SPECTRA
 from edgesvd.inspect import checkpoint_summary
 from edgesvd.loading import DEFAULT_MODEL
 from edgesvd.methods import DEFAULT_METHOD, METHODS, Learned, method_config
@@ -57,6 +58,10 @@ def model_options(f):
 @click.option("--finetune-lr", type=float, default=None,
               help="learned: learning rate of stage 3 [default: 2e-4 encoders, 1e-3 decoders, times 384 or 64 / "
                    "hidden size above those widths; see README].")
+@click.option("--candidates", type=click.Choice(list(CANDIDATE_SPECTRA)), default=Learned.candidates, show_default=True,
+              help="learned, decoders: where stage-1 candidates come from. curvature: the SVD weighted by XᵀX and by "
+                   "the Gram matrix of the next-token loss gradients at each layer's output (K-FAC; one more backward "
+                   "pass over the calibration set); whiten: by XᵀX only. Encoders always whiten.")
 @click.option("--finetune-dense/--no-finetune-dense", default=Learned.finetune_dense, show_default=True,
               help="learned: stage 3 also trains the targeted layers the global selection left dense.")
 @click.option("--stream", type=click.Choice(list(STREAM_CHOICES)), default="auto", show_default=True,
@@ -76,13 +81,14 @@ def model_options(f):
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def compress(model, method, keep, rank_multiple, form, calib, calib_samples, calib_len, calib_temperature, seed, include,
              exclude, trust_remote_code, device, batch_size, steps, finetune_steps, margin, lr, finetune_lr,
-             finetune_dense, stream, calib_precision, out, force, quiet):
+             candidates, finetune_dense, stream, calib_precision, out, force, quiet):
     """Compress MODEL (alias 'minilm', a local folder, a .gguf file, the alias 'smollm2', or a hub id) into a
     checkpoint folder."""
     check_output_dir(out, force, inputs=[*calib] + ([] if model == DEFAULT_MODEL else [model]))
     config = method_config(method, keep=keep, rank_multiple=rank_multiple, form=form, steps=steps,
                            finetune_steps=finetune_steps,
-                           margin=margin, lr=lr, finetune_lr=finetune_lr, finetune_dense=finetune_dense)
+                           margin=margin, lr=lr, finetune_lr=finetune_lr, finetune_dense=finetune_dense,
+                           candidates=candidates)
     result = compress_model(model, config, calib=calibration(calib, calib_samples, calib_len, calib_temperature, seed),
                             include=include, exclude=exclude, device=device, batch_size=batch_size,
                             trust_remote_code=trust_remote_code, stream=stream, calib_precision=calib_precision,
