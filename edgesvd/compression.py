@@ -150,9 +150,10 @@ class LearnedState:
 
 def learn_importance(prepared: Prepared, method: Learned, reporter: Reporter = SILENT,
                      spectra: dict[str, Spectrum] | None = None) -> LearnedState:
-    """Stages 1 and 2 on `prepared.model` in place: whitened candidates, then scores learned while
-    pruning gradually down to `method.keep` of the targeted parameters. `spectra`: the targets'
-    whitened spectra when the caller has them already (saves one SVD per layer)."""
+    """Stages 1 and 2 on `prepared.model` in place: candidates from the curvature or the whitened
+    spectra (`method.candidates`), then scores learned while pruning gradually down to `method.keep`
+    of the targeted parameters. `spectra`: the targets' whitened spectra when the caller has them
+    already (saves one SVD per layer; unused for curvature candidates)."""
     torch.manual_seed(prepared.seed)
     model, family, stats = prepared.model, prepared.source.family, prepared.stats
     if stats is None or prepared.calib is None:
@@ -169,10 +170,13 @@ def learn_importance(prepared: Prepared, method: Learned, reporter: Reporter = S
     timings["teacher_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    if family.causal and method.candidates == "curvature":  # encoders have no next-token loss
-        out_stats = collect_output_gradients(model, prepared.targets, prepared.calib, method.batch_size, reporter)
+    if method.candidates == "curvature":
+        out_stats = collect_output_gradients(model, prepared.targets, prepared.calib, family.causal, method.batch_size,
+                                             prepared.seed, reporter)
+        # A decoder sums one gradient per token (tens of thousands ≫ out), an encoder one draw per sentence.
         spectra = {t: curvature_spectrum(model.get_submodule(t).weight.detach(), stats.gram_for(t), stats.tokens_for(t),
-                                         out_stats.gram_for(t)) for t in prepared.targets}
+                                         out_stats.gram_for(t), None if family.causal else out_stats.tokens_for(t))
+                   for t in prepared.targets}
         del out_stats
     else:
         spectra = dict(spectra or {})
@@ -305,14 +309,16 @@ class ComponentImportance:
 
 def importance_pass(prepared: Prepared, method: Method, spectra: dict[str, Spectrum] | None = None,
                     dense: nn.Module | None = None, reporter: Reporter = SILENT) -> ComponentImportance:
-    """Whitened spectra of every target and, for the learned method, stages 1–2 (which change
+    """Whitened spectra of every target (the learned method's when its candidates are whitened) and,
+    for the learned method, stages 1–2 (which change
     `prepared.model` in place: a dense copy is kept on the CPU). `spectra` and `dense`: what an
     earlier pass over the same prepared model already has."""
     if not isinstance(method, (Whiten, Learned)):
         raise ConfigError(f"component importance comes from the whiten or learned method, not '{method.name}'")
-    missing = [t for t in prepared.targets if t not in (spectra or {})]
-    spectra = {**(spectra or {}), **spectra_of(prepared.model, missing, "whiten", prepared.stats, reporter)}
-    spectra = {t: spectra[t] for t in prepared.targets}
+    if isinstance(method, Whiten) or method.candidates_for(prepared.source.family) == "whiten":
+        missing = [t for t in prepared.targets if t not in (spectra or {})]
+        spectra = {**(spectra or {}), **spectra_of(prepared.model, missing, "whiten", prepared.stats, reporter)}
+        spectra = {t: spectra[t] for t in prepared.targets}
     dense = dense if dense is not None else copy.deepcopy(prepared.model).cpu().eval()
     pivoted = method.pivoted(prepared.source.family)
     if isinstance(method, Whiten):

@@ -87,10 +87,10 @@ class Learned(Method):
     max_score: cap on the scores (None: amplification allowed; 1.0 is the no-amplification ablation).
     selection: 'global' (importance per unit cost across layers) or 'uniform' (ablation: every layer
     gets the uniform rank and keeps its most important candidates).
-    candidates: the spectrum a decoder's stage 1 takes its candidates from: 'curvature' (K-FAC: the
-    next-token loss gradients' Gram matrix at each layer's output as well as XᵀX,
-    spectra.curvature_spectrum; one more backward pass over the calibration set) or 'whiten' (XᵀX
-    only). Encoders always whiten: they have no next-token loss to take gradients of.
+    candidates: the spectrum stage 1 takes its candidates from: 'curvature' (K-FAC: the Gram matrix
+    of the loss gradients at each layer's output as well as XᵀX, spectra.curvature_spectrum; one more
+    backward pass over the calibration set; statistics.collect_output_gradients says which loss) or
+    'whiten' (XᵀX only); None: the family's (curvature for decoders, whiten for encoders).
     """
 
     steps: int | None = None
@@ -103,7 +103,7 @@ class Learned(Method):
     budget_weight: float = 10.0
     max_score: float | None = None
     selection: str = "global"
-    candidates: str = "curvature"
+    candidates: str | None = None
     name: ClassVar[str] = "learned"
 
     def __post_init__(self) -> None:
@@ -122,7 +122,7 @@ class Learned(Method):
             raise ConfigError(f"max score must be > 0, got {self.max_score}")
         if self.selection not in SELECTIONS:
             raise ConfigError(f"unknown selection '{self.selection}' (choose from {', '.join(SELECTIONS)})")
-        if self.candidates not in CANDIDATE_SPECTRA:
+        if self.candidates is not None and self.candidates not in CANDIDATE_SPECTRA:
             raise ConfigError(f"unknown candidates '{self.candidates}' (choose from {', '.join(CANDIDATE_SPECTRA)})")
 
 
@@ -143,7 +143,12 @@ class Learned(Method):
             filled = {k: min(v, max(MIN_DEFAULT_STEPS, round(v * TRAIN_WORK_CAP / work))) for k, v in filled.items()}
         if self.finetune_lr is None:
             filled["finetune_lr"] = recipe.finetune_lr_for(hidden_size)
+        filled["candidates"] = self.candidates_for(family)
         return replace(self, **filled)
+
+    def candidates_for(self, family: Family) -> str:
+        """The spectrum stage 1 takes candidates from for `family`: the one asked for, else the family's."""
+        return self.candidates or family.learned.candidates
 
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (Plain, Asvd, Whiten, Learned)}

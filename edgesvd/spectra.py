@@ -140,18 +140,24 @@ def whiten_spectrum(weight: torch.Tensor, gram: torch.Tensor, tokens: int, damp:
 
 
 def curvature_spectrum(weight: torch.Tensor, gram: torch.Tensor, tokens: int, out_gram: torch.Tensor,
-                       damp: float = 1e-2) -> Spectrum:
+                       out_samples: int | None = None, damp: float = 1e-2) -> Spectrum:
     """Kronecker-factored curvature (K-FAC; KFAC-SVD): the SVD of L_Gᵀ·W·L_A, where L_A·L_Aᵀ = XᵀX/n + λI
     as in whitening and L_G·L_Gᵀ the Gram matrix of the loss gradients at the layer's outputs, scaled to
     a unit mean diagonal (+ λI). With the Fisher approximated by G ⊗ A, a change ΔW raises the loss by
     about ½‖L_Gᵀ·ΔW·L_A‖², so truncating this SVD drops the components the *loss* needs least, where
     whitening (G = I) drops those the layer's output needs least. Left factors L_G⁻ᵀ·U, right factors
     Vᵀ·L_A⁻¹ (triangular solves); the unit-diagonal scaling keeps both factors near whitening's scale
-    (Adam fine-tunes them with one learning rate)."""
+    (Adam fine-tunes them with one learning rate). `out_samples`, the independent gradient draws
+    summed into `out_gram`, shrinks it toward I by d/(d + out_samples) (d = out): an estimate from few
+    draws of a wide output weighs a few random directions, so it is taken mostly as identity (whitening)."""
     w = weight.double()
     la = whitening_factor(gram, tokens, damp)
-    out_gram = out_gram.double()
-    lg = whitening_factor(out_gram / out_gram.diagonal().mean().clamp_min(1e-300), 1, damp)
+    out_gram = out_gram.double() / out_gram.diagonal().mean().clamp_min(1e-300)
+    if out_samples is not None:
+        shrink = out_gram.shape[0] / (out_gram.shape[0] + out_samples)
+        eye = torch.eye(out_gram.shape[0], dtype=out_gram.dtype, device=out_gram.device)
+        out_gram = (1 - shrink) * out_gram + shrink * eye
+    lg = whitening_factor(out_gram, 1, damp)
     u, sigma, vh = torch.linalg.svd(lg.T @ w @ la, full_matrices=False)
     left = torch.linalg.solve_triangular(lg.T, u, upper=True)
     right = torch.linalg.solve_triangular(la, vh, upper=False, left=False)

@@ -1,4 +1,4 @@
-"""Activation statistics: XᵀX (the input Gram matrix) of every targeted Linear, and for decoders GᵀG of the loss gradients at its output, over calibration data."""
+"""Activation statistics: XᵀX (the input Gram matrix) of every targeted Linear, and GᵀG of the loss gradients at its output, over calibration data."""
 
 from __future__ import annotations
 
@@ -125,7 +125,6 @@ def collect_statistics(model: nn.Module, targets: list[str], calib: CalibrationB
     return stats
 
 
-
 class GradientGramHooks:
     """Forward hooks on `modules` (name → module) whose outputs, in backward, add Σ gᵀg of their loss
     gradient to `stats` (one matrix per module, padding excluded: set `mask` per batch with `batch()`);
@@ -151,16 +150,27 @@ class GradientGramHooks:
         return self.stats
 
 
-def collect_output_gradients(model: nn.Module, targets: list[str], calib: CalibrationBatch,
-                             batch_size: int = 16, reporter: Reporter = SILENT) -> ActivationStats:
-    """A causal LM's Σ gᵀg (float64) of the gradient of its mean next-token cross-entropy over the
-    calibration set at each target's output, padding excluded (GradientGramHooks). One forward and
+def _pooled_unit(hidden: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
+    m = attention[..., None].to(hidden.dtype)
+    pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1)
+    return pooled / pooled.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+
+
+def collect_output_gradients(model: nn.Module, targets: list[str], calib: CalibrationBatch, causal: bool,
+                             batch_size: int = 16, seed: int = 0, reporter: Reporter = SILENT) -> ActivationStats:
+    """Σ gᵀg (float64) at each target's output over the calibration set, padding excluded
+    (GradientGramHooks): K-FAC's output factor. A causal LM's g is the gradient of its mean next-token
+    cross-entropy (the empirical Fisher). An encoder has no such loss, and its distillation loss has
+    zero gradient at the dense model, so g = Jᵀv, J the Jacobian of the unit-normalised mean-pooled
+    embedding (what similarity search compares) and v ~ N(0, I) drawn per sequence from `seed`:
+    E[ggᵀ] = JᵀJ, the Gauss-Newton matrix of a squared error on that embedding. One forward and
     backward per batch; the model's parameters get no gradients."""
     import torch.nn.functional as F
 
     device = next(model.parameters()).device
     hooks = GradientGramHooks(ActivationStats(), {t: model.get_submodule(t) for t in targets})
     count = float(sum(int(m[:, 1:].sum()) for _, m in calib.batches(batch_size)))
+    gen = torch.Generator().manual_seed(seed)
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
@@ -171,9 +181,14 @@ def collect_output_gradients(model: nn.Module, targets: list[str], calib: Calibr
                 ids, attention = ids.to(device), attention.to(device)
                 hooks.batch(attention.reshape(-1).bool())
                 embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)  # a graph to differentiate
-                logits = model(inputs_embeds=embeds, attention_mask=attention, use_cache=False).logits
-                valid = attention[:, 1:].bool()
-                loss = F.cross_entropy(logits[:, :-1][valid].float(), ids[:, 1:][valid], reduction="sum") / count
+                if causal:
+                    logits = model(inputs_embeds=embeds, attention_mask=attention, use_cache=False).logits
+                    valid = attention[:, 1:].bool()
+                    loss = F.cross_entropy(logits[:, :-1][valid].float(), ids[:, 1:][valid], reduction="sum") / count
+                else:
+                    pooled = _pooled_unit(model(inputs_embeds=embeds, attention_mask=attention).last_hidden_state,
+                                          attention)
+                    loss = (pooled * torch.randn(pooled.shape, generator=gen).to(pooled)).sum()
                 loss.backward()
                 bar.advance()
     finally:
@@ -183,4 +198,6 @@ def collect_output_gradients(model: nn.Module, targets: list[str], calib: Calibr
     missing = [t for t in targets if t not in stats.gram]
     if missing:
         raise NoTargetError(f"layers never called during calibration: {missing[:3]}")
+    if not causal:  # one draw of v per sentence: that many independent terms, however many tokens
+        stats.tokens = {t: int(calib.input_ids.shape[0]) for t in stats.gram}
     return stats

@@ -98,7 +98,7 @@ def test_the_curvature_sweep_collects_the_whole_models_loss_gradient_grams(tiny_
         for n, out in outputs.items():
             rows = out.grad[mask.bool()].double()
             whole[n] = whole[n] + rows.T @ rows
-    whole_model = collect_output_gradients(load_model(source), stream.targets, sample, 8).gram  # the --stream off path
+    whole_model = collect_output_gradients(load_model(source), stream.targets, sample, True, 8).gram  # the --stream off path
     assert streamed.keys() == whole.keys() == whole_model.keys()
     for n in whole:
         torch.testing.assert_close(streamed[n], whole[n], rtol=2e-3, atol=1e-6 * float(whole[n].abs().max()))

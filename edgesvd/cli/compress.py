@@ -58,10 +58,11 @@ def model_options(f):
 @click.option("--finetune-lr", type=float, default=None,
               help="learned: learning rate of stage 3 [default: 2e-4 encoders, 1e-3 decoders, times 384 or 64 / "
                    "hidden size above those widths; see README].")
-@click.option("--candidates", type=click.Choice(list(CANDIDATE_SPECTRA)), default=Learned.candidates, show_default=True,
-              help="learned, decoders: where stage-1 candidates come from. curvature: the SVD weighted by XᵀX and by "
-                   "the Gram matrix of the next-token loss gradients at each layer's output (K-FAC; one more backward "
-                   "pass over the calibration set); whiten: by XᵀX only. Encoders always whiten.")
+@click.option("--candidates", type=click.Choice(list(CANDIDATE_SPECTRA)), default=None,
+              help="learned: where stage-1 candidates come from. curvature: the SVD weighted by XᵀX and by the Gram "
+                   "matrix of the loss gradients at each layer's output (K-FAC; decoders: next-token loss, encoders: "
+                   "random projections of the pooled embedding; one more backward pass over the calibration set); "
+                   "whiten: by XᵀX only [default: curvature for decoders, whiten for encoders].")
 @click.option("--finetune-dense/--no-finetune-dense", default=Learned.finetune_dense, show_default=True,
               help="learned: stage 3 also trains the targeted layers the global selection left dense.")
 @click.option("--stream", type=click.Choice(list(STREAM_CHOICES)), default="auto", show_default=True,
