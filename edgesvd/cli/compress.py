@@ -34,8 +34,8 @@ def model_options(f):
 @click.argument("model", default="minilm", required=False)
 @click.option("--method", type=click.Choice(list(METHODS)), default=DEFAULT_METHOD, show_default=True,
               help="plain: magnitude SVD; asvd: activation-scaled SVD; whiten: truncation-aware whitening; "
-                   "learned: whitened candidates, learned component importance, global rank selection and "
-                   "distillation fine-tuning (slower, best quality).")
+                   "learned: whitened (encoders) or curvature (decoders) candidates, learned component importance, "
+                   "global rank selection and distillation fine-tuning (slower, best quality).")
 @click.option("--keep", type=float, default=0.5, show_default=True,
               help="Parameters of the targeted Linear layers after ÷ before, in (0, 1].")
 @click.option("--rank-multiple", type=int, default=8, show_default=True,
