@@ -59,6 +59,12 @@ def spearman(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(ra, rb)[0, 1])
 
 
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The sentence embedding: `hidden` (batch × tokens × width) averaged over the tokens `mask` marks."""
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1)
+
+
 @torch.no_grad()
 def embed(model: nn.Module, tokenizer, sentences: list[str], batch_size: int = 64, max_length: int = 128) -> torch.Tensor:
     """Mean-pooled (over non-padding tokens) last hidden states, float32 on the CPU."""
@@ -68,8 +74,7 @@ def embed(model: nn.Module, tokenizer, sentences: list[str], batch_size: int = 6
         enc = tokenizer(sentences[i : i + batch_size], padding=True, truncation=True, max_length=max_length,
                         return_tensors="pt").to(device)
         hidden = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
-        mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-        chunks.append(((hidden * mask).sum(1) / mask.sum(1).clamp_min(1)).float().cpu())
+        chunks.append(mean_pool(hidden, enc["attention_mask"]).float().cpu())
     return torch.cat(chunks)
 
 
@@ -160,9 +165,8 @@ def agreement_with_dense(dense: nn.Module, model: nn.Module, batch, family: Fami
         return {family.quality_proxy: round(float((a == b)[mask.bool()].float().mean()), 4)}
 
     def similarities(m):
-        h = m(input_ids=ids, attention_mask=mask).last_hidden_state
-        w = mask.unsqueeze(-1).to(h)
-        e = torch.nn.functional.normalize((h * w).sum(1) / w.sum(1).clamp_min(1), dim=-1)
+        e = torch.nn.functional.normalize(mean_pool(m(input_ids=ids, attention_mask=mask).last_hidden_state, mask),
+                                          dim=-1)
         iu = torch.triu_indices(len(e), len(e), offset=1)
         return (e @ e.T)[iu[0], iu[1]].double().numpy()
 

@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .calibration import CalibrationBatch
 from .errors import ConfigError
+from .evaluate import mean_pool
 from .factorize import LowRankLinear
 from .families import Family
 from .loading import blocks_owner, find_blocks
@@ -214,10 +215,8 @@ def _hidden_loss(out: torch.Tensor, batch: Batch) -> torch.Tensor:
     s, t = out[:, valid], batch.target[:, valid]  # blocks × tokens × hidden
     var = t.var(dim=(1, 2), keepdim=True).clamp_min(1e-8)
     hidden = (((s - t) ** 2) / var).mean()
-    m = batch.mask.unsqueeze(-1).float()
-    pool_s = (out[-1] * m).sum(1) / m.sum(1).clamp_min(1)
-    pool_t = (batch.target[-1] * m).sum(1) / m.sum(1).clamp_min(1)
-    cosine = (1 - F.cosine_similarity(pool_s, pool_t, dim=-1)).mean()
+    cosine = (1 - F.cosine_similarity(mean_pool(out[-1], batch.mask), mean_pool(batch.target[-1], batch.mask),
+                                      dim=-1)).mean()
     return hidden + cosine
 
 

@@ -9,6 +9,7 @@ from torch import nn
 
 from .calibration import CalibrationBatch
 from .errors import NoTargetError
+from .evaluate import mean_pool
 from .reporting import SILENT, Reporter
 
 
@@ -150,12 +151,6 @@ class GradientGramHooks:
         return self.stats
 
 
-def _pooled_unit(hidden: torch.Tensor, attention: torch.Tensor) -> torch.Tensor:
-    m = attention[..., None].to(hidden.dtype)
-    pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1)
-    return pooled / pooled.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-
-
 def collect_output_gradients(model: nn.Module, targets: list[str], calib: CalibrationBatch, causal: bool,
                              batch_size: int = 16, seed: int = 0, reporter: Reporter = SILENT) -> ActivationStats:
     """Σ gᵀg (float64) at each target's output over the calibration set, padding excluded
@@ -186,8 +181,8 @@ def collect_output_gradients(model: nn.Module, targets: list[str], calib: Calibr
                     valid = attention[:, 1:].bool()
                     loss = F.cross_entropy(logits[:, :-1][valid].float(), ids[:, 1:][valid], reduction="sum") / count
                 else:
-                    pooled = _pooled_unit(model(inputs_embeds=embeds, attention_mask=attention).last_hidden_state,
-                                          attention)
+                    pooled = F.normalize(mean_pool(model(inputs_embeds=embeds, attention_mask=attention)
+                                                   .last_hidden_state, attention), dim=-1)
                     loss = (pooled * torch.randn(pooled.shape, generator=gen).to(pooled)).sum()
                 loss.backward()
                 bar.advance()

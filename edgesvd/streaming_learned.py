@@ -180,12 +180,12 @@ def _block_candidates(model: nn.Module, targets: list[str], stats: ActivationSta
 
 
 def _sweep_dense(stream: Stream, method: Learned, device: torch.device, group: Group, candidates: Candidates,
-                 laps: Laps, reporter: Reporter, curvature: bool = False, deferred: dict | None = None
+                 laps: Laps, reporter: Reporter, deferred: dict | None = None
                  ) -> tuple[list[list[torch.Tensor]], dict, dict, list[float]]:
     """Sweep A. Returns the dense stream X[0..L] (CPU), every target's shape and whitened σ, and
-    each block's mean squared update ‖Y − X‖² per token (the scale of its local loss). With
-    `curvature`, no candidates yet: each block's XᵀX go to disk, what reads them back into
-    `deferred`, and sweep B fills in the shapes and (curvature) σ."""
+    each block's mean squared update ‖Y − X‖² per token (the scale of its local loss). With a
+    `deferred` dict (curvature candidates), no candidates yet: each block's XᵀX go to disk, what reads
+    them back into `deferred`, and sweep B fills in the shapes and (curvature) σ."""
     model = stream.model
     xs = [[h.cpu() for h in stream.hidden]]
     shapes: dict[str, LayerShape] = {}
@@ -207,7 +207,7 @@ def _sweep_dense(stream: Stream, method: Learned, device: torch.device, group: G
             group.sum_([energy, count])
             update.append(float(energy / count.clamp_min(1)) or 1.0)
             laps.lap("statistics_s")
-            if curvature:  # the candidates wait for the loss gradients of the reverse sweep
+            if deferred is not None:  # the candidates wait for the loss gradients of the reverse sweep
                 deferred[i] = candidates.write_statistics(i, stats)
             else:
                 candidates.write(i, _block_candidates(model, mine, stats, method, shapes, sigma, group))
@@ -582,12 +582,11 @@ def compress_learned_blocks(source: ModelSource, method: Learned, calib: Calibra
         candidates = Candidates()
         try:
             with calibration_matmuls(precision, device):
-                curvature = method.candidates == "curvature"
-                deferred: dict[int, ActivationStats] = {}
+                deferred: dict[int, ActivationStats] | None = {} if method.candidates == "curvature" else None
                 xs, shapes, sigma, update = _sweep_dense(stream, method, device, group, candidates, laps, reporter,
-                                                         curvature, deferred)
+                                                         deferred)
                 importance = _sweep_reverse(stream, xs, device, group, candidates, laps, reporter, method,
-                                            deferred if curvature else None, shapes, sigma)
+                                            deferred, shapes, sigma)
             layers = [LayerImportance(shapes[n], importance[n].sort(descending=True).values.numpy())
                       for n in stream.targets]
             total_dense = sum(s.params(None) for s in shapes.values())

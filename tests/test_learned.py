@@ -13,11 +13,12 @@ from edgesvd import CalibrationConfig, Learned, Whiten, compress, load_compresse
 from edgesvd.checkpoint import load_spectra
 from edgesvd.cli import main
 from edgesvd.costmodel import LayerShape
+from edgesvd.evaluate import mean_pool
 from edgesvd.factorize import LowRankLinear, PivotedLowRank
 from edgesvd.importance import ScoredLowRank, candidate_rank, top_components
 from edgesvd.planner import LayerImportance, select_global
 from edgesvd.spectra import whiten_spectrum
-from edgesvd.statistics import ActivationStats, GradientGramHooks, _pooled_unit, collect_output_gradients
+from edgesvd.statistics import ActivationStats, GradientGramHooks, collect_output_gradients
 
 FAST = Learned(steps=6, finetune_steps=4, batch_size=4)
 
@@ -316,7 +317,8 @@ def test_an_encoders_output_gradient_grams_estimate_the_gauss_newton_matrix(tiny
         for ids, attention in calib.batches(64):
             hooks.batch(attention.reshape(-1).bool())
             embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
-            pooled = _pooled_unit(model(inputs_embeds=embeds, attention_mask=attention).last_hidden_state, attention)
+            hidden = model(inputs_embeds=embeds, attention_mask=attention).last_hidden_state
+            pooled = torch.nn.functional.normalize(mean_pool(hidden, attention), dim=-1)
             for k in range(pooled.shape[1]):  # Σ_k of e_k's backward: Σ_t J_tᵀ·J_t
                 pooled[:, k].sum().backward(retain_graph=True)
     exact = hooks.remove().gram

@@ -75,7 +75,7 @@ def test_the_curvature_sweep_collects_the_whole_models_loss_gradient_grams(tiny_
     stream = open_stream(source, method, sample, (), cpu, 8, Group())
     candidates, deferred = Candidates(), {}
     try:
-        xs, _, _, _ = _sweep_dense(stream, method, cpu, Group(), candidates, Laps(), SILENT, True, deferred)
+        xs, _, _, _ = _sweep_dense(stream, method, cpu, Group(), candidates, Laps(), SILENT, deferred)
         assert sorted(deferred) == list(range(len(stream.blocks)))  # XᵀX on disk, no candidates yet
         grads, streamed = _top_gradients(stream, xs[-1], cpu, Group()), {}
         for i in reversed(range(len(stream.blocks))):
