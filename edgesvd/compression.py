@@ -173,7 +173,8 @@ def learn_importance(prepared: Prepared, method: Learned, reporter: Reporter = S
     if method.candidates == "curvature":
         out_stats = collect_output_gradients(model, prepared.targets, prepared.calib, family.causal, method.batch_size,
                                              prepared.seed, reporter)
-        # A decoder sums one gradient per token (tens of thousands ≫ out), an encoder one draw per sentence.
+        # A decoder's G sums one gradient per token of a real loss (tens of thousands ≫ out); an encoder's
+        # sums random projections, an estimate that is shrunk when few tokens make it (curvature_spectrum).
         spectra = {t: curvature_spectrum(model.get_submodule(t).weight.detach(), stats.gram_for(t), stats.tokens_for(t),
                                          out_stats.gram_for(t), None if family.causal else out_stats.tokens_for(t))
                    for t in prepared.targets}

@@ -29,7 +29,7 @@ from .reporting import SILENT, Reporter
 from .spectra import Spectrum
 
 SELECTIONS = ("global", "uniform")
-# Where stage 1's candidates come from on the block-streamed path (Learned.candidates).
+# Where stage 1's candidates come from (Learned.candidates).
 CANDIDATE_SPECTRA = ("curvature", "whiten")
 
 
@@ -155,10 +155,10 @@ def attach_scores(model: nn.Module, spectra: dict[str, Spectrum], keep: float, m
                   reporter: Reporter = SILENT, pivoted: bool = False
                   ) -> tuple[dict[str, nn.Linear], dict[str, ScoredLowRank]]:
     """Stage 1: replace every target of `spectra` in `model` by a ScoredLowRank over its top
-    whitened candidates. Returns the original Linears and the scored layers."""
+    candidates (the top components of its spectrum). Returns the original Linears and the scored layers."""
     dense: dict[str, nn.Linear] = {}
     scored: dict[str, ScoredLowRank] = {}
-    with reporter.progress("stage 1: whitened candidates", total=len(spectra)) as bar:
+    with reporter.progress("stage 1: candidates", total=len(spectra)) as bar:
         for name, spec in spectra.items():
             linear = model.get_submodule(name)
             k = candidate_rank(linear.out_features, linear.in_features, keep, margin, multiple, pivoted)

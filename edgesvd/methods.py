@@ -90,7 +90,7 @@ class Learned(Method):
     candidates: the spectrum stage 1 takes its candidates from: 'curvature' (K-FAC: the Gram matrix
     of the loss gradients at each layer's output as well as XᵀX, spectra.curvature_spectrum; one more
     backward pass over the calibration set; statistics.collect_output_gradients says which loss) or
-    'whiten' (XᵀX only); None: the family's (curvature for decoders, whiten for encoders).
+    'whiten' (XᵀX only); None: the family's (LearnedRecipe.candidates: curvature for both).
     """
 
     steps: int | None = None

@@ -147,9 +147,10 @@ def curvature_spectrum(weight: torch.Tensor, gram: torch.Tensor, tokens: int, ou
     about ½‖L_Gᵀ·ΔW·L_A‖², so truncating this SVD drops the components the *loss* needs least, where
     whitening (G = I) drops those the layer's output needs least. Left factors L_G⁻ᵀ·U, right factors
     Vᵀ·L_A⁻¹ (triangular solves); the unit-diagonal scaling keeps both factors near whitening's scale
-    (Adam fine-tunes them with one learning rate). `out_samples`, the independent gradient draws
-    summed into `out_gram`, shrinks it toward I by d/(d + out_samples) (d = out): an estimate from few
-    draws of a wide output weighs a few random directions, so it is taken mostly as identity (whitening)."""
+    (Adam fine-tunes them with one learning rate). `out_samples`, the gradient terms summed into
+    `out_gram` when they are random draws, shrinks it toward I by d/(d + out_samples) (d = out): an
+    estimate from few draws of a wide output weighs a few random directions, so it is taken mostly as
+    identity (whitening); from many it is taken almost as it is."""
     w = weight.double()
     la = whitening_factor(gram, tokens, damp)
     out_gram = out_gram.double() / out_gram.diagonal().mean().clamp_min(1e-300)

@@ -158,8 +158,9 @@ def collect_output_gradients(model: nn.Module, targets: list[str], calib: Calibr
     cross-entropy (the empirical Fisher). An encoder has no such loss, and its distillation loss has
     zero gradient at the dense model, so g = Jᵀv, J the Jacobian of the unit-normalised mean-pooled
     embedding (what similarity search compares) and v ~ N(0, I) drawn per sequence from `seed`:
-    E[ggᵀ] = JᵀJ, the Gauss-Newton matrix of a squared error on that embedding. One forward and
-    backward per batch; the model's parameters get no gradients."""
+    E[ggᵀ] = JᵀJ, the Gauss-Newton matrix of a squared error on that embedding. `tokens` counts the
+    gradient terms summed (valid tokens). One forward and backward per batch; the model's parameters
+    get no gradients."""
     import torch.nn.functional as F
 
     device = next(model.parameters()).device
@@ -193,6 +194,4 @@ def collect_output_gradients(model: nn.Module, targets: list[str], calib: Calibr
     missing = [t for t in targets if t not in stats.gram]
     if missing:
         raise NoTargetError(f"layers never called during calibration: {missing[:3]}")
-    if not causal:  # one draw of v per sentence: that many independent terms, however many tokens
-        stats.tokens = {t: int(calib.input_ids.shape[0]) for t in stats.gram}
     return stats

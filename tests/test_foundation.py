@@ -185,6 +185,24 @@ def test_curvature_spectrum_truncates_in_the_kronecker_factored_loss_metric():
     assert torch.allclose(b @ a, w, atol=1e-6)  # every component: the weight itself
 
 
+def test_curvature_spectrum_shrinks_a_gradient_estimate_made_of_few_draws():
+    """An output Gram matrix summed from random draws (encoders) is shrunk toward I by d/(d + draws):
+    from no draws it is whitening, from a thousand times d it is nearly the estimate as given."""
+    torch.manual_seed(0)
+    w = torch.randn(40, 24, dtype=torch.float64)
+    x = torch.randn(3000, 24, dtype=torch.float64)
+    g = torch.randn(3000, 40, dtype=torch.float64) * torch.logspace(0, -2, 40, dtype=torch.float64)
+    gram, out_gram = x.T @ x, g.T @ g
+    for k in (4, 12):
+        none = curvature_spectrum(w, gram, 3000, out_gram, out_samples=0).factors(k)
+        white = whiten_spectrum(w, gram, 3000).factors(k)
+        assert torch.allclose(none[1] @ none[0], white[1] @ white[0], atol=1e-10)
+        many = curvature_spectrum(w, gram, 3000, out_gram, out_samples=40_000).factors(k)
+        given = curvature_spectrum(w, gram, 3000, out_gram).factors(k)
+        assert torch.allclose(many[1] @ many[0], given[1] @ given[0], atol=0.05 * float(w.norm()))
+        assert not torch.allclose(given[1] @ given[0], white[1] @ white[0], atol=0.05 * float(w.norm()))
+
+
 def test_whiten_survives_singular_statistics():
     w = torch.randn(16, 16, dtype=torch.float64)
     gram = torch.zeros(16, 16, dtype=torch.float64)

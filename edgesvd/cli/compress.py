@@ -34,7 +34,7 @@ def model_options(f):
 @click.argument("model", default="minilm", required=False)
 @click.option("--method", type=click.Choice(list(METHODS)), default=DEFAULT_METHOD, show_default=True,
               help="plain: magnitude SVD; asvd: activation-scaled SVD; whiten: truncation-aware whitening; "
-                   "learned: whitened (encoders) or curvature (decoders) candidates, learned component importance, "
+                   "learned: curvature-weighted candidates, learned component importance, "
                    "global rank selection and distillation fine-tuning (slower, best quality).")
 @click.option("--keep", type=float, default=0.5, show_default=True,
               help="Parameters of the targeted Linear layers after ÷ before, in (0, 1].")
@@ -62,7 +62,7 @@ def model_options(f):
               help="learned: where stage-1 candidates come from. curvature: the SVD weighted by XᵀX and by the Gram "
                    "matrix of the loss gradients at each layer's output (K-FAC; decoders: next-token loss, encoders: "
                    "random projections of the pooled embedding; one more backward pass over the calibration set); "
-                   "whiten: by XᵀX only [default: curvature for decoders, whiten for encoders].")
+                   "whiten: by XᵀX only (faster) [default: curvature].")
 @click.option("--finetune-dense/--no-finetune-dense", default=Learned.finetune_dense, show_default=True,
               help="learned: stage 3 also trains the targeted layers the global selection left dense.")
 @click.option("--stream", type=click.Choice(list(STREAM_CHOICES)), default="auto", show_default=True,
