@@ -67,15 +67,19 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def embed(model: nn.Module, tokenizer, sentences: list[str], batch_size: int = 64, max_length: int = 128) -> torch.Tensor:
-    """Mean-pooled (over non-padding tokens) last hidden states, float32 on the CPU."""
+    """Mean-pooled (over non-padding tokens) last hidden states, float32 on the CPU, in the order of
+    `sentences`; batched by length (characters), so that little of a batch is padding."""
     device = next(model.parameters()).device
+    order = sorted(range(len(sentences)), key=lambda i: len(sentences[i]))
     chunks = []
     for i in range(0, len(sentences), batch_size):
-        enc = tokenizer(sentences[i : i + batch_size], padding=True, truncation=True, max_length=max_length,
-                        return_tensors="pt").to(device)
+        enc = tokenizer([sentences[j] for j in order[i : i + batch_size]], padding=True, truncation=True,
+                        max_length=max_length, return_tensors="pt").to(device)
         hidden = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
         chunks.append(mean_pool(hidden, enc["attention_mask"]).float().cpu())
-    return torch.cat(chunks)
+    if not chunks:
+        return torch.empty(0)
+    return torch.cat(chunks)[torch.argsort(torch.tensor(order))]
 
 
 def stsb_spearman(model: nn.Module, tokenizer, csv_path: str | os.PathLike, limit: int | None = None,

@@ -132,8 +132,14 @@ class Teacher:
         per_token = probe.numel() // probe.shape[self._batch_dim + 1]
         self.cache: torch.Tensor | None = None
         if n * length * per_token * 4 <= CACHE_LIMIT_BYTES:
-            chunks = [self._run(i, m) for i, m in calib.batches(batch_size)]
-            self.cache = torch.cat(chunks, dim=self._batch_dim)
+            for index in calib.index_batches(batch_size, by_length=True):  # little padding to compute
+                out = self._run(*calib.rows(index))
+                if self.cache is None:
+                    shape = list(out.shape)
+                    shape[self._batch_dim], shape[self._batch_dim + 1] = n, length
+                    self.cache = out.new_zeros(shape)
+                self._tokens(self.cache, out.shape[self._batch_dim + 1]).index_copy_(
+                    self._batch_dim, index.to(out.device), out)
             self.model = self._body = None  # the cache replaces the teacher
         else:
             # The caller goes on to factorize `model` in place, so the teacher needs its own copy.
@@ -148,17 +154,18 @@ class Teacher:
             return self._body(input_ids=ids, attention_mask=mask, use_cache=False)[0].float()
         return _outputs(self.model, ids, mask, self.family).float()
 
+    def _tokens(self, outputs: torch.Tensor, width: int) -> torch.Tensor:
+        """The first `width` token positions of teacher outputs (a view)."""
+        return outputs.narrow(self._batch_dim + 1, 0, width)
+
     def batch(self, index: torch.Tensor) -> Batch:
         """Sequences `index` of the calibration set with their teacher targets, padding trimmed."""
-        ids, mask = self.calib.input_ids[index], self.calib.attention_mask[index]
-        # Encoders pad on the right: dropping all-padding columns saves compute and changes nothing.
-        width = ids.shape[1] if self.family.causal else int(mask.sum(1).max())
-        ids, mask = ids[:, :width].to(self.device), mask[:, :width].to(self.device)
+        ids, mask = self.calib.rows(index)
+        ids, mask = ids.to(self.device), mask.to(self.device)
         if self.cache is None:
             target = self._run(ids, mask)
         else:
-            target = self.cache.index_select(self._batch_dim, index.to(self.cache.device))
-            target = target if self.family.causal else target[:, :, :width]
+            target = self._tokens(self.cache.index_select(self._batch_dim, index.to(self.cache.device)), ids.shape[1])
         return Batch(ids, mask, target, self.head)
 
 

@@ -113,7 +113,7 @@ def collect_statistics(model: nn.Module, targets: list[str], calib: CalibrationB
     try:
         n_batches = (calib.input_ids.shape[0] + batch_size - 1) // batch_size
         with reporter.progress("statistics", total=n_batches) as bar:
-            for ids, mask in calib.batches(batch_size):
+            for ids, mask in calib.batches(batch_size, by_length=True):
                 hooks.batch(mask.reshape(-1).bool().to(device))
                 model(**model_inputs(ids, mask, device))
                 hooks.batch_done()
@@ -173,7 +173,7 @@ def collect_output_gradients(model: nn.Module, targets: list[str], calib: Calibr
     try:
         n_batches = (calib.input_ids.shape[0] + batch_size - 1) // batch_size
         with reporter.progress("loss gradients at the outputs", total=n_batches) as bar, torch.enable_grad():
-            for ids, attention in calib.batches(batch_size):
+            for ids, attention in calib.batches(batch_size, by_length=True):
                 ids, attention = ids.to(device), attention.to(device)
                 hooks.batch(attention.reshape(-1).bool())
                 embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)  # a graph to differentiate

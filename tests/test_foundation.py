@@ -234,6 +234,54 @@ def test_statistics_exclude_padding_and_share_inputs(tiny_bert_dir):
     assert torch.allclose(stats.gram_for(q), rows.T @ rows, rtol=1e-4, atol=1e-4)
 
 
+def test_passes_over_sentences_skip_padding_and_change_no_output(tiny_bert_dir):
+    """Statistics, loss-gradient and teacher passes take sentences of similar length together, each
+    batch cut to its longest: the same XᵀX and teacher outputs as one forward of the padded set."""
+    from edgesvd.families import ENCODER
+    from edgesvd.finetune import Teacher
+
+    source = resolve_model(str(tiny_bert_dir))
+    model, tok = load_model(source), load_tokenizer(source.path)
+    calib = sample_calibration(tok, CalibrationConfig("builtin", 24, 64, seed=1), ENCODER)
+    lengths = calib.attention_mask.sum(1)
+    batches = calib.index_batches(4, by_length=True)
+    assert sorted(torch.cat(batches).tolist()) == list(range(24))
+    widths = [calib.rows(b)[0].shape[1] for b in batches]
+    assert widths == [int(lengths[b].max()) for b in batches] and max(widths) > min(widths)
+
+    target = "encoder.layer.1.attention.self.query"  # after a block: attention must not see padding
+    stats = collect_statistics(model, [target], calib, batch_size=4)
+    captured = {}
+    hook = model.get_submodule(target).register_forward_pre_hook(lambda m, a: captured.setdefault("x", a[0]))
+    with torch.no_grad():
+        full = model(input_ids=calib.input_ids, attention_mask=calib.attention_mask).last_hidden_state
+    hook.remove()
+    valid = calib.attention_mask.bool()
+    rows = captured["x"][valid].double()
+    assert stats.tokens_for(target) == int(valid.sum())
+    assert torch.allclose(stats.gram_for(target), rows.T @ rows, rtol=1e-4, atol=1e-4)
+
+    teacher = Teacher(model, calib, ENCODER, torch.device("cpu"), batch_size=4)
+    assert teacher.cache is not None
+    index = torch.tensor([3, 17, 8])
+    batch = teacher.batch(index)
+    assert batch.ids.shape[1] == int(lengths[index].max())
+    assert torch.allclose(batch.target[-1][batch.mask.bool()], full[index][:, : batch.ids.shape[1]][batch.mask.bool()],
+                          atol=1e-5)
+
+
+def test_embeddings_come_back_in_the_order_given(tiny_bert_dir):
+    """embed batches sentences by length; each comes back where it was, as if embedded alone."""
+    from edgesvd.evaluate import embed
+
+    source = resolve_model(str(tiny_bert_dir))
+    model, tok = load_model(source), load_tokenizer(source.path)
+    sentences = ["a much longer sentence than the others, with commas and more words", "short", "a middling one"]
+    together = embed(model, tok, sentences, batch_size=2)
+    alone = torch.cat([embed(model, tok, [s]) for s in sentences])
+    assert torch.allclose(together, alone, atol=1e-5)
+
+
 def test_calibration_sampling_is_seeded(tiny_llama_dir):
     tok = load_tokenizer(tiny_llama_dir)
     one = sample_calibration(tok, CalibrationConfig("builtin", 4, 16, seed=3), DECODER)
