@@ -18,8 +18,8 @@ class LearnedRecipe:
     by about lr·fan-in, so the rate that keeps that move constant falls as 1/width: μP, Yang et al.
     2021). candidates: the spectrum stage 1 takes candidates from (Learned.candidates), 'curvature'
     for both families today (stories260K keep 0.8: 4.8465 -> 4.7203; SmolLM2 keep 0.8: 26.82 -> 24.74;
-    MiniLM keep 0.5, seeds 0 / 1: Wikipedia 0.8493 / 0.8522 -> 0.8589 / 0.8571, built-in corpus
-    0.8608 / 0.856 -> 0.8604 / 0.8595, for 40 % more time); 'whiten' is the cheaper alternative.
+    MiniLM keep 0.5, seeds 0 / 1: Wikipedia 0.8493 / 0.8522 -> 0.8544 / 0.8573, built-in corpus
+    0.8608 / 0.856 -> 0.8626 / 0.8587, one more backward pass); 'whiten' is the cheaper alternative.
     """
 
     steps: int
