@@ -138,8 +138,8 @@ class CalibrationBatch:
         return list(order.split(batch_size))
 
     def rows(self, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sequences `index` without the trailing columns that are padding in all of them. Padding is
-        on the right (windows have none), so no token moves and the outputs are the same."""
+        """Sequences `index` without the trailing columns that are padding in all of them: no token
+        moves, so the outputs are the same (windows have no padding, left padding leaves none to drop)."""
         ids, mask = self.input_ids[index], self.attention_mask[index]
         used = mask.any(0).nonzero()
         width = int(used[-1]) + 1 if used.numel() else ids.shape[1]
