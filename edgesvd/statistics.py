@@ -165,7 +165,7 @@ def collect_output_gradients(model: nn.Module, targets: list[str], calib: Calibr
 
     device = next(model.parameters()).device
     hooks = GradientGramHooks(ActivationStats(), {t: model.get_submodule(t) for t in targets})
-    count = float(sum(int(m[:, 1:].sum()) for _, m in calib.batches(batch_size)))
+    count = float(calib.attention_mask[:, 1:].sum())  # next-token targets over the whole set
     gen = torch.Generator().manual_seed(seed)
     requires = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
