@@ -20,6 +20,8 @@ class LearnedRecipe:
     for both families today (stories260K keep 0.8: 4.8465 -> 4.7203; SmolLM2 keep 0.8: 26.82 -> 24.74;
     MiniLM keep 0.5, seeds 0 / 1: Wikipedia 0.8493 / 0.8522 -> 0.8544 / 0.8573, built-in corpus
     0.8608 / 0.856 -> 0.8626 / 0.8587, one more backward pass); 'whiten' is the cheaper alternative.
+    margin / batch_size: stage 1's extra candidates (Learned.margin) and the sequences per training
+    step of stages 2 and 3.
     """
 
     steps: int
@@ -27,6 +29,8 @@ class LearnedRecipe:
     finetune_lr: float
     width: int
     candidates: str = "curvature"
+    margin: float = 0.5
+    batch_size: int = 8
 
     def finetune_lr_for(self, hidden_size: int) -> float:
         """Stage 3's learning rate for a model of this hidden size: the recipe's, scaled down as 1/width
@@ -83,10 +87,14 @@ class Family:
 # Encoders: 512 sentences of the built-in corpus, 120 + 120 steps, fine-tune lr 2e-4. On MiniLM at
 # keep 0.5 (STS-B dev) 120 + 120 steps scored 0.861 / 0.856 (seeds 0 / 1) against 0.857 / 0.853 with
 # 60 + 60; 200 + 200 and 60 + 180 were no better, 1,024 sentences no better (notes: quality.md).
+# Margin 1.0 (candidates up to break-even at keep 0.5) and 16 sentences per step together, with the
+# curvature candidates: Wikipedia calibration 0.8544 / 0.8573 -> 0.8604 / 0.8592, built-in corpus
+# 0.8626 / 0.8587 -> 0.8615 / 0.8640; either alone gained about 0.0015 (README, "Quality by default").
 ENCODER = Family("encoder", frozenset({"bert", "roberta", "xlm-roberta", "distilbert", "mpnet", "electra", "camembert"}),
                  "AutoModel", "feature-extraction", causal=False, calibration_unit="sentence",
                  default_calibration=512, default_calibration_source="builtin",
-                 learned=LearnedRecipe(steps=120, finetune_steps=120, finetune_lr=2e-4, width=384),
+                 learned=LearnedRecipe(steps=120, finetune_steps=120, finetune_lr=2e-4, width=384, margin=1.0,
+                                       batch_size=16),
                  task_score="stsb_spearman", higher_is_better=True,
                  quality_proxy="similarity_spearman_vs_dense", pooled_output=True)
 # Decoders: 2,048 sequences of 128 tokens sampled from the model itself, 200 + 1000 steps, fine-tune

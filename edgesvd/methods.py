@@ -77,12 +77,12 @@ class Learned(Method):
     steps / finetune_steps: optimizer steps of stage 2 (scores) and stage 3 (factors).
     margin: stage 1 keeps candidates up to keep·(1+margin) of each layer (capped at dense).
     lr / finetune_lr: Adam learning rates of the scores and of the factors.
-    steps, finetune_steps and finetune_lr left None come from the model's family and size
+    steps, finetune_steps, finetune_lr, margin and batch_size left None come from the model's family and size
     (`resolved`: the family's measured recipe, at most MAX_DEFAULT_EPOCHS passes over the
     calibration set, within TRAIN_WORK_CAP).
     finetune_dense: stage 3 also trains the targeted layers the global selection left dense
     (frozen otherwise, at weights the rest of the network has moved away from).
-    batch_size: calibration sequences per training step.
+    batch_size: calibration sequences per training step (and per batch of stage 1's loss-gradient pass).
     budget_weight: weight of (expected kept params / scheduled target − 1)² in stage 2.
     max_score: cap on the scores (None: amplification allowed; 1.0 is the no-amplification ablation).
     selection: 'global' (importance per unit cost across layers) or 'uniform' (ablation: every layer
@@ -95,11 +95,11 @@ class Learned(Method):
 
     steps: int | None = None
     finetune_steps: int | None = None
-    margin: float = 0.5
+    margin: float | None = None
     lr: float = 0.05
     finetune_lr: float | None = None
     finetune_dense: bool = True
-    batch_size: int = 8
+    batch_size: int | None = None
     budget_weight: float = 10.0
     max_score: float | None = None
     selection: str = "global"
@@ -110,11 +110,11 @@ class Learned(Method):
         super().__post_init__()
         if any(s is not None and s < 0 for s in (self.steps, self.finetune_steps)):
             raise ConfigError(f"steps must be >= 0, got {self.steps} and {self.finetune_steps}")
-        if self.margin < 0:
+        if self.margin is not None and self.margin < 0:
             raise ConfigError(f"margin must be >= 0, got {self.margin}")
         if self.lr <= 0 or (self.finetune_lr is not None and self.finetune_lr <= 0):
             raise ConfigError("learning rates must be > 0")
-        if self.batch_size < 1:
+        if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"learned batch size must be >= 1, got {self.batch_size}")
         if self.budget_weight < 0:
             raise ConfigError(f"budget weight must be >= 0, got {self.budget_weight}")
@@ -132,8 +132,11 @@ class Learned(Method):
         stage capped at MAX_DEFAULT_EPOCHS passes over `num_sequences` calibration sequences, both
         scaled down together (not below MIN_DEFAULT_STEPS) when stages 2 + 3 would exceed
         TRAIN_WORK_CAP (targeted parameters × training tokens); the fine-tuning rate scaled to
-        `hidden_size` (LearnedRecipe.finetune_lr_for). Values given explicitly stay."""
+        `hidden_size` (LearnedRecipe.finetune_lr_for); margin and batch size the recipe's. Values given
+        explicitly stay."""
         recipe = family.learned
+        self = replace(self, margin=recipe.margin if self.margin is None else self.margin,
+                       batch_size=recipe.batch_size if self.batch_size is None else self.batch_size)
         per_epoch = math.ceil(num_sequences / min(self.batch_size, num_sequences))
         filled: dict = {k: min(v, MAX_DEFAULT_EPOCHS * per_epoch)
                         for k, v in (("steps", recipe.steps), ("finetune_steps", recipe.finetune_steps))

@@ -85,9 +85,12 @@ def test_self_calibration_of_stories260k_is_story_text(stories_dir):
 def test_learned_defaults_come_from_family_size_and_calibration():
     # the families' measured recipes, unchanged where neither cap binds
     enc = Learned().resolved(ENCODER, 10_600_000, 512, 128, 384)
-    assert (enc.steps, enc.finetune_steps, enc.finetune_lr) == (120, 120, 2e-4)
+    assert (enc.steps, enc.finetune_steps, enc.finetune_lr, enc.margin, enc.batch_size) == (120, 120, 2e-4, 1.0, 16)
     dec = Learned().resolved(DECODER, 250_000, 2048, 128, 64)
-    assert (dec.steps, dec.finetune_steps, dec.finetune_lr) == (200, 1000, 1e-3)
+    assert (dec.steps, dec.finetune_steps, dec.finetune_lr, dec.margin, dec.batch_size) == (200, 1000, 1e-3, 0.5, 8)
+    # at most MAX_DEFAULT_EPOCHS passes, counted in the family's batches
+    assert Learned().resolved(ENCODER, 10_600_000, 16, 32, 384).steps == MAX_DEFAULT_EPOCHS
+    assert Learned(batch_size=4).resolved(ENCODER, 10_600_000, 16, 32, 384).steps == MAX_DEFAULT_EPOCHS * 4
     # at most MAX_DEFAULT_EPOCHS passes over a small calibration set
     small = Learned().resolved(DECODER, 250_000, 16, 32, 64)
     assert small.steps == small.finetune_steps == MAX_DEFAULT_EPOCHS * 2
@@ -100,8 +103,9 @@ def test_learned_defaults_come_from_family_size_and_calibration():
     assert Learned().resolved(ENCODER, 40_000_000, 512, 128, 768).finetune_lr == pytest.approx(1e-4)
     assert Learned().resolved(ENCODER, 4_000_000, 512, 128, 128).finetune_lr == 2e-4
     # explicit values are the user's
-    mine = Learned(steps=7, finetune_steps=3, finetune_lr=5e-4).resolved(DECODER, 106_000_000, 2048, 128, 576)
-    assert (mine.steps, mine.finetune_steps, mine.finetune_lr) == (7, 3, 5e-4)
+    mine = Learned(steps=7, finetune_steps=3, finetune_lr=5e-4, margin=0.25, batch_size=2).resolved(
+        ENCODER, 106_000_000, 2048, 128, 576)
+    assert (mine.steps, mine.finetune_steps, mine.finetune_lr, mine.margin, mine.batch_size) == (7, 3, 5e-4, 0.25, 2)
     # calibration size: the family's, fewer for a model too large to sample that many quickly
     assert default_sequences(ENCODER, 22_700_000, 128) == 512
     assert default_sequences(DECODER, 292_000, 128) == 2048

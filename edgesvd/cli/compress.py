@@ -52,8 +52,9 @@ def model_options(f):
               help="learned: stage-3 steps that fine-tune the kept factors against the dense model (0: none) "
                    "[default: from the model family and size: 120 encoders, 1000 decoders; streamed: per block and "
                    "end to end].")
-@click.option("--margin", type=float, default=Learned.margin, show_default=True,
-              help="learned: stage-1 candidates per layer, as extra fraction over the budget (0.5: 1.5×keep).")
+@click.option("--margin", type=float, default=None,
+              help="learned: stage-1 candidates per layer, as extra fraction over the budget (0.5: 1.5×keep) "
+                   "[default: from the model family: 1.0 encoders, 0.5 decoders].")
 @click.option("--lr", type=float, default=Learned.lr, show_default=True, help="learned: learning rate of the scores.")
 @click.option("--finetune-lr", type=float, default=None,
               help="learned: learning rate of stage 3 [default: 2e-4 encoders, 1e-3 decoders, times 384 or 64 / "
