@@ -32,7 +32,7 @@ def test_the_reverse_sweep_gives_the_end_to_end_fisher_of_every_candidate(tiny_l
     (s = 1) computes the dense function; one backward of its next-token loss per batch gives the
     scores' gradients directly. The sweep, one block at a time, must find the same Fisher sums."""
     source = resolve_model(tiny_llama_dir)
-    method = Learned(keep=0.8)
+    method = Learned(keep=0.8, margin=0.5)  # the sweep takes a resolved method, as compress_streamed gives it
     sample = sample_calibration(load_tokenizer(source.path), CALIB, source.family)
     stream = open_stream(source, method, sample, (), torch.device("cpu"), 8, Group())
     candidates = Candidates()
