@@ -26,7 +26,7 @@ from .export import (
     quantize_refusal,
     read_export,
 )
-from .onnx_scores import task_score_onnx
+from .onnx_scores import mean_pool, task_score_onnx
 from .providers import CPU, SessionConfig, create_session
 
 BASELINE, EDGESVD = "baseline", "edgesvd"
@@ -195,8 +195,7 @@ def _proxy_outputs(onnx_dir: Path, held_out, family: Family, session: SessionCon
             outs.append(sess.run(["logits"], {k: v for k, v in feed.items() if k in names})[0].argmax(-1))
         else:
             hidden = sess.run(["last_hidden_state"], {k: v for k, v in feed.items() if k in names})[0]
-            m = feed["attention_mask"][..., None].astype(np.float64)
-            outs.append((hidden * m).sum(1) / np.maximum(m.sum(1), 1e-9))
+            outs.append(mean_pool(hidden, feed["attention_mask"]))
     return np.concatenate(outs)
 
 

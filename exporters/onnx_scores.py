@@ -32,6 +32,13 @@ def _session(onnx_dir: Path, session: SessionConfig, provider: str):
     return create_session(Path(onnx_dir) / MODEL_FILE, session, provider)
 
 
+def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """An encoder session's sentence embedding, float64: `hidden` averaged over the tokens `mask` marks
+    (the numpy twin of edgesvd.evaluate.mean_pool, for onnxruntime outputs)."""
+    m = mask[..., None].astype(np.float64)
+    return (hidden * m).sum(1) / np.maximum(m.sum(1), 1e-9)
+
+
 def embed_onnx(sess, tokenizer, sentences: list[str], batch_size: int = EMBED_BATCH,
                max_length: int = 128) -> np.ndarray:
     """Mean-pooled (over non-padding tokens) `last_hidden_state` of an encoder session, float64,
@@ -48,8 +55,7 @@ def embed_onnx(sess, tokenizer, sentences: list[str], batch_size: int = EMBED_BA
         if "token_type_ids" in names:
             feed["token_type_ids"] = np.zeros_like(feed["input_ids"])
         hidden = sess.run(["last_hidden_state"], {k: v for k, v in feed.items() if k in names})[0]
-        mask = feed["attention_mask"][..., None].astype(np.float64)
-        pooled = (hidden * mask).sum(1) / np.maximum(mask.sum(1), 1e-9)
+        pooled = mean_pool(hidden, feed["attention_mask"])
         if out.shape[1] == 0:
             out = np.zeros((len(sentences), pooled.shape[1]))
         out[idx] = pooled

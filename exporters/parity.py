@@ -17,6 +17,7 @@ from edgesvd.families import Family, family_named
 from edgesvd.loading import load_tokenizer
 
 from .export import MODEL_FILE, POOLED_OUTPUT, read_export
+from .onnx_scores import mean_pool
 from .providers import CPU, CUDA, SessionConfig, create_session, cuda_status, load_causal_lm
 
 
@@ -145,11 +146,6 @@ def sample_inputs(tokenizer, family: Family, batch: int, seq_len: int) -> dict[s
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
 
-def _mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    m = mask[..., None].astype(np.float64)
-    return (hidden * m).sum(1) / np.maximum(m.sum(1), 1e-9)
-
-
 def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / np.maximum(np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1), 1e-30)
 
@@ -181,8 +177,8 @@ def _encoder_parity(onnx_dir: Path, model, inputs, provider: str, cfg: ParityCon
         ref_hidden = model(**{k: v for k, v in inputs.items()}).last_hidden_state.numpy()
     mask = inputs["attention_mask"].numpy().astype(bool)
     res.outputs["last_hidden_state"] = _metrics(ref_hidden[mask], outs["last_hidden_state"][mask])
-    ref_pool = _mean_pool(ref_hidden, mask)
-    got_pool = outs[POOLED_OUTPUT] if POOLED_OUTPUT in outs else _mean_pool(outs["last_hidden_state"], mask)
+    ref_pool = mean_pool(ref_hidden, mask)
+    got_pool = outs[POOLED_OUTPUT] if POOLED_OUTPUT in outs else mean_pool(outs["last_hidden_state"], mask)
     if POOLED_OUTPUT in outs:
         res.outputs[POOLED_OUTPUT] = _metrics(ref_pool, got_pool)
     res.embedding_cosine = float(_row_cosines(ref_pool, got_pool.astype(np.float64)).min())
