@@ -1,14 +1,17 @@
-"""GGUF model files → a cached safetensors folder: dequantized by transformers' GGUF loader, tokenizer fixed."""
+"""GGUF model files → a cached safetensors folder: dequantized tensor by tensor with transformers' GGUF maps, tokenizer fixed."""
 
 from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
+import mmap
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import ModelLoadError, first_line
@@ -55,11 +58,8 @@ def _require_packages() -> None:
                              f"{' and '.join(missing)}: {EXTRA}")
 
 
-def tokenizer_facts(path: Path) -> dict:
-    """eos / pad token ids and add_bos from the GGUF metadata (what the file itself says)."""
-    from gguf import GGUFReader
-
-    reader = GGUFReader(str(path))
+def tokenizer_facts(reader) -> dict:
+    """eos / pad token ids and add_bos from the GGUF metadata (what the file itself says), from a GGUFReader."""
 
     def value(key, default=None):
         field = reader.fields.get(key)
@@ -81,23 +81,143 @@ def fix_tokenizer(tokenizer, facts: dict):
     return tokenizer
 
 
+# float32 bytes per safetensors file of a converted model. The conversion holds one part at a time,
+# twice while safetensors writes it (it serializes a copy), so the part size bounds the peak.
+PART_BYTES = 512 << 20
+# float32 bytes dequantized at once: gguf's numpy dequantizers hold their output twice (a list of
+# row-group results, then the concatenation), which for a 128k-token embedding would be 4 GB.
+CHUNK_BYTES = 64 << 20
+
+
+def _architecture(path: Path):
+    """(transformers config, the metadata transformers parsed, an empty model on the meta device)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    # Parsing the metadata of a file with a large vocabulary takes seconds: once, here, and the config
+    # built from it as AutoConfig.from_pretrained(gguf_file=…) would.
+    parsed = load_gguf_checkpoint(str(path), return_tensors=False)
+    config = AutoConfig.for_model(**parsed["config"])
+    config.dtype = torch.float32
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    config.architectures = [type(skeleton).__name__]
+    return config, parsed, skeleton
+
+
+def _stored_names(skeleton: torch.nn.Module) -> set[str]:
+    """The state-dict names a checkpoint of `skeleton` holds: tied parameters once (as save_pretrained)."""
+    every = set(skeleton.state_dict())
+    tied = set(dict(skeleton.named_parameters(remove_duplicate=False))) - set(dict(skeleton.named_parameters()))
+    return every - tied
+
+
+def _release(reader) -> None:
+    """Give back the pages of the memory-mapped GGUF file read so far: they are file-backed and
+    reclaimable, but they count in the process's resident memory, which the memory receipt reports."""
+    mapping = getattr(reader.data, "_mmap", None)
+    if mapping is not None and hasattr(mapping, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        mapping.madvise(mmap.MADV_DONTNEED)
+
+
+def _dequantized(tensor) -> np.ndarray:
+    """One GGUF tensor in float32, dequantized a slab of rows at a time into one array."""
+    from gguf import dequantize
+
+    data = tensor.data
+    if data.ndim < 2 or tensor.n_elements * 4 <= CHUNK_BYTES:
+        whole = dequantize(data, tensor.tensor_type)
+        return whole.copy() if np.may_share_memory(whole, data) else whole  # F32 data is a view of the file
+    first = dequantize(data[:1], tensor.tensor_type)
+    out = np.empty((data.shape[0], *first.shape[1:]), dtype=np.float32)
+    step = max(1, CHUNK_BYTES // (first.size * 4))
+    for i in range(0, data.shape[0], step):
+        out[i:i + step] = dequantize(data[i:i + step], tensor.tensor_type)
+    return out
+
+
+def _write_weights(reader, out: Path, parsed: dict, skeleton: torch.nn.Module) -> set[str]:
+    """Dequantize the GGUF tensors one at a time, with transformers' own per-architecture name map and
+    tensor fixes (rotary row order, Gemma's norm offset, …), into safetensors parts of ≤ PART_BYTES;
+    returns the names written."""
+    from safetensors.torch import save_file
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS,
+        TensorProcessor,
+        get_gguf_hf_weights_map,
+        read_field,
+    )
+
+    names = get_gguf_hf_weights_map(skeleton)
+    architecture = read_field(reader, "general.architecture")[0]
+    processor = TENSOR_PROCESSORS.get(architecture, TensorProcessor)(config=parsed["config"])
+    state = {"config": parsed["config"], "tensors": {}}  # processors that split a tensor put the parts here
+    part: dict[str, torch.Tensor] = {}
+    files: list[tuple[str, list[str]]] = []
+    total = 0  # bytes of tensor data, as Hugging Face indexes count them
+
+    def flush() -> None:
+        nonlocal total
+        name = f"part-{len(files) + 1}.safetensors"
+        save_file(part, str(out / name), metadata={"format": "pt"})
+        files.append((name, sorted(part)))
+        total += sum(t.numel() * 4 for t in part.values())
+        part.clear()
+        _release(reader)
+
+    for tensor in reader.tensors:
+        result = processor.process(weights=_dequantized(tensor), name=tensor.name,
+                                   tensor_key_mapping=names, parsed_parameters=state)
+        produced = dict(state["tensors"])
+        state["tensors"].clear()
+        if result.name in names:
+            produced[names[result.name]] = result.weights
+        for hf_name, weights in produced.items():
+            t = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32))
+            if part and sum(v.numel() for v in part.values()) * 4 + t.numel() * 4 > PART_BYTES:
+                flush()
+            part[hf_name] = t
+    if part:
+        flush()
+    written = {n for _, stored in files for n in stored}
+    if len(files) == 1:
+        os.replace(out / files[0][0], out / "model.safetensors")
+        return written
+    weight_map = {}
+    for i, (name, stored) in enumerate(files, start=1):
+        final = f"model-{i:05d}-of-{len(files):05d}.safetensors"
+        os.replace(out / name, out / final)
+        weight_map.update(dict.fromkeys(stored, final))
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return written
+
+
 def convert(path: Path, out: Path) -> Path:
     """Write `path` (a GGUF file) as a float32 safetensors model folder with its fixed tokenizer.
 
-    Dequantization goes through transformers' own GGUF loader (whole model in memory: about twice
-    the float32 size at the peak; fine up to ~1B parameters, see the issue note for larger files).
+    Tensor by tensor: peak memory is one part (PART_BYTES) or the largest tensor, not the model, so a
+    GGUF file converts on a machine that could not hold the model in float32.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer, GenerationConfig
 
     try:
-        facts = tokenizer_facts(path)
-        tokenizer = fix_tokenizer(AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name), facts)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        reader = GGUFReader(str(path))
+        config, parsed, skeleton = _architecture(path)
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, config=config)
+        tokenizer = fix_tokenizer(tokenizer, tokenizer_facts(reader))
+        written = _write_weights(reader, out, parsed, skeleton)
     except ModelLoadError:
         raise
     except Exception as exc:  # not a GGUF file, an architecture transformers cannot dequantize, …
         raise ModelLoadError(f"cannot read GGUF file {path}: {first_line(exc)}") from None
-    model.save_pretrained(out, safe_serialization=True)
+    missing = _stored_names(skeleton) - written
+    if missing:
+        raise ModelLoadError(f"GGUF file {path} lacks {len(missing)} of the {config.model_type} model's tensors "
+                             f"(e.g. {sorted(missing)[0]})")
+    config.save_pretrained(out)
+    GenerationConfig.from_model_config(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
 

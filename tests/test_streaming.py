@@ -5,6 +5,7 @@ checkpoint round-trips, and a GGUF file written here by the gguf package compres
 from __future__ import annotations
 
 import gc
+import importlib.util
 import json
 import warnings
 
@@ -227,9 +228,10 @@ def test_cli_stream_flag(tiny_llama_dir, tmp_path):
 
 
 # -- GGUF intake ----------------------------------------------------------------------------------------
-def _write_tiny_gguf(path, bpe_tokenizer):
+def _write_tiny_gguf(path, bpe_tokenizer, leave_out=()):
     """A two-block Llama as llama.cpp writes it: llama.cpp tensor names, q/k rows in its rotary
-    order, 2-D weights quantized to Q8_0, a gpt2-style BPE vocabulary with bos 1, eos 2, add_bos off."""
+    order, 2-D weights quantized to Q8_0, a gpt2-style BPE vocabulary with bos 1, eos 2, add_bos off
+    (without the llama.cpp tensors named in `leave_out`)."""
     gguf = pytest.importorskip("gguf")
     import numpy as np
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -276,6 +278,8 @@ def _write_tiny_gguf(path, bpe_tokenizer):
         names.update({f"model.layers.{i}.{hf}.weight": f"blk.{i}.{gg}.weight" for hf, gg in parts})
     state = model.state_dict()
     for hf, gg in names.items():
+        if gg in leave_out:
+            continue
         t = state[hf].numpy()
         t = permute(t, heads) if "q_proj" in hf else permute(t, kv_heads) if "k_proj" in hf else t
         if t.ndim == 2 and gg != "token_embd.weight":
@@ -312,13 +316,55 @@ def test_a_gguf_file_is_dequantized_with_its_tokenizer_fixed_and_compresses(tmp_
     assert sum(l.rank is not None for l in result.record.layers) == 14
 
 
-def test_bad_gguf_references_are_one_line_errors(tmp_path, monkeypatch):
+def test_gguf_conversion_goes_tensor_by_tensor_into_parts_and_equals_transformers_whole_model_loader(
+        tmp_path, bpe_tokenizer, monkeypatch):
+    """Parts and row slabs made tiny here so that the tiny model is written in several safetensors parts
+    and its weights dequantized a few rows at a time; every tensor must still equal, bit for bit, what
+    transformers' own loader (the whole model at once) makes of the same file."""
+    pytest.importorskip("accelerate", reason="GGUF intake needs the llm extra: pip install -e '.[llm]'")
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from edgesvd import gguf_intake
+    from edgesvd.loading import load_model
+
+    _write_tiny_gguf(tmp_path / "tiny.gguf", bpe_tokenizer)
+    monkeypatch.setattr(gguf_intake, "PART_BYTES", 64 << 10)
+    monkeypatch.setattr(gguf_intake, "CHUNK_BYTES", 4 << 10)
+    out = tmp_path / "converted"
+    out.mkdir()
+    gguf_intake.convert(tmp_path / "tiny.gguf", out)
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    parts = sorted(set(index["weight_map"].values()))
+    assert len(parts) > 3 and not (out / "model.safetensors").exists()
+    written = {}
+    for part in parts:
+        with safe_open(str(out / part), "pt") as f:
+            written.update({k: f.get_tensor(k) for k in f.keys()})
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32).state_dict()
+    assert set(written) == set(reference) - {"lm_head.weight"}  # tied: stored once
+    for name, tensor in written.items():
+        assert torch.equal(tensor, reference[name]), name
+    ids = torch.randint(4, 512, (1, 12))
+    with torch.no_grad():
+        model = load_model(resolve_model(out))
+        assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+        assert torch.equal(model(ids).logits, AutoModelForCausalLM.from_pretrained(
+            tmp_path, gguf_file="tiny.gguf", dtype=torch.float32).eval()(ids).logits)
+
+
+def test_bad_gguf_references_are_one_line_errors(tmp_path, monkeypatch, bpe_tokenizer):
     monkeypatch.setenv("EDGESVD_CACHE", str(tmp_path / "cache"))
     with pytest.raises(ModelLoadError, match="does not exist"):
         resolve_model(tmp_path / "absent.gguf")
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
     with pytest.raises(ModelLoadError, match="cannot read GGUF file|needs the package"):
         resolve_model(tmp_path / "junk.gguf")
+    if importlib.util.find_spec("accelerate") is not None:
+        _write_tiny_gguf(tmp_path / "short.gguf", bpe_tokenizer, leave_out={"blk.1.ffn_down.weight"})
+        with pytest.raises(ModelLoadError, match=r"lacks 1 of the llama model's tensors \(e.g. model.layers.1.mlp"):
+            resolve_model(tmp_path / "short.gguf")
+        assert not any((tmp_path / "cache" / "gguf").iterdir())  # nothing half-converted is left behind
 
 
 # -- torch.distributed ------------------------------------------------------------------------------------
