@@ -467,8 +467,9 @@ def compress(model: str | os.PathLike = DEFAULT_MODEL, method: Method | str = DE
     collecting statistics. stream: 'auto' compresses a decoder larger than
     streaming.STREAM_ABOVE_BYTES one block at a time (edgesvd.streaming), 'on' / 'off' force it.
     calib_precision: of the streamed path's passes over the calibration data that train nothing
-    (edgesvd.device.PRECISIONS; 'auto': bfloat16 autocast on CPUs with AMX and on CUDA GPUs); fine-tuning
-    and the whole-model path (small models) compute in float32.
+    (edgesvd.device.PRECISIONS; 'auto': bfloat16 autocast on CPUs with AMX and on CUDA GPUs); the
+    whole-model path (small models) computes in float32, the streamed learned method's fine-tuning at
+    `Learned.train_precision`.
     """
     method = method_config(method)
     check_precision(calib_precision)
@@ -482,6 +483,9 @@ def compress(model: str | os.PathLike = DEFAULT_MODEL, method: Method | str = DE
     if calib_precision == "bfloat16":
         raise ConfigError("--calib-precision bfloat16 applies to streamed compression (--stream on, decoders); "
                           "the whole-model path calibrates in float32")
+    if isinstance(method, Learned) and method.train_precision == "bfloat16":
+        raise ConfigError("--train-precision bfloat16 applies to streamed compression (--stream on, decoders); "
+                          "the whole-model path trains in float32")
     if launched():  # every rank would compress the whole model alone and write the same output
         raise ConfigError("several processes (torchrun) share only streamed compression: use --stream on "
                           "on a decoder")

@@ -15,9 +15,10 @@ DEVICES = ("auto", "cpu", "cuda")
 # output (torch's 'medium' matmul precision; statistics.accumulate keeps autocast off). On a CPU with
 # AMX (SmolLM2, one block, 2 threads) the forward runs 2.1× and forward + XᵀX 1.8× faster. The global
 # 'medium' precision alone made the Linears 2.7× faster but attention 3× slower (oneDNN's bf16 path
-# for its small products), hence autocast, which runs attention itself in bfloat16. Passes that train
-# stay float32: with the optimizer steps inside one autocast region, stories260K's block fine-tuning
-# diverged (local loss 0.17 → 11; PyTorch's advice is autocast around forward passes only).
+# for its small products), hence autocast, which runs attention itself in bfloat16. Training steps
+# (Learned.train_precision) autocast their forward pass only: with the optimizer steps inside one
+# autocast region, stories260K's block fine-tuning diverged (local loss 0.17 → 11; PyTorch's advice
+# is autocast around forward passes only).
 PRECISIONS = ("auto", "float32", "bfloat16")
 
 
@@ -48,20 +49,20 @@ def native_bf16(device: torch.device, matrix_units: bool = False) -> bool:
     return bool(amx or (not matrix_units and avx512_bf16))
 
 
-def check_precision(name: str) -> str:
+def check_precision(name: str, option: str = "--calib-precision") -> str:
     """`name` if it is one of PRECISIONS, else DeviceError."""
     if name not in PRECISIONS:
-        raise DeviceError(f"unknown calibration precision '{name}' (choose from {', '.join(PRECISIONS)})")
+        raise DeviceError(f"unknown {option} '{name}' (choose from {', '.join(PRECISIONS)})")
     return name
 
 
-def resolve_precision(name: str, device: torch.device) -> str:
+def resolve_precision(name: str, device: torch.device, option: str = "--calib-precision") -> str:
     """'float32' or 'bfloat16' for `name` on `device` ('auto': bfloat16 on a CUDA GPU with bf16 and on
     a CPU with AMX); DeviceError for an unknown name or bfloat16 asked of a device without it."""
-    if check_precision(name) == "auto":
+    if check_precision(name, option) == "auto":
         return "bfloat16" if native_bf16(device, matrix_units=True) else "float32"
     if name == "bfloat16" and not native_bf16(device):
-        raise DeviceError(f"--calib-precision bfloat16: {device.type} here has no native bfloat16 matmul "
+        raise DeviceError(f"{option} bfloat16: {device.type} here has no native bfloat16 matmul "
                           "(AMX or AVX512-BF16 CPU, or a CUDA GPU with bf16); use auto or float32")
     return name
 
@@ -80,3 +81,11 @@ def calibration_matmuls(precision: str, device: torch.device) -> Iterator[None]:
             yield
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+@contextmanager
+def training_forward(precision: str, device: torch.device) -> Iterator[None]:
+    """Inside, a training step's forward pass runs at `precision` ('bfloat16': autocast; the weights,
+    gradients and optimizer states stay float32). Wrap the forward only, never the backward or the step."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+        yield

@@ -13,6 +13,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .calibration import CalibrationBatch
+from .device import training_forward
 from .errors import ConfigError
 from .evaluate import mean_pool
 from .factorize import LowRankLinear
@@ -197,17 +198,21 @@ def _kl_chunk(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor
     return F.kl_div(logp, logq, log_target=True, reduction="sum")
 
 
-def _kl_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+def _kl_loss(model: nn.Module, batch: Batch, precision: str = "float32") -> torch.Tensor:
     """KL(teacher ‖ student) of the next-token distributions, mean over tokens, summed chunk by chunk
     (KL_CHUNK_TOKENS) from the student's final hidden states where its logits are its head's."""
     valid = batch.mask.bool()
     target = batch.target[valid]
     split = _split(model, batch.ids, batch.mask)
     if split is None:
-        out = _logits(model, batch.ids, batch.mask).float()[valid]
+        with training_forward(precision, batch.ids.device):
+            out = _logits(model, batch.ids, batch.mask)
+        out = out.float()[valid]
         return _kl_chunk(nn.Identity(), out, target, batch.head) / out.shape[0]
     body, head = split
-    hidden = body(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False)[0][valid]
+    with training_forward(precision, batch.ids.device):  # the blocks; the head and the KL in float32
+        hidden = body(input_ids=batch.ids, attention_mask=batch.mask, use_cache=False)[0]
+    hidden = hidden.float()[valid]
     total = sum(checkpoint(_kl_chunk, head, hidden[i:i + KL_CHUNK_TOKENS], target[i:i + KL_CHUNK_TOKENS],
                            batch.head, use_reentrant=False)
                 for i in range(0, hidden.shape[0], KL_CHUNK_TOKENS))
@@ -227,11 +232,11 @@ def _hidden_loss(out: torch.Tensor, batch: Batch) -> torch.Tensor:
     return hidden + cosine
 
 
-def distill_loss(model: nn.Module, batch: Batch, family: Family) -> torch.Tensor:
-    """Student-vs-teacher loss on one batch (padding excluded): KL for causal LMs, hidden states
-    and the pooled embedding for encoders."""
+def distill_loss(model: nn.Module, batch: Batch, family: Family, precision: str = "float32") -> torch.Tensor:
+    """Student-vs-teacher loss on one batch (padding excluded): KL for causal LMs (their blocks' forward
+    at `precision`, edgesvd.device.training_forward), hidden states and the pooled embedding for encoders."""
     if family.causal:
-        return _kl_loss(model, batch)
+        return _kl_loss(model, batch, precision)
     return _hidden_loss(_outputs(model, batch.ids, batch.mask, family).float(), batch)
 
 
@@ -258,10 +263,11 @@ def probe_loss(model: nn.Module, teacher: Teacher, probe: list[torch.Tensor]) ->
 
 
 def finetune_factors(model: nn.Module, factored: list[LowRankLinear], teacher: Teacher, steps: int, lr: float,
-                     batches: MiniBatches, reporter: Reporter = SILENT, dense: list[nn.Linear] = ()) -> list[float]:
+                     batches: MiniBatches, reporter: Reporter = SILENT, dense: list[nn.Linear] = (),
+                     precision: str = "float32") -> list[float]:
     """Train the factors A and B of `factored`, and the weights and biases of the `dense` Linears
-    (targets the selection left dense), against the teacher with Adam and a linear decay;
-    everything else stays frozen. Returns the loss per step."""
+    (targets the selection left dense), against the teacher with Adam and a linear decay, each step's
+    forward at `precision`; everything else stays frozen. Returns the loss per step."""
     params = [p for layer in factored for p in (layer.a.weight, layer.b.weight)]
     params += [p for layer in dense for p in layer.parameters()]
     for p in params:
@@ -271,7 +277,7 @@ def finetune_factors(model: nn.Module, factored: list[LowRankLinear], teacher: T
     losses = []
     with reporter.progress("stage 3: fine-tune factors", total=steps) as bar:
         for _ in range(steps):
-            loss = distill_loss(model, teacher.batch(batches.next()), teacher.family)
+            loss = distill_loss(model, teacher.batch(batches.next()), teacher.family, precision)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, fields, replace
 from typing import ClassVar
 
+from .device import PRECISIONS
 from .errors import ConfigError
 from .factorize import FORMS
 from .families import Family
@@ -91,6 +92,10 @@ class Learned(Method):
     of the loss gradients at each layer's output as well as XᵀX, spectra.curvature_spectrum; one more
     backward pass over the calibration set; statistics.collect_output_gradients says which loss) or
     'whiten' (XᵀX only); None: the family's (LearnedRecipe.candidates: curvature for both).
+    train_precision: of the streamed path's fine-tuning forward passes (per block and end to end;
+    edgesvd.device.PRECISIONS): 'bfloat16' runs them under bfloat16 autocast, the weights, gradients,
+    optimizer states and the loss's head stay float32; 'auto': bfloat16 on CPUs with AMX and on CUDA
+    GPUs with bf16, float32 elsewhere. The whole-model path (small models) trains in float32.
     """
 
     steps: int | None = None
@@ -104,6 +109,7 @@ class Learned(Method):
     max_score: float | None = None
     selection: str = "global"
     candidates: str | None = None
+    train_precision: str = "auto"
     name: ClassVar[str] = "learned"
 
     def __post_init__(self) -> None:
@@ -120,6 +126,8 @@ class Learned(Method):
             raise ConfigError(f"budget weight must be >= 0, got {self.budget_weight}")
         if self.max_score is not None and self.max_score <= 0:
             raise ConfigError(f"max score must be > 0, got {self.max_score}")
+        if self.train_precision not in PRECISIONS:
+            raise ConfigError(f"unknown train precision '{self.train_precision}' (choose from {', '.join(PRECISIONS)})")
         if self.selection not in SELECTIONS:
             raise ConfigError(f"unknown selection '{self.selection}' (choose from {', '.join(SELECTIONS)})")
         if self.candidates is not None and self.candidates not in CANDIDATE_SPECTRA:
@@ -127,13 +135,14 @@ class Learned(Method):
 
 
     def resolved(self, family: Family, targeted_params: int, num_sequences: int, seq_len: int,
-                 hidden_size: int) -> "Learned":
+                 hidden_size: int, finetune_passes: int = 1) -> "Learned":
         """This config with the fields left None filled in for one model: the family's recipe, each
         stage capped at MAX_DEFAULT_EPOCHS passes over `num_sequences` calibration sequences, both
         scaled down together (not below MIN_DEFAULT_STEPS) when stages 2 + 3 would exceed
-        TRAIN_WORK_CAP (targeted parameters × training tokens); the fine-tuning rate scaled to
-        `hidden_size` (LearnedRecipe.finetune_lr_for); margin and batch size the recipe's. Values given
-        explicitly stay."""
+        TRAIN_WORK_CAP (targeted parameters × training tokens, stage 3 counted `finetune_passes`
+        times: the streamed path runs its steps per block and then end to end); the fine-tuning rate
+        scaled to `hidden_size` (LearnedRecipe.finetune_lr_for); margin and batch size the recipe's.
+        Values given explicitly stay."""
         recipe = family.learned
         self = replace(self, margin=recipe.margin if self.margin is None else self.margin,
                        batch_size=recipe.batch_size if self.batch_size is None else self.batch_size)
@@ -141,7 +150,8 @@ class Learned(Method):
         filled: dict = {k: min(v, MAX_DEFAULT_EPOCHS * per_epoch)
                         for k, v in (("steps", recipe.steps), ("finetune_steps", recipe.finetune_steps))
                         if getattr(self, k) is None}
-        work = sum(filled.values()) * min(self.batch_size, num_sequences) * seq_len * targeted_params
+        passes = {"steps": 1, "finetune_steps": finetune_passes}
+        work = sum(v * passes[k] for k, v in filled.items()) * min(self.batch_size, num_sequences) * seq_len * targeted_params
         if work > TRAIN_WORK_CAP:
             filled = {k: min(v, max(MIN_DEFAULT_STEPS, round(v * TRAIN_WORK_CAP / work))) for k, v in filled.items()}
         if self.finetune_lr is None:

@@ -55,7 +55,7 @@ from torch import nn
 from .calibration import CalibrationBatch
 from .checkpoint import Shards
 from .costmodel import LayerShape
-from .device import calibration_matmuls, resolve_precision
+from .device import calibration_matmuls, resolve_precision, training_forward
 from .distributed import Group
 from .errors import ConfigError
 from .factorize import LayerRecord, LowRankLinear, pivot_layers, replace_with_factors
@@ -338,19 +338,23 @@ def _sweep_reverse(stream: Stream, xs: list[list[torch.Tensor]], device: torch.d
 
 
 def _local_loss(block: nn.Module, x: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-                arguments: tuple[tuple, dict], scale: float) -> torch.Tensor:
-    """Mean over valid tokens of ‖block(x) − target‖², divided by the block's mean update ‖Y − X‖²."""
+                arguments: tuple[tuple, dict], scale: float, precision: str = "float32") -> torch.Tensor:
+    """Mean over valid tokens of ‖block(x) − target‖², divided by the block's mean update ‖Y − X‖²
+    (the block's forward at `precision`, the loss in float32)."""
     args, kwargs = arguments
     valid = mask.bool()
-    diff = _output(block(x, *args, **kwargs)) - target
+    with training_forward(precision, x.device):
+        out = _output(block(x, *args, **kwargs))
+    diff = out.float() - target
     return (diff[valid] ** 2).sum(-1).mean() / scale
 
 
 def _finetune_block(block: nn.Module, params: list[nn.Parameter], xs: list[torch.Tensor], targets: list[torch.Tensor],
                     stream: Stream, i: int, scale: float, steps: int, lr: float, seed: int, device: torch.device,
-                    group: Group) -> tuple[float, float]:
+                    group: Group, precision: str = "float32") -> tuple[float, float]:
     """Adam with a linear decay on `params` (one random calibration batch per step, gradients
-    averaged over the ranks); returns the probe loss before and after."""
+    averaged over the ranks, each step's forward at `precision`); returns the probe loss (float32)
+    before and after."""
     masks = [m.to(device) for _, m in stream.batches]
     args = stream.arguments[i]
     probe = range(min(PROBE_BATCHES, len(xs)))
@@ -373,7 +377,8 @@ def _finetune_block(block: nn.Module, params: list[nn.Parameter], xs: list[torch
         for _ in range(steps):
             b = int(torch.randint(len(xs), (1,), generator=gen))
             with torch.enable_grad():
-                loss = _local_loss(block, xs[b].to(device), targets[b].to(device), masks[b], args[b], scale)
+                loss = _local_loss(block, xs[b].to(device), targets[b].to(device), masks[b], args[b], scale,
+                                   precision)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
             group.mean_gradients(params)
@@ -388,11 +393,11 @@ def _sweep_compressed(stream: Stream, method: Learned, xs: list[list[torch.Tenso
                       ranks: dict[str, int | None], orders: dict[str, torch.Tensor], sigma: dict[str, torch.Tensor],
                       shapes: dict[str, LayerShape], seed: int, device: torch.device, group: Group,
                       candidates: Candidates, shards: Shards | None, laps: Laps, reporter: Reporter,
-                      precision: str = "float32"
+                      precision: str = "float32", train_precision: str = "float32"
                       ) -> tuple[list[LayerRecord], dict[str, dict[str, torch.Tensor]], dict[int, list[float]]]:
-    """Sweep C: build each block at its ranks, fine-tune it (float32), propagate the compressed stream
-    (at `precision`); each finished block joins the result in memory, or is written to `shards` and
-    leaves memory."""
+    """Sweep C: build each block at its ranks, fine-tune it (forward passes at `train_precision`),
+    propagate the compressed stream (at `precision`); each finished block joins the result in memory,
+    or is written to `shards` and leaves memory."""
     model = stream.model
     records: list[LayerRecord] = []
     entries: dict[str, dict[str, torch.Tensor]] = {}
@@ -425,7 +430,8 @@ def _sweep_compressed(stream: Stream, method: Learned, xs: list[list[torch.Tenso
             del factors
             targets = xs[i + 1]
             before, after = _finetune_block(block, trained, stream_in, targets, stream, i, update[i],
-                                            method.finetune_steps, method.finetune_lr, seed, device, group)
+                                            method.finetune_steps, method.finetune_lr, seed, device, group,
+                                            train_precision)
             local[i] = [round(before, 5), round(after, 5)]
             if shards is not None:  # no end-to-end stage will train this block again
                 pivot_layers(model, [r for r in records if r.name.startswith(stream.prefix(i))])
@@ -500,7 +506,8 @@ def activation_checkpointing(blocks: nn.ModuleList, enabled: bool):
 
 
 def _end_to_end(model: nn.Module, stream: Stream, last_hidden: list[torch.Tensor], method: Learned, steps: int,
-                plan: dict, family: Family, seed: int, device: torch.device, reporter: Reporter) -> dict:
+                plan: dict, family: Family, seed: int, device: torch.device, reporter: Reporter,
+                precision: str = "float32") -> dict:
     """Fine-tune every kept factor (and the targets left dense) of the assembled model against the
     dense model's next-token distributions, rebuilt from its last hidden states, as `plan` says
     (_plan_end_to_end)."""
@@ -521,7 +528,7 @@ def _end_to_end(model: nn.Module, stream: Stream, last_hidden: list[torch.Tensor
     before = probe_loss(model, teacher, probe)
     with activation_checkpointing(stream.blocks, checkpointing):
         curve = finetune_factors(model, factored, teacher, steps, method.finetune_lr, batches, reporter,
-                                 dense=left_dense)
+                                 dense=left_dense, precision=precision)
     after = probe_loss(model, teacher, probe)
     model.cpu()
     return {"ran": True, "steps": steps, "checkpointing": checkpointing, "kl_before": round(before, 6),
@@ -547,23 +554,24 @@ def compress_learned_blocks(source: ModelSource, method: Learned, calib: Calibra
     `batch_size`-sequence calibration batches is one fine-tuning step's batch; `method.finetune_steps`
     left None comes from the family's recipe within the work cap (Learned.resolved), per block.
     `precision` (edgesvd.device.PRECISIONS): of the passes that train nothing (sweeps A and B, the
-    propagation of sweep C); the fine-tuning computes in float32 (edgesvd.device says why), and
-    spectra, pivoting and the rank choice in float64."""
+    propagation of sweep C); `method.train_precision`: of the fine-tuning steps' forward passes (their
+    weights, gradients and optimizer states in float32); spectra, pivoting and the rank choice in float64."""
     if not isinstance(method, Learned):
         raise ConfigError(f"compress_learned_blocks runs the learned method, not '{method.name}'")
     precision = resolve_precision(precision, device)
+    train_precision = resolve_precision(method.train_precision, device, "--train-precision")
     laps = Laps()
     stream = open_stream(source, method, calib, exclude, device, batch_size, group)
     model = stream.model
     n, seq_len = calib.input_ids.shape
     targeted = sum(model.get_submodule(t).weight.numel() for t in stream.targets)
-    # Stage 3's steps (within the same work cap as the whole-model path) fine-tune each block and then
-    # the whole model. No scores are trained (`steps` is unused): spending stage 2's steps end to end
+    # Stage 3's steps fine-tune each block and then the whole model, so the work cap counts them twice
+    # (SmolLM2: 23 steps each, where 46 measured no better: README, "bfloat16 fine-tuning"). No scores are trained (`steps` is unused): spending stage 2's steps end to end
     # instead measured no better (stories260K keep 0.8, 64 sequences: 9.47 vs 9.48).
     if method.steps:
         reporter.info("the streamed learned method learns importance in one reverse sweep: --steps is not used")
     method = replace(method, steps=0, batch_size=batch_size).resolved(source.family, targeted, n, seq_len,
-                                                                      model.config.hidden_size)
+                                                                      model.config.hidden_size, finetune_passes=2)
     method = replace(method, form="pivoted" if method.pivoted(source.family) else "plain")
     end_to_end_steps = method.finetune_steps
     laps.lap("load_s")
@@ -598,7 +606,8 @@ def compress_learned_blocks(source: ModelSource, method: Learned, calib: Calibra
             # Without an end-to-end stage no finished block is needed again: each goes to disk as it is done.
             shards = None if plan["ran"] else Shards(len(stream.blocks) + 1)
             records, entries, local = _sweep_compressed(stream, method, xs, update, ranks, orders, sigma, shapes, seed,
-                                                        device, group, candidates, shards, laps, reporter, precision)
+                                                        device, group, candidates, shards, laps, reporter, precision,
+                                                        train_precision)
         finally:
             candidates.close()
     stream.hidden = stream.arguments = None
@@ -608,14 +617,14 @@ def compress_learned_blocks(source: ModelSource, method: Learned, calib: Calibra
     laps.lap("load_s")
     release_memory(device)
     end_to_end = _end_to_end(model, stream, last_hidden, method, end_to_end_steps, plan, source.family, seed, device,
-                             reporter)
+                             reporter, train_precision)
     if plan["ran"]:
         pivot_layers(model, records)
     del last_hidden
     laps.lap("end_to_end_s")
     release_memory(device)
     details = {"streamed": True, "propagate": "compressed", "blocks": len(stream.blocks), "ranks": group.size,
-               "calibration_precision": precision,
+               "calibration_precision": precision, "training_precision": train_precision,
                "learned": asdict(method), "importance": "end-to-end Fisher through a reverse sweep",
                "block_steps": method.finetune_steps, "keep_per_block": _block_keeps(records, stream),
                "local_loss": local, "end_to_end": end_to_end, **laps.details(), "memory_estimate_bytes": estimate}

@@ -57,7 +57,8 @@ def one(model_ref: str, method: str, keep: float, stream: str, calib: str, n_win
         samples: int | None = None, save: str | None = None, calib_len: int = 128, calib_precision: str = "auto",
         **options) -> dict:
     """One configuration, in this process: compress (unless method is 'dense'), then score. `options`
-    (form, finetune_steps, finetune_lr, candidates) go to the method's config; None means its default.
+    (form, finetune_steps, finetune_lr, candidates, train_precision) go to the method's config; None means its
+    default.
     `save`: keep the checkpoint in this folder (for bench_quantized's cache)."""
     import torch
 
@@ -83,6 +84,7 @@ def one(model_ref: str, method: str, keep: float, stream: str, calib: str, n_win
                                   calib=CalibrationConfig(calib, num_sequences=samples, seq_len=calib_len))
         d = result.record.details
         row["calib_precision"] = d.get("calibration_precision", "float32")
+        row["train_precision"] = d.get("training_precision", "float32")
         row.update(calib_sequences=result.record.calibration.get("num_sequences"),
                    calib_len=result.record.calibration.get("seq_len"), local_loss=d.get("local_loss"),
                    block_steps=d.get("block_steps"), end_to_end=(d.get("end_to_end") or {}).get("steps"),
@@ -120,6 +122,8 @@ def main() -> None:
     ap.add_argument("--finetune-lr", type=float, help="learned: fine-tuning learning rate (default: the product's)")
     ap.add_argument("--candidates", help="learned: curvature or whiten (default: the product's)")
     ap.add_argument("--calib-precision", default="auto", help="streamed passes: auto, float32 or bfloat16 (the product's)")
+    ap.add_argument("--train-precision", help="learned: fine-tuning forward passes, auto, float32 or bfloat16 "
+                                              "(default: the product's)")
     ap.add_argument("--save", help="keep the (single) compressed configuration's checkpoint in this folder")
     ap.add_argument("--device", default="cpu", help="where compression and scoring run (cpu, cuda)")
     ap.add_argument("--json", help="write the rows here")
@@ -130,7 +134,7 @@ def main() -> None:
         print(json.dumps(one(a.model, method, float(keep), stream, a.calib, a.windows, a.device, a.samples,
                              save=a.save, finetune_steps=a.finetune_steps, form=form[0] if form else None,
                              finetune_lr=a.finetune_lr, candidates=a.candidates, calib_len=a.calib_len,
-                             calib_precision=a.calib_precision)))
+                             calib_precision=a.calib_precision, train_precision=a.train_precision)))
         return
     rows = []
     for config in a.configs.split(","):
@@ -141,6 +145,7 @@ def main() -> None:
                               *(["--finetune-steps", str(a.finetune_steps)] if a.finetune_steps is not None else []),
                               *(["--finetune-lr", str(a.finetune_lr)] if a.finetune_lr is not None else []),
                               *(["--candidates", a.candidates] if a.candidates else []),
+                              *(["--train-precision", a.train_precision] if a.train_precision else []),
                               *(["--save", a.save] if a.save else []),
                               "--one", config], capture_output=True, text=True)
         if out.returncode != 0:

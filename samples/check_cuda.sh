@@ -27,4 +27,8 @@ if "$PYTHON" -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('
     CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} "$PYTHON" samples/bench_streamed.py --device cuda \
         --configs whiten:0.8:on --calib-precision float32 --json "$OUT/smollm2-float32.json" 2>&1 \
         | tee "$OUT/smollm2-float32.log"
+    # The learned method's fine-tuning forward passes in float32 beside the default (bf16 autocast).
+    CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0} "$PYTHON" samples/bench_streamed.py --device cuda \
+        --configs learned:0.8:on --train-precision float32 --json "$OUT/smollm2-train-float32.json" 2>&1 \
+        | tee "$OUT/smollm2-train-float32.log"
 fi

@@ -98,6 +98,11 @@ def test_learned_defaults_come_from_family_size_and_calibration():
     big = Learned().resolved(DECODER, 106_000_000, 2048, 128, 576)
     assert big.steps == MIN_DEFAULT_STEPS and 20 < big.finetune_steps < 200  # 200 → 15, raised to the floor
     assert big.finetune_steps * 8 * 128 * 106_000_000 <= TRAIN_WORK_CAP
+    # the streamed path (SmolLM2: 232 windows, 16 per step) runs stage 3 per block and then end to end:
+    # the cap counts both, so each gets half of what one pass would (46 → 23)
+    once = Learned(steps=0, batch_size=16).resolved(DECODER, 106_000_000, 232, 128, 576)
+    twice = Learned(steps=0, batch_size=16).resolved(DECODER, 106_000_000, 232, 128, 576, finetune_passes=2)
+    assert (once.finetune_steps, twice.finetune_steps) == (46, 23)
     # and a fine-tuning rate falling as 1/width above the width the recipe was measured on (never raised)
     assert big.finetune_lr == pytest.approx(1e-3 * 64 / 576)
     assert Learned().resolved(ENCODER, 40_000_000, 512, 128, 768).finetune_lr == pytest.approx(1e-4)

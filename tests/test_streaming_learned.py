@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
@@ -13,8 +14,10 @@ from test_streaming import _CountingReporter
 
 from edgesvd.calibration import CalibrationConfig, sample_calibration
 from edgesvd.cli import main
-from edgesvd.compression import compress_streamed
+from edgesvd.compression import compress, compress_streamed
+from edgesvd.device import native_bf16, training_forward
 from edgesvd.distributed import Group
+from edgesvd.errors import ConfigError
 from edgesvd.evaluate import perplexity
 from edgesvd.importance import ScoredLowRank
 from edgesvd.loading import load_model, load_tokenizer, resolve_model, set_submodule
@@ -223,3 +226,38 @@ def test_pivoted_form_ends_pivoted_with_or_without_the_end_to_end_stage(tiny_lla
         assert factored and all(r.pivoted for r in factored)
         assert all(isinstance(result.model.get_submodule(r.name), PivotedLowRank) for r in factored)
         assert result.record.keep_actual <= 0.5 + 1e-9
+
+
+def test_training_forward_autocasts_the_forward_and_leaves_the_weights_float32():
+    layer = torch.nn.Linear(16, 8)
+    x = torch.randn(4, 16)
+    with training_forward("bfloat16", torch.device("cpu")):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    assert layer.weight.dtype == layer.weight.grad.dtype == torch.float32
+    with training_forward("float32", torch.device("cpu")):
+        assert layer(x).dtype == torch.float32
+
+
+def test_bf16_fine_tuning_steps_still_learn_and_the_whole_model_path_refuses_them(tiny_llama_dir):
+    """--train-precision bfloat16 (the default where the CPU has AMX or on a CUDA GPU): every block's
+    local loss and the end-to-end KL still fall, the factors stay float32 and differ from a float32
+    run's (the forward passes did run in bf16); small models, trained whole, refuse it up front."""
+    if not native_bf16(torch.device("cpu")):
+        pytest.skip("this CPU has no native bfloat16 matmul (AMX or AVX512-BF16)")
+    src = resolve_model(tiny_llama_dir)
+    runs = {p: compress_streamed(src, Learned(keep=0.5, finetune_steps=8, train_precision=p), CALIB)
+            for p in ("bfloat16", "float32")}
+    details = runs["bfloat16"].record.details
+    assert details["training_precision"] == "bfloat16" and runs["float32"].record.details["training_precision"] == "float32"
+    assert all(after < before for before, after in details["local_loss"].values()), details["local_loss"]
+    assert details["end_to_end"]["ran"] and details["end_to_end"]["kl_after"] < details["end_to_end"]["kl_before"]
+    low = {p: dict(r.model.named_parameters()) for p, r in runs.items()}
+    factors = [n for n in low["bfloat16"] if n.endswith(".a.weight")]
+    assert factors and all(low["bfloat16"][n].dtype == torch.float32 for n in factors)
+    assert any(not torch.equal(low["bfloat16"][n], low["float32"][n]) for n in factors)
+    with pytest.raises(ConfigError, match="--train-precision bfloat16 applies to streamed compression"):
+        compress(tiny_llama_dir, Learned(keep=0.5, train_precision="bfloat16"), stream="off")
+    with pytest.raises(ConfigError, match="unknown train precision"):
+        Learned(train_precision="fp8")

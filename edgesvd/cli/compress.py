@@ -76,21 +76,27 @@ def model_options(f):
               help="Streamed compression: precision of the passes over the calibration data that train nothing "
                    "(statistics, propagation, the learned method's importance sweep). bfloat16 runs them under bf16 "
                    "autocast, XᵀX a float32 product (needs a CPU with AMX or AVX512-BF16, or a GPU); auto: bfloat16 on "
-                   "CPUs with AMX and CUDA GPUs, else float32. Fine-tuning, factorization and the whole-model path "
-                   "compute in float32/64.")
+                   "CPUs with AMX and CUDA GPUs, else float32. Factorization and the whole-model path compute in "
+                   "float32/64; fine-tuning: --train-precision.")
+@click.option("--train-precision", type=click.Choice(list(PRECISIONS)), default=Learned.train_precision,
+              show_default=True,
+              help="learned, streamed compression: precision of the fine-tuning steps' forward passes (per block and "
+                   "end to end). bfloat16 runs them under bf16 autocast; weights, gradients, Adam states and the "
+                   "loss's head stay float32. auto: bfloat16 on CPUs with AMX and CUDA GPUs, else float32. The "
+                   "whole-model path trains in float32.")
 @click.option("--out", "out", type=PATH, required=True, help="Checkpoint folder to write.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def compress(model, method, keep, rank_multiple, form, calib, calib_samples, calib_len, calib_temperature, seed, include,
              exclude, trust_remote_code, device, batch_size, steps, finetune_steps, margin, lr, finetune_lr,
-             candidates, finetune_dense, stream, calib_precision, out, force, quiet):
+             candidates, finetune_dense, stream, calib_precision, train_precision, out, force, quiet):
     """Compress MODEL (alias 'minilm', a local folder, a .gguf file, the alias 'smollm2', or a hub id) into a
     checkpoint folder."""
     check_output_dir(out, force, inputs=[*calib] + ([] if model == DEFAULT_MODEL else [model]))
     config = method_config(method, keep=keep, rank_multiple=rank_multiple, form=form, steps=steps,
                            finetune_steps=finetune_steps,
                            margin=margin, lr=lr, finetune_lr=finetune_lr, finetune_dense=finetune_dense,
-                           candidates=candidates)
+                           candidates=candidates, train_precision=train_precision)
     result = compress_model(model, config, calib=calibration(calib, calib_samples, calib_len, calib_temperature, seed),
                             include=include, exclude=exclude, device=device, batch_size=batch_size,
                             trust_remote_code=trust_remote_code, stream=stream, calib_precision=calib_precision,
