@@ -81,8 +81,8 @@ def fix_tokenizer(tokenizer, facts: dict):
     return tokenizer
 
 
-# float32 bytes per safetensors file of a converted model. The conversion holds one part at a time,
-# twice while safetensors writes it (it serializes a copy), so the part size bounds the peak.
+# float32 bytes per safetensors file of a converted model. The conversion holds one part at a time;
+# measured, its peak is about twice the part size above the process (README, "GGUF files").
 PART_BYTES = 512 << 20
 # float32 bytes dequantized at once: gguf's numpy dequantizers hold their output twice (a list of
 # row-group results, then the concatenation), which for a 128k-token embedding would be 4 GB.
@@ -196,8 +196,8 @@ def _write_weights(reader, out: Path, parsed: dict, skeleton: torch.nn.Module) -
 def convert(path: Path, out: Path) -> Path:
     """Write `path` (a GGUF file) as a float32 safetensors model folder with its fixed tokenizer.
 
-    Tensor by tensor: peak memory is one part (PART_BYTES) or the largest tensor, not the model, so a
-    GGUF file converts on a machine that could not hold the model in float32.
+    Tensor by tensor: the peak is set by a part (PART_BYTES) or the largest tensor, not by the model,
+    so a GGUF file converts on a machine that could not hold the model in float32.
     """
     from gguf import GGUFReader
     from transformers import AutoTokenizer, GenerationConfig

@@ -151,7 +151,8 @@ class Learned(Method):
                         for k, v in (("steps", recipe.steps), ("finetune_steps", recipe.finetune_steps))
                         if getattr(self, k) is None}
         passes = {"steps": 1, "finetune_steps": finetune_passes}
-        work = sum(v * passes[k] for k, v in filled.items()) * min(self.batch_size, num_sequences) * seq_len * targeted_params
+        tokens = min(self.batch_size, num_sequences) * seq_len
+        work = sum(v * passes[k] for k, v in filled.items()) * tokens * targeted_params
         if work > TRAIN_WORK_CAP:
             filled = {k: min(v, max(MIN_DEFAULT_STEPS, round(v * TRAIN_WORK_CAP / work))) for k, v in filled.items()}
         if self.finetune_lr is None:
