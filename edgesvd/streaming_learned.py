@@ -110,7 +110,8 @@ def final_norm(model: nn.Module, blocks_name: str, blocks: nn.ModuleList) -> nn.
 
 class Candidates:
     """Each block's candidate factors (A, B per target) in a temporary folder, one safetensors file
-    per block, so that memory holds one block's candidates at a time."""
+    per block, so that memory holds one block's candidates at a time (and, by kind, each block's XᵀX
+    until the reverse sweep and the dense stream: DenseStream)."""
 
     def __init__(self) -> None:
         self._dir = tempfile.TemporaryDirectory(prefix="edgesvd-candidates-")
@@ -126,6 +127,9 @@ class Candidates:
 
         return load_file(str(self.folder / f"{kind}-{i:05d}.safetensors"), device=str(device))
 
+    def remove(self, i: int, kind: str = "block") -> None:
+        (self.folder / f"{kind}-{i:05d}.safetensors").unlink(missing_ok=True)
+
     def write_statistics(self, i: int, stats: ActivationStats) -> ActivationStats:
         """Block i's XᵀX to disk until the reverse sweep needs them; returns the stats without matrices."""
         self.write(i, stats.gram, kind="stats")
@@ -136,6 +140,31 @@ class Candidates:
 
     def close(self) -> None:
         self._dir.cleanup()
+
+
+class DenseStream:
+    """The dense stream X[0..L] (block i's inputs, per calibration batch, then the last block's outputs)
+    in the candidates' folder, one file per boundary: memory holds the boundaries in use, not all L + 1
+    (SmolLM2, 232 windows: 31 × 68 MB; Llama-3-8B, 128 windows: 33 × 270 MB). float32, read back exactly."""
+
+    def __init__(self, candidates: Candidates) -> None:
+        self._candidates = candidates
+        self._count = 0
+
+    def append(self, batches: list[torch.Tensor]) -> None:
+        self._candidates.write(self._count, {f"{j:06d}": x.cpu() for j, x in enumerate(batches)}, kind="stream")
+        self._count += 1
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, i: int) -> list[torch.Tensor]:
+        read = self._candidates.read(i % self._count, torch.device("cpu"), kind="stream")
+        return [read[k] for k in sorted(read)]
+
+    def drop(self, i: int) -> None:
+        """Boundary i is no longer needed: its file goes."""
+        self._candidates.remove(i, kind="stream")
 
 
 def _release_block(stream: Stream, i: int) -> None:
@@ -181,13 +210,15 @@ def _block_candidates(model: nn.Module, targets: list[str], stats: ActivationSta
 
 def _sweep_dense(stream: Stream, method: Learned, device: torch.device, group: Group, candidates: Candidates,
                  laps: Laps, reporter: Reporter, deferred: dict | None = None
-                 ) -> tuple[list[list[torch.Tensor]], dict, dict, list[float]]:
-    """Sweep A. Returns the dense stream X[0..L] (CPU), every target's shape and whitened σ, and
+                 ) -> tuple[DenseStream, dict, dict, list[float]]:
+    """Sweep A. Returns the dense stream X[0..L] (on disk), every target's shape and whitened σ, and
     each block's mean squared update ‖Y − X‖² per token (the scale of its local loss). With a
     `deferred` dict (curvature candidates), no candidates yet: each block's XᵀX go to disk, what reads
     them back into `deferred`, and sweep B fills in the shapes and (curvature) σ."""
     model = stream.model
-    xs = [[h.cpu() for h in stream.hidden]]
+    current = [h.cpu() for h in stream.hidden]
+    xs = DenseStream(candidates)
+    xs.append(current)
     shapes: dict[str, LayerShape] = {}
     sigma: dict[str, torch.Tensor] = {}
     update: list[float] = []
@@ -195,7 +226,7 @@ def _sweep_dense(stream: Stream, method: Learned, device: torch.device, group: G
         for i in range(len(stream.blocks)):
             mine = stream.targets_of(i)
             block = stream.materialize(i, device)
-            inputs = [x.to(device) for x in xs[-1]]
+            inputs = [x.to(device) for x in current]
             outputs, stats = run_block(block, inputs, stream.arguments[i], stream.masks, mine, stream.prefix(i))
             group.sum_statistics(stats)
             energy = torch.zeros((), dtype=torch.float64, device=device)
@@ -212,7 +243,8 @@ def _sweep_dense(stream: Stream, method: Learned, device: torch.device, group: G
             else:
                 candidates.write(i, _block_candidates(model, mine, stats, method, shapes, sigma, group))
             del stats, inputs
-            xs.append([y.cpu() for y in outputs])
+            current = [y.cpu() for y in outputs]
+            xs.append(current)
             del outputs
             _release_block(stream, i)
             laps.lap("factorize_s")
@@ -301,7 +333,7 @@ def _block_fisher(stream: Stream, i: int, inputs: list[torch.Tensor], grads: lis
     return fisher, below
 
 
-def _sweep_reverse(stream: Stream, xs: list[list[torch.Tensor]], device: torch.device, group: Group,
+def _sweep_reverse(stream: Stream, xs: DenseStream, device: torch.device, group: Group,
                    candidates: Candidates, laps: Laps, reporter: Reporter, method: Learned | None = None,
                    deferred: dict[int, ActivationStats] | None = None, shapes: dict | None = None,
                    sigma: dict | None = None) -> dict[str, torch.Tensor]:
@@ -315,8 +347,9 @@ def _sweep_reverse(stream: Stream, xs: list[list[torch.Tensor]], device: torch.d
     with reporter.progress("sweep 2/3: end-to-end importance", total=len(stream.blocks)) as bar:
         for i in reversed(range(len(stream.blocks))):
             dense_below = None
+            inputs = xs[i]
             if deferred is not None:
-                out_stats, dense_below = _output_gradient_grams(stream, i, xs[i], grads, device)
+                out_stats, dense_below = _output_gradient_grams(stream, i, inputs, grads, device)
                 group.sum_statistics(out_stats)
                 laps.lap("importance_s")
                 stats = candidates.read_statistics(i, deferred.pop(i), device)
@@ -324,7 +357,8 @@ def _sweep_reverse(stream: Stream, xs: list[list[torch.Tensor]], device: torch.d
                                                       sigma, group, out_stats))
                 del stats, out_stats
                 laps.lap("factorize_s")
-            fisher, grads = _block_fisher(stream, i, xs[i], grads, candidates, device)
+            fisher, grads = _block_fisher(stream, i, inputs, grads, candidates, device)
+            del inputs
             if dense_below is not None:
                 grads = dense_below
             group.sum_(list(fisher.values()))
@@ -389,7 +423,7 @@ def _finetune_block(block: nn.Module, params: list[nn.Parameter], xs: list[torch
     return before, probe_loss()
 
 
-def _sweep_compressed(stream: Stream, method: Learned, xs: list[list[torch.Tensor]], update: list[float],
+def _sweep_compressed(stream: Stream, method: Learned, xs: DenseStream, update: list[float],
                       ranks: dict[str, int | None], orders: dict[str, torch.Tensor], sigma: dict[str, torch.Tensor],
                       shapes: dict[str, LayerShape], seed: int, device: torch.device, group: Group,
                       candidates: Candidates, shards: Shards | None, laps: Laps, reporter: Reporter,
@@ -433,6 +467,7 @@ def _sweep_compressed(stream: Stream, method: Learned, xs: list[list[torch.Tenso
                                             method.finetune_steps, method.finetune_lr, seed, device, group,
                                             train_precision)
             local[i] = [round(before, 5), round(after, 5)]
+            del targets
             if shards is not None:  # no end-to-end stage will train this block again
                 pivot_layers(model, [r for r in records if r.name.startswith(stream.prefix(i))])
             bar.describe(f"sweep 3/3: fine-tune blocks · block {i} local loss {before:.4f} → {after:.4f}")
@@ -441,7 +476,7 @@ def _sweep_compressed(stream: Stream, method: Learned, xs: list[list[torch.Tenso
                 stream_in = [_output(block(x.to(device), *a, **k)).cpu()
                              for x, (a, k) in zip(stream_in, stream.arguments[i])]
             if i + 1 < len(stream.blocks):  # the last one stays: the end-to-end stage's teacher
-                xs[i + 1] = None  # the dense stream past block i is no longer a target
+                xs.drop(i + 1)  # the dense stream past block i is no longer a target
             if shards is None:
                 block.to("cpu")  # the finished block joins the result
             else:
@@ -578,7 +613,7 @@ def compress_learned_blocks(source: ModelSource, method: Learned, calib: Calibra
     laps.lap("load_s")
     estimate = memory_estimate(model, stream.blocks, stream.targets, method.keep, stream.tokens, stream.widest_batch)
     hidden = model.config.hidden_size
-    estimate["calibration_stream"] = 4 * stream.tokens * hidden * (len(stream.blocks) + 2)
+    estimate["calibration_stream"] = 4 * stream.tokens * hidden * 3  # the rest on disk (DenseStream)
     estimate["total"] += estimate["calibration_stream"]
     if method.candidates == "curvature":  # a block's loss-gradient Gram matrices beside its XᵀX (float64)
         estimate["output_statistics"] = 8 * sum(model.get_submodule(t).out_features ** 2 for t in stream.targets_of(0))
@@ -609,10 +644,10 @@ def compress_learned_blocks(source: ModelSource, method: Learned, calib: Calibra
             records, entries, local = _sweep_compressed(stream, method, xs, update, ranks, orders, sigma, shapes, seed,
                                                         device, group, candidates, shards, laps, reporter, precision,
                                                         train_precision)
+            last_hidden = xs[-1]
         finally:
             candidates.close()
     stream.hidden = stream.arguments = None
-    last_hidden = xs[-1]
     del xs
     model = stream.finish(shards)
     laps.lap("load_s")

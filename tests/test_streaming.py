@@ -124,11 +124,14 @@ def test_the_gram_matrix_is_a_float32_product_even_under_the_bf16_autocast():
 class _CountingReporter(Reporter):
     """At every finished block, counts the live dense MLP weights (real tensors of the dense
     gate/up/down shapes) among all objects Python holds: an independent look at what is resident;
-    and the factorized layers anywhere whose factors are resident."""
+    the factorized layers anywhere whose factors are resident; and, given the model's `hidden` size,
+    the resident hidden-state tensors (batch × tokens × hidden: the calibration stream and its kin)."""
 
-    def __init__(self) -> None:
+    def __init__(self, hidden: int | None = None) -> None:
         self.counts: list[int] = []
         self.factored: list[int] = []
+        self.hidden = hidden
+        self.streams: list[int] = []
 
     def progress(self, description, total):
         reporter = self
@@ -144,6 +147,10 @@ class _CountingReporter(Reporter):
                         and tuple(o.shape) in {(176, 64), (64, 176)}))
                     reporter.factored.append(sum(1 for o in gc.get_objects()
                                                  if isinstance(o, LowRankLinear) and o.a.weight.device.type != "meta"))
+                    if reporter.hidden:
+                        reporter.streams.append(sum(
+                            1 for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.device.type != "meta"
+                            and o.dim() == 3 and o.shape[-1] == reporter.hidden))
 
         from contextlib import contextmanager
 

@@ -25,7 +25,14 @@ from edgesvd.methods import Learned, Whiten
 from edgesvd.reporting import SILENT
 from edgesvd.statistics import collect_output_gradients
 from edgesvd.streaming import Laps, open_stream
-from edgesvd.streaming_learned import Candidates, _output_gradient_grams, _sweep_dense, _sweep_reverse, _top_gradients
+from edgesvd.streaming_learned import (
+    Candidates,
+    DenseStream,
+    _output_gradient_grams,
+    _sweep_dense,
+    _sweep_reverse,
+    _top_gradients,
+)
 
 CALIB = CalibrationConfig(source="builtin", num_sequences=24, seq_len=48)
 
@@ -121,11 +128,16 @@ def test_curvature_candidates_beat_whitened_ones_on_real_weights(stories_dir, ti
 
 
 def test_no_dense_block_weights_outlive_their_block(deep_llama_dir):
-    reporter = _CountingReporter()
+    """Nor does the dense calibration stream stay resident: sweeps 1 and 2 hold a few boundaries of it
+    (DenseStream keeps the other 9 − 1 on disk), the same number at every depth."""
+    reporter = _CountingReporter(hidden=64)
     result = compress_streamed(resolve_model(deep_llama_dir), Learned(keep=0.5, finetune_steps=2), CALIB,
                                reporter=reporter)
     # Three sweeps of 8 blocks, then the end-to-end stage's steps.
     assert reporter.counts[:16] == [0] * 16, reporter.counts[:16]
+    batches = -(-CALIB.num_sequences // 16)
+    assert max(reporter.streams[:16]) <= 3 * batches, reporter.streams[:16]  # in memory: 9 boundaries by sweep 2
+    assert len(set(reporter.streams[1:8])) == 1, reporter.streams[:8]
     mlp = [r for r in result.record.layers if ".mlp." in r.name]
     for i in range(8):
         left_dense = sum(1 for r in mlp if r.rank is None and int(r.name.split(".")[2]) <= i)
@@ -261,3 +273,22 @@ def test_bf16_fine_tuning_steps_still_learn_and_the_whole_model_path_refuses_the
         compress(tiny_llama_dir, Learned(keep=0.5, train_precision="bfloat16"), stream="off")
     with pytest.raises(ConfigError, match="unknown train precision"):
         Learned(train_precision="fp8")
+
+
+def test_the_dense_stream_lives_on_disk_and_reads_back_exactly():
+    """Sweep A's X[0..L] go to the candidates' folder one boundary per file (memory holds the ones in
+    use); each reads back bit for bit, the last by index -1, and a dropped one is gone from disk."""
+    candidates = Candidates()
+    try:
+        xs = DenseStream(candidates)
+        boundaries = [[torch.randn(3, 5, 8) * 10 ** k for _ in range(4)] for k in range(3)]
+        for batches in boundaries:
+            xs.append(batches)
+        assert len(xs) == 3 and len(list(candidates.folder.iterdir())) == 3
+        for i, batches in enumerate(boundaries):
+            assert all(torch.equal(a, b) for a, b in zip(xs[i], batches, strict=True))
+        assert all(torch.equal(a, b) for a, b in zip(xs[-1], boundaries[-1], strict=True))
+        xs.drop(1)
+        assert len(list(candidates.folder.iterdir())) == 2
+    finally:
+        candidates.close()
