@@ -128,7 +128,7 @@ def _dequantized(tensor) -> np.ndarray:
     if data.ndim < 2 or tensor.n_elements * 4 <= CHUNK_BYTES:
         whole = dequantize(data, tensor.tensor_type)
         return whole.copy() if np.may_share_memory(whole, data) else whole  # F32 data is a view of the file
-    first = dequantize(data[:1], tensor.tensor_type)
+    first = dequantize(data[:1], tensor.tensor_type)  # one row gives the shape, whatever the type's layout
     out = np.empty((data.shape[0], *first.shape[1:]), dtype=np.float32)
     step = max(1, CHUNK_BYTES // (first.size * 4))
     for i in range(0, data.shape[0], step):
@@ -154,14 +154,14 @@ def _write_weights(reader, out: Path, parsed: dict, skeleton: torch.nn.Module) -
     state = {"config": parsed["config"], "tensors": {}}  # processors that split a tensor put the parts here
     part: dict[str, torch.Tensor] = {}
     files: list[tuple[str, list[str]]] = []
-    total = 0  # bytes of tensor data, as Hugging Face indexes count them
+    total = held = 0  # bytes of tensor data written (as Hugging Face indexes count them), and in `part`
 
     def flush() -> None:
-        nonlocal total
+        nonlocal total, held
         name = f"part-{len(files) + 1}.safetensors"
         save_file(part, str(out / name), metadata={"format": "pt"})
         files.append((name, sorted(part)))
-        total += sum(t.numel() * 4 for t in part.values())
+        total, held = total + held, 0
         part.clear()
         _release(reader)
 
@@ -174,9 +174,10 @@ def _write_weights(reader, out: Path, parsed: dict, skeleton: torch.nn.Module) -
             produced[names[result.name]] = result.weights
         for hf_name, weights in produced.items():
             t = torch.from_numpy(np.ascontiguousarray(weights, dtype=np.float32))
-            if part and sum(v.numel() for v in part.values()) * 4 + t.numel() * 4 > PART_BYTES:
+            if part and held + t.numel() * 4 > PART_BYTES:
                 flush()
             part[hf_name] = t
+            held += t.numel() * 4
     if part:
         flush()
     written = {n for _, stored in files for n in stored}
