@@ -53,6 +53,7 @@ from .spectra import Spectrum, curvature_spectrum, spectra_of
 from .statistics import ActivationStats, collect_output_gradients, collect_statistics
 from .streaming import LazyWeights, compress_blocks, materialize_parameters, parameter_count, use_streaming
 from .streaming_learned import compress_learned_blocks
+from .weightgrid import on_grid
 
 
 # -- the model prepared for compression --------------------------------------------------------------
@@ -230,9 +231,12 @@ def finish(state: LearnedState, plan: "Plan", model: nn.Module | None = None, re
                   if method.finetune_dense else [])
     losses = dict(state.losses)
     losses["after_switch"] = probe_loss(model, state.teacher, state.probe)
-    curve3 = (finetune_factors(model, factored, state.teacher, method.finetune_steps, method.finetune_lr,
-                               state.batches(), reporter, dense=left_dense)
-              if method.finetune_steps and (factored or left_dense) else [])
+    with on_grid(factored + left_dense, method.quantize_aware):  # the loss too: what the export will compute
+        curve3 = (finetune_factors(model, factored, state.teacher, method.finetune_steps, method.finetune_lr,
+                                   state.batches(), reporter, dense=left_dense)
+                  if method.finetune_steps and (factored or left_dense) else [])
+        if method.quantize_aware is not None:
+            losses["after_finetune_on_grid"] = probe_loss(model, state.teacher, state.probe)
     pivot_layers(model, records)
     losses["after_finetune"] = probe_loss(model, state.teacher, state.probe)
     timings = {**state.timings, "stage3_s": time.perf_counter() - t0}

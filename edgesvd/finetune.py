@@ -20,6 +20,7 @@ from .factorize import LowRankLinear
 from .families import Family
 from .loading import blocks_owner, find_blocks
 from .reporting import SILENT, Reporter
+from .weightgrid import trainable_weight
 
 # Teacher outputs (encoders: every block's hidden states; decoders: the final ones) are cached for the
 # whole calibration set when they fit in this many bytes; otherwise the teacher runs again on every batch.
@@ -268,7 +269,7 @@ def finetune_factors(model: nn.Module, factored: list[LowRankLinear], teacher: T
     """Train the factors A and B of `factored`, and the weights and biases of the `dense` Linears
     (targets the selection left dense), against the teacher with Adam and a linear decay, each step's
     forward at `precision`; everything else stays frozen. Returns the loss per step."""
-    params = [p for layer in factored for p in (layer.a.weight, layer.b.weight)]
+    params = [trainable_weight(m) for layer in factored for m in (layer.a, layer.b)]
     params += [p for layer in dense for p in layer.parameters()]
     for p in params:
         p.requires_grad_(True)

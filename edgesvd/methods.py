@@ -11,6 +11,7 @@ from .errors import ConfigError
 from .factorize import FORMS
 from .families import Family
 from .importance import CANDIDATE_SPECTRA, SELECTIONS
+from .weightgrid import GRIDS
 
 # Stages 2 and 3 each make at most this many passes over the calibration set by default: more
 # learns the sample rather than the model (on stories260K a held-back probe stopped improving long
@@ -97,6 +98,10 @@ class Learned(Method):
     edgesvd.device.PRECISIONS): 'bfloat16' runs them under bfloat16 autocast, the weights, gradients,
     optimizer states and the loss's head stay float32; 'auto': bfloat16 on CPUs with AMX and on CUDA
     GPUs with bf16, float32 elsewhere. The whole-model path (small models) trains in float32.
+    quantize_aware: a weight grid (edgesvd.weightgrid.GRIDS; 'int4': onnxruntime's MatMulNBits) that
+    stage 3 trains the factors and the targets left dense through, so that the weights the export's
+    quantizer rounds are ones the network learned to work with; None: fine-tuning in full precision.
+    It implies form 'plain': pivoting the factors afterwards would replace the trained weights.
     """
 
     steps: int | None = None
@@ -111,6 +116,7 @@ class Learned(Method):
     selection: str = "global"
     candidates: str | None = None
     train_precision: str = "auto"
+    quantize_aware: str | None = None
     name: ClassVar[str] = "learned"
 
     def __post_init__(self) -> None:
@@ -133,6 +139,14 @@ class Learned(Method):
             raise ConfigError(f"unknown selection '{self.selection}' (choose from {', '.join(SELECTIONS)})")
         if self.candidates is not None and self.candidates not in CANDIDATE_SPECTRA:
             raise ConfigError(f"unknown candidates '{self.candidates}' (choose from {', '.join(CANDIDATE_SPECTRA)})")
+        if self.quantize_aware is not None and self.quantize_aware not in GRIDS:
+            raise ConfigError(f"unknown weight grid '{self.quantize_aware}' for quantization-aware fine-tuning "
+                              f"(choose from {', '.join(GRIDS)})")
+        if self.quantize_aware is not None:
+            if self.form == "pivoted":
+                raise ConfigError("quantization-aware fine-tuning trains plain factors (pivoting afterwards would "
+                                  "replace the trained weights): use --form plain")
+            object.__setattr__(self, "form", "plain")
 
 
     def resolved(self, family: Family, targeted_params: int, num_sequences: int, seq_len: int,

@@ -81,6 +81,7 @@ from .streaming import (
     release_parameters,
     run_block,
 )
+from .weightgrid import on_grid
 
 # Logits of the reverse sweep's first step are made this many bytes at a time (a 262k vocabulary
 # times a batch of 128-token windows would otherwise be gigabytes).
@@ -442,6 +443,7 @@ def _sweep_compressed(stream: Stream, method: Learned, xs: DenseStream, update: 
             block = stream.materialize(i, device)
             factors = candidates.read(i, device)
             trained: list[nn.Parameter] = []
+            on_grid_layers: list[nn.Module] = []  # what Learned.quantize_aware trains and propagates through
             for name in stream.targets_of(i):
                 s, rank = shapes[name], ranks[name]
                 records.append(LayerRecord(name, s.in_features, s.out_features, rank, s.bias,
@@ -451,6 +453,7 @@ def _sweep_compressed(stream: Stream, method: Learned, xs: DenseStream, update: 
                     kept[:] = 1
                     if method.finetune_dense:
                         trained += list(model.get_submodule(name).parameters())
+                        on_grid_layers.append(model.get_submodule(name))
                 else:
                     index = orders[name][:rank].sort().values
                     fb, rms = factors[f"{name}.b"][:, index], None
@@ -459,20 +462,23 @@ def _sweep_compressed(stream: Stream, method: Learned, xs: DenseStream, update: 
                     # built plain even when pivoted: pivoted factors diverge under fine-tuning (pivot_layers)
                     low = replace_with_factors(model, name, factors[f"{name}.a"][index], fb, False, rms)
                     trained += [low.a.weight, low.b.weight]
+                    on_grid_layers.append(low)
                     kept[index] = 1
                 entries[name] = {"sigma": sigma[name], "kept": kept}
             del factors
             targets = xs[i + 1]
-            before, after = _finetune_block(block, trained, stream_in, targets, stream, i, update[i],
-                                            method.finetune_steps, method.finetune_lr, seed, device, group,
-                                            train_precision)
+            with on_grid(on_grid_layers, method.quantize_aware):
+                before, after = _finetune_block(block, trained, stream_in, targets, stream, i, update[i],
+                                                method.finetune_steps, method.finetune_lr, seed, device, group,
+                                                train_precision)
             local[i] = [round(before, 5), round(after, 5)]
             del targets
             if shards is not None:  # no end-to-end stage will train this block again
                 pivot_layers(model, [r for r in records if r.name.startswith(stream.prefix(i))])
             bar.describe(f"sweep 3/3: fine-tune blocks · block {i} local loss {before:.4f} → {after:.4f}")
             laps.lap("finetune_s")
-            with torch.no_grad(), calibration_matmuls(precision, device):
+            # The next block trains against the inputs the quantized model will give it.
+            with torch.no_grad(), calibration_matmuls(precision, device), on_grid(on_grid_layers, method.quantize_aware):
                 stream_in = [_output(block(x.to(device), *a, **k)).cpu()
                              for x, (a, k) in zip(stream_in, stream.arguments[i])]
             if i + 1 < len(stream.blocks):  # the last one stays: the end-to-end stage's teacher
@@ -560,11 +566,12 @@ def _end_to_end(model: nn.Module, stream: Stream, last_hidden: list[torch.Tensor
     batches = MiniBatches(ids.shape[0], method.batch_size, seed)
     probe_gen = MiniBatches(ids.shape[0], method.batch_size, seed + 1)
     probe = [probe_gen.next() for _ in range(min(PROBE_BATCHES, max(1, ids.shape[0] // method.batch_size)))]
-    before = probe_loss(model, teacher, probe)
-    with activation_checkpointing(stream.blocks, checkpointing):
-        curve = finetune_factors(model, factored, teacher, steps, method.finetune_lr, batches, reporter,
-                                 dense=left_dense, precision=precision)
-    after = probe_loss(model, teacher, probe)
+    with on_grid(factored + left_dense, method.quantize_aware):  # the losses too: what the export will compute
+        before = probe_loss(model, teacher, probe)
+        with activation_checkpointing(stream.blocks, checkpointing):
+            curve = finetune_factors(model, factored, teacher, steps, method.finetune_lr, batches, reporter,
+                                     dense=left_dense, precision=precision)
+        after = probe_loss(model, teacher, probe)
     model.cpu()
     return {"ran": True, "steps": steps, "checkpointing": checkpointing, "kl_before": round(before, 6),
             "kl_after": round(after, 6), "curve": [round(v, 5) for v in curve[:: max(1, len(curve) // 20)]],

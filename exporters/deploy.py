@@ -52,7 +52,7 @@ from .export import ExportConfig, export_checkpoint, export_model, onnx_files_by
 from .parity import ParityConfig, ParityReport, verify
 from .profiling import ProfileConfig, profile
 from .providers import CPU, CUDA, SessionConfig
-from .quantize import form_for
+from .quantize import form_for, grid_for
 from .report import write_report
 
 
@@ -476,7 +476,9 @@ def run(cfg: RunConfig = RunConfig(), reporter: Reporter = SILENT) -> Deployment
         raise ConfigError(f"--quantize {quantize} needs --form {form_for(quantize)}: {quantize} weights break "
                           f"{cfg.form} factors")
     form = cfg.form or form_for(quantize)
-    method = method_config(cfg.method or DEFAULT_METHOD, keep=cfg.keep, rank_multiple=cfg.rank_multiple, form=form)
+    # The learned method then fine-tunes its factors through the grid they will be rounded to.
+    method = method_config(cfg.method or DEFAULT_METHOD, keep=cfg.keep, rank_multiple=cfg.rank_multiple, form=form,
+                           quantize_aware=grid_for(quantize))
     if profiles and not isinstance(method, (Whiten, Learned)):
         raise ConfigError(f"--profile plans with method learned or whiten, not '{method.name}'")
     multiple = min(p.rank_multiple for p in profiles) if profiles else method.rank_multiple

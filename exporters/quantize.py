@@ -8,15 +8,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from edgesvd.errors import ExportError, first_line
+from edgesvd.weightgrid import GRIDS, INT4_BLOCK
 
 # What `--quantize` accepts. int8: onnxruntime's dynamic quantization (weights int8 per output
 # channel, activations uint8 per tensor at run time) of every MatMul and of the embedding Gathers,
 # the speed format of x86 and ARM CPUs. int4: weight-only 4-bit blocks (MatMulNBits), the format
 # onnxruntime-genai and Olive ship for LLMs, whose gain is memory traffic (decode).
 QUANTIZATIONS = ("int8", "int4")
-# int4: one scale per 32 weights along the input axis, symmetric; accuracy level 4 lets the CPU
-# kernel quantize activations to int8 and use integer dot products (what onnxruntime-genai uses).
-INT4_BLOCK = 32
+# int4: symmetric blocks of INT4_BLOCK weights along the input axis (the grid edgesvd.weightgrid
+# trains for); accuracy level 4 lets the CPU kernel quantize activations to int8 and use integer dot
+# products (what onnxruntime-genai uses).
 INT4_ACCURACY_LEVEL = 4
 # Quantizations that only the plain form survives. A pivoted layer computes its non-pivot outputs
 # as C·(A'x): each is a combination of r pivot outputs whose large terms cancel, so independent
@@ -32,6 +33,12 @@ PLAIN_ONLY = ("int4",)
 def form_for(kind: str | None) -> str | None:
     """The factor form a model that will be quantized to `kind` must be built in (None: any)."""
     return "plain" if kind in PLAIN_ONLY else None
+
+
+def grid_for(kind: str | None) -> str | None:
+    """The weight grid the learned method fine-tunes for when the model will be quantized to `kind`
+    (Learned.quantize_aware; None: `kind` has no fixed weight grid, e.g. int8's scales follow each channel)."""
+    return kind if kind in GRIDS else None
 
 
 def form_refusal(kind: str | None, pivoted_layers: int) -> str | None:

@@ -75,12 +75,13 @@ def random_llama(work: Path) -> Path:
     return path
 
 
-def checkpoint(model: str, keep: float, args, work: Path) -> Path:
+def checkpoint(model: str, keep: float, args, work: Path, grid: str | None = None) -> Path:
     """The compressed checkpoint at `keep` (cached): the default method (learned) on --calib, or
-    plain SVD on a random-init model."""
+    plain SVD on a random-init model; `grid`: the learned method fine-tuned through that weight grid."""
     out = work / f"ck-{args.method}-{keep}" if args.form is None else work / f"ck-{args.method}-{keep}-{args.form}"
+    out = out.with_name(f"{out.name}-q{grid}") if grid else out
     if not out.exists():
-        method = method_config(args.method, keep=keep, form=args.form)
+        method = method_config(args.method, keep=keep, form=args.form, quantize_aware=grid)
         start = time.process_time()
         calib = CalibrationConfig(source=args.calib) if args.calib else CalibrationConfig()
         edgesvd.compress(model, method, calib=calib, device="cpu").save(out)
@@ -173,7 +174,10 @@ def targets(variants, scores, own_fp32, results, shapes, flops, family, args) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model", help="minilm, a local model folder, or random-llama")
-    ap.add_argument("--keeps", default="0.8,0.6,0.5")
+    ap.add_argument("--keeps", default="0.8,0.6,0.5",
+                    help="comma separated; a keep with '+qat' (0.9+qat) is fine-tuned through the int4 grid")
+    ap.add_argument("--precisions", default=None,
+                    help="edgesvd exports to compare, e.g. fp32,int4 (default: every precision the family takes)")
     ap.add_argument("--method", default=None, help="default: learned (plain for random-llama)")
     ap.add_argument("--form", default=None, choices=["plain", "pivoted"], help="factorized form (default: the family's)")
     ap.add_argument("--calib", default=None, help="calibration text (default: the built-in corpus)")
@@ -193,17 +197,19 @@ def main() -> None:
     source = resolve_model(model)
     family = source.family
     started = dt.datetime.now(dt.timezone.utc)
-    keeps = [float(k) for k in args.keeps.split(",")]
-    cks = {k: checkpoint(model, k, args, work) for k in keeps}
+    # "0.9+qat": the learned method fine-tuned through the grid of the 4-bit export (--quantize-aware int4).
+    keeps = [(float(k.split("+")[0]), "+qat" in k) for k in args.keeps.split(",")]
+    cks = {k: checkpoint(model, k[0], args, work, "int4" if k[1] else None) for k in keeps}
+    precisions = tuple(None if p == "fp32" else p for p in args.precisions.split(",")) if args.precisions else None
     dense = load_model(source)
     variants = baseline_variants(dense, load_tokenizer(source.path), family, str(source.path), work / "x",
                                  reuse=True)
     del dense
     own_fp32 = {v.label: "dense" for v in variants}
     for k in keeps:
-        name = f"keep {k}"
-        ours = edgesvd_variants(cks[k], name, family, work / "x", reuse=True)
-        if args.fused_keep != "none" and float(args.fused_keep) == k and not family.causal:
+        name = f"keep {k[0]}" + (" qat" if k[1] else "")
+        ours = edgesvd_variants(cks[k], name, family, work / "x", precisions=precisions, reuse=True)
+        if args.fused_keep != "none" and float(args.fused_keep) == k[0] and not k[1] and not family.causal:
             ours += edgesvd_variants(cks[k], name, family, work / "x", ("ort",), precisions=(None,), reuse=True)
             ours += edgesvd_variants(cks[k], name, family, work / "x", ("concat-a",), precisions=("int8",),
                                      reuse=True)

@@ -55,10 +55,10 @@ def window_ppl(model, wins, batch: int = 4) -> float:
 
 def one(model_ref: str, method: str, keep: float, stream: str, calib: str, n_windows: int, device: str,
         samples: int | None = None, save: str | None = None, calib_len: int = 128, calib_precision: str = "auto",
-        **options) -> dict:
-    """One configuration, in this process: compress (unless method is 'dense'), then score. `options`
-    (form, finetune_steps, finetune_lr, candidates, train_precision) go to the method's config; None means its
-    default.
+        int4: bool = False, **options) -> dict:
+    """One configuration, in this process: compress (unless method is 'dense'), then score (with `int4`,
+    also with every weight rounded to the int4 grid). `options` (form, finetune_steps, finetune_lr,
+    candidates, train_precision, quantize_aware) go to the method's config; None means its default.
     `save`: keep the checkpoint in this folder (for bench_quantized's cache)."""
     import torch
 
@@ -104,6 +104,11 @@ def one(model_ref: str, method: str, keep: float, stream: str, calib: str, n_win
         model = load_model(source) if result is None else result.model
         model = model.to("cuda") if device == "cuda" else model
         row["wikitext2_ppl"] = round(window_ppl(model.eval(), windows(tokenizer, n_windows)), 3)
+        if int4:  # PyTorch's view of `--quantize int4`: weights on MatMulNBits' grid, activations in fp32
+            from edgesvd.weightgrid import round_weights
+
+            round_weights(model, "int4")
+            row["wikitext2_ppl_int4"] = round(window_ppl(model, windows(tokenizer, n_windows)), 3)
         row["eval_wall_s"] = round(time.perf_counter() - t, 1)
     return row
 
@@ -124,6 +129,8 @@ def main() -> None:
     ap.add_argument("--calib-precision", default="auto", help="streamed passes: auto, float32 or bfloat16 (the product's)")
     ap.add_argument("--train-precision", help="learned: fine-tuning forward passes, auto, float32 or bfloat16 "
                                               "(default: the product's)")
+    ap.add_argument("--quantize-aware", help="learned: train stage 3 through this weight grid (int4)")
+    ap.add_argument("--int4", action="store_true", help="also score with every weight rounded to the int4 grid")
     ap.add_argument("--save", help="keep the (single) compressed configuration's checkpoint in this folder")
     ap.add_argument("--device", default="cpu", help="where compression and scoring run (cpu, cuda)")
     ap.add_argument("--json", help="write the rows here")
@@ -134,7 +141,8 @@ def main() -> None:
         print(json.dumps(one(a.model, method, float(keep), stream, a.calib, a.windows, a.device, a.samples,
                              save=a.save, finetune_steps=a.finetune_steps, form=form[0] if form else None,
                              finetune_lr=a.finetune_lr, candidates=a.candidates, calib_len=a.calib_len,
-                             calib_precision=a.calib_precision, train_precision=a.train_precision)))
+                             calib_precision=a.calib_precision, train_precision=a.train_precision,
+                             quantize_aware=a.quantize_aware, int4=a.int4)))
         return
     rows = []
     for config in a.configs.split(","):
@@ -147,6 +155,8 @@ def main() -> None:
                               *(["--candidates", a.candidates] if a.candidates else []),
                               *(["--train-precision", a.train_precision] if a.train_precision else []),
                               *(["--save", a.save] if a.save else []),
+                              *(["--quantize-aware", a.quantize_aware] if a.quantize_aware else []),
+                              *(["--int4"] if a.int4 else []),
                               "--one", config], capture_output=True, text=True)
         if out.returncode != 0:
             print(f"{config}: failed\n{out.stderr[-3000:]}", file=sys.stderr)

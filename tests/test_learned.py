@@ -19,6 +19,7 @@ from edgesvd.importance import ScoredLowRank, candidate_rank, top_components
 from edgesvd.planner import LayerImportance, select_global
 from edgesvd.spectra import whiten_spectrum
 from edgesvd.statistics import ActivationStats, GradientGramHooks, collect_output_gradients
+from edgesvd.weightgrid import round_int4
 
 FAST = Learned(steps=6, finetune_steps=4, batch_size=4)
 
@@ -129,9 +130,25 @@ def test_learned_options_are_validated():
 
     from edgesvd.errors import ConfigError
 
-    for bad in ({"steps": -1}, {"margin": -0.1}, {"lr": 0}, {"selection": "random"}, {"max_score": 0}):
+    for bad in ({"steps": -1}, {"margin": -0.1}, {"lr": 0}, {"selection": "random"}, {"max_score": 0},
+                {"quantize_aware": "int8"}, {"quantize_aware": "int4", "form": "pivoted"}):
         with pytest.raises(ConfigError):
             Learned(**bad)
+    assert Learned(quantize_aware="int4").form == "plain"  # pivoting after training would replace the weights
+
+
+def test_quantization_aware_fine_tuning_trains_the_unrounded_weights_through_the_grid(tiny_llama_dir):
+    """The whole-model path: stage 3 sees the factors on the int4 grid (its last loss is the rounded
+    model's), the checkpoint keeps the trained unrounded weights and records the grid."""
+    result = _compress(tiny_llama_dir, keep=0.6, learned=replace(FAST, quantize_aware="int4"))
+    details = result.record.details
+    assert details["learned"]["quantize_aware"] == "int4"
+    factored = [m for m in result.model.modules() if isinstance(m, LowRankLinear)]
+    assert factored and not any(isinstance(m, PivotedLowRank) for m in result.model.modules())
+    weight = factored[0].a.weight
+    assert isinstance(weight, torch.nn.Parameter) and not torch.equal(weight, round_int4(weight))
+    losses = details["losses"]
+    assert losses["after_finetune_on_grid"] != losses["after_finetune"]
 
 
 def test_cli_learned_then_inspect_shows_where_the_budget_went(tiny_bert_dir, tmp_path):

@@ -113,3 +113,33 @@ def test_a_size_budget_infeasible_in_fp32_is_planned_at_int8(minilm_dir):
     int8 = replace(laptop, runtime=replace(laptop.runtime, precision="int8"))
     receipt = plan_ranks(layers, CostModel(int8, facts))
     assert receipt.totals["model_bytes"] <= 36e6 and receipt.budgets[0].key == "model_bytes"
+
+
+def test_the_grid_fine_tuning_trains_through_is_the_one_onnxruntime_stores(tmp_path):
+    """edgesvd.weightgrid.round_int4 (what `--quantize-aware int4` trains through) gives the weights
+    onnxruntime's MatMulNBits computes with after the export's own int4 quantizer: an identity input
+    reads the stored weight back row by row. The input width is not a multiple of the block, one
+    block holds an outlier and one is all zeros."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    from edgesvd.exporters.quantize import quantize_int4
+    from edgesvd.weightgrid import round_int4
+
+    n_in, n_out = 80, 24
+    w = torch.randn(n_in, n_out, generator=torch.Generator().manual_seed(0))  # ONNX MatMul's B: in × out
+    w[5, 3], w[64:, 0] = 9.0, 0.0
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, n_in])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, n_out])],
+                              [numpy_helper.from_array(w.numpy(), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, tmp_path / "dense.onnx")
+    quantize_int4(tmp_path / "dense.onnx", tmp_path / "int4.onnx")
+    assert [n.op_type for n in onnx.load(tmp_path / "int4.onnx").graph.node] == ["MatMulNBits"]
+    session = ort.InferenceSession(str(tmp_path / "int4.onnx"), providers=["CPUExecutionProvider"])
+    stored = session.run(None, {"x": np.eye(n_in, dtype=np.float32)})[0]
+    np.testing.assert_allclose(stored, round_int4(w.T).T.numpy(), rtol=0, atol=1e-6)
+    assert np.abs(stored - w.numpy()).max() > 0.05  # a real rounding, not the float weight

@@ -37,18 +37,20 @@ def test_run_cli_end_to_end_on_a_decoder(tiny_llama_dir, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [tiny_llama_dir.name], "no temporary folder may be left"
 
 
-def test_a_decoder_run_that_quantizes_to_4_bits_factorizes_plain(tiny_llama_dir, tmp_path):
+def test_a_decoder_run_that_quantizes_to_4_bits_factorizes_plain_and_trains_for_the_grid(tiny_llama_dir, tmp_path):
     """Decoders are pivoted by default, but 4-bit weights break pivoted factors (exporters/quantize.py):
-    a run with --quantize int4 factorizes plain."""
-    layers = {}
+    a run with --quantize int4 factorizes plain, and the learned method fine-tunes through the 4-bit grid."""
+    layers, grids = {}, {}
     for quantize in (None, "int4"):
         root = tmp_path / str(quantize)
-        args = ["run", str(tiny_llama_dir), "--method", "whiten", "--keep", "0.6", "--out-root", str(root), *FAST]
+        args = ["run", str(tiny_llama_dir), "--method", "learned", "--keep", "0.6", "--out-root", str(root), *FAST]
         r = CliRunner().invoke(main, args + (["--quantize", quantize] if quantize else []))
         assert r.exit_code == 0, r.output
         record = json.loads((root / tiny_llama_dir.name / "checkpoint" / "config.json").read_text())["edgesvd"]
         layers[quantize] = {bool(l.get("pivoted")) for l in record["layers"] if l.get("rank") is not None}
+        grids[quantize] = record["details"]["learned"]["quantize_aware"]
     assert layers == {None: {True}, "int4": {False}}, layers
+    assert grids == {None: None, "int4": "int4"}, grids
     # Asking for both is refused before any work.
     r = CliRunner().invoke(main, ["run", str(tiny_llama_dir), "--quantize", "int4", "--form", "pivoted",
                                   "--out-root", str(tmp_path / "both")])

@@ -33,6 +33,7 @@ from edgesvd.streaming_learned import (
     _sweep_reverse,
     _top_gradients,
 )
+from edgesvd.weightgrid import round_weights
 
 CALIB = CalibrationConfig(source="builtin", num_sequences=24, seq_len=48)
 
@@ -125,6 +126,21 @@ def test_curvature_candidates_beat_whitened_ones_on_real_weights(stories_dir, ti
     ppl = {c: perplexity(compress_streamed(src, Learned(keep=0.8, finetune_steps=0, candidates=c), calib).model,
                          tok, tinystories_file, max_chunks=60) for c in ("curvature", "whiten")}
     assert ppl["curvature"] < 0.95 * ppl["whiten"], ppl
+
+
+def test_quantization_aware_fine_tuning_lowers_the_4_bit_models_perplexity(stories_dir, tinystories_file):
+    """stories260K at keep 0.8 (plain factors both), its weights then rounded to the int4 grid the
+    export stores: fine-tuned through that grid, perplexity on unseen stories is lower than fine-tuned
+    in full precision (measured 8.77 against 9.81; in fp32 the two score 8.81 and 7.59)."""
+    calib = CalibrationConfig(source="builtin", num_sequences=64, seq_len=128)
+    src = resolve_model(stories_dir)
+    tok = load_tokenizer(src.path)
+    ppl = {}
+    for grid in (None, "int4"):
+        model = compress_streamed(src, Learned(keep=0.8, form="plain", quantize_aware=grid), calib).model
+        round_weights(model, "int4")
+        ppl[grid] = perplexity(model, tok, tinystories_file, max_chunks=60)
+    assert ppl["int4"] < 0.95 * ppl[None], ppl
 
 
 def test_no_dense_block_weights_outlive_their_block(deep_llama_dir):

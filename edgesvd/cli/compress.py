@@ -12,6 +12,7 @@ from edgesvd.loading import DEFAULT_MODEL
 from edgesvd.methods import DEFAULT_METHOD, METHODS, Learned, method_config
 from edgesvd.outputs import check_output_dir
 from edgesvd.streaming import STREAM_CHOICES
+from edgesvd.weightgrid import GRIDS
 
 from .options import PATH, calibration, calibration_options, form_option, out_console, reporter
 from .printing import print_checkpoint
@@ -84,19 +85,23 @@ def model_options(f):
                    "end to end). bfloat16 runs them under bf16 autocast; weights, gradients, Adam states and the "
                    "loss's head stay float32. auto: bfloat16 on CPUs with AMX and CUDA GPUs, else float32. The "
                    "whole-model path trains in float32.")
+@click.option("--quantize-aware", type=click.Choice(list(GRIDS)), default=None,
+              help="learned: fine-tune (stage 3) through this weight grid, so the factors survive `export --quantize` "
+                   "to it: int4 is onnxruntime's MatMulNBits (symmetric blocks of 32). Implies --form plain. "
+                   "`run --quantize int4` turns it on.")
 @click.option("--out", "out", type=PATH, required=True, help="Checkpoint folder to write.")
 @click.option("--force", is_flag=True, help="Replace the output folder if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def compress(model, method, keep, rank_multiple, form, calib, calib_samples, calib_len, calib_temperature, seed, include,
              exclude, trust_remote_code, device, batch_size, steps, finetune_steps, margin, lr, finetune_lr,
-             candidates, finetune_dense, stream, calib_precision, train_precision, out, force, quiet):
+             candidates, finetune_dense, stream, calib_precision, train_precision, quantize_aware, out, force, quiet):
     """Compress MODEL (alias 'minilm', a local folder, a .gguf file, the alias 'smollm2', or a hub id) into a
     checkpoint folder."""
     check_output_dir(out, force, inputs=[*calib] + ([] if model == DEFAULT_MODEL else [model]))
     config = method_config(method, keep=keep, rank_multiple=rank_multiple, form=form, steps=steps,
                            finetune_steps=finetune_steps,
                            margin=margin, lr=lr, finetune_lr=finetune_lr, finetune_dense=finetune_dense,
-                           candidates=candidates, train_precision=train_precision)
+                           candidates=candidates, train_precision=train_precision, quantize_aware=quantize_aware)
     result = compress_model(model, config, calib=calibration(calib, calib_samples, calib_len, calib_temperature, seed),
                             include=include, exclude=exclude, device=device, batch_size=batch_size,
                             trust_remote_code=trust_remote_code, stream=stream, calib_precision=calib_precision,

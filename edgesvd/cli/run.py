@@ -42,7 +42,9 @@ from .printing import print_devices, print_summary
               help="Everything goes to OUT_ROOT/<model>/.")
 @click.option("--dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--quantize", type=click.Choice(QUANTIZATIONS), default=None,
-              help="int8 (dynamic, MatMuls and embedding Gathers) or int4 (weight-only blocks), as `export`.")
+              help="int8 (dynamic, MatMuls and embedding Gathers) or int4 (weight-only blocks), as `export`. "
+                   "int4 builds plain factors and the learned method fine-tunes them through the 4-bit grid "
+                   "(compress --quantize-aware int4).")
 @fuse_option
 @ep_options
 @session_options
