@@ -126,10 +126,13 @@ def _dense_specs(family: Family) -> list[tuple[str, ExportConfig]]:
             ("dense + ort-opt + int8", ExportConfig(pooled=pooled, fuse=("ort",), quantize="int8"))]
 
 
-def _exported_as(where: Path, cfg: ExportConfig) -> bool:
+def _exported_as(where: Path, cfg: ExportConfig, source: Path | None = None) -> bool:
+    """Whether `where` holds an export with `cfg` made after `source` (a checkpoint folder) was
+    last written: a checkpoint rebuilt under the same name must not reuse the old export."""
     try:
-        return ExportConfig(**read_export(where)["config"]) == cfg
-    except (ExportError, TypeError, ConfigError):
+        same = ExportConfig(**read_export(where)["config"]) == cfg
+        return same and (source is None or (where / MODEL_FILE).stat().st_mtime >= source.stat().st_mtime)
+    except (ExportError, TypeError, ConfigError, OSError):
         return False
 
 
@@ -168,7 +171,7 @@ def edgesvd_variants(checkpoint: Path, name: str, family: Family, folder: Path, 
         label = f"{name} {cfg.precision}{suffix}"
         reporter.step(f"comparison: exporting {label}")
         where = folder / f"{name.replace(' ', '-')}-{'+'.join(fuse) or 'plain'}-{i}"
-        if not (reuse and _exported_as(where, cfg)):
+        if not (reuse and _exported_as(where, cfg, Path(checkpoint) / "config.json")):
             export_checkpoint(checkpoint, where, cfg, force=True)
         variants.append(Variant(label, EDGESVD, cfg.precision, cfg.fuse, where))
     return variants

@@ -96,3 +96,28 @@ def test_paired_speedup_is_the_median_ratio_with_an_interval():
     reference, times = [10.0, 10.0, 12.0, 30.0, 10.0], [5.0, 5.0, 6.0, 10.0, 5.0]
     median, low, high = paired_speedup(reference, times)
     assert median == 2.0 and low <= median <= high
+
+
+def test_a_reused_export_is_rebuilt_when_its_checkpoint_is_newer(tiny_llama_dir, tmp_path):
+    """The benchmarks' `reuse`: an export with the same configuration is kept, unless the checkpoint
+    was written again after it (a rebuilt checkpoint under the same folder name)."""
+    import os
+
+    from edgesvd import Whiten, compress
+    from edgesvd.calibration import CalibrationConfig
+    from edgesvd.exporters.baselines import edgesvd_variants
+    from edgesvd.loading import resolve_model
+
+    ck = tmp_path / "ck"
+    compress(str(tiny_llama_dir), Whiten(keep=0.5), calib=CalibrationConfig("builtin", 4, 16), device="cpu").save(ck)
+    family = resolve_model(str(tiny_llama_dir)).family
+
+    def exported_at() -> float:
+        (v,) = edgesvd_variants(ck, "k", family, tmp_path / "x", precisions=(None,), reuse=True)
+        return (v.onnx_dir / "model.onnx").stat().st_mtime_ns
+
+    first = exported_at()
+    assert exported_at() == first  # same checkpoint, same configuration: reused
+    later = (ck / "config.json").stat().st_mtime + 5
+    os.utime(ck / "config.json", (later, later))
+    assert exported_at() != first  # the checkpoint was written again: exported again
