@@ -11,7 +11,7 @@ from .errors import ConfigError
 from .factorize import FORMS
 from .families import Family
 from .importance import CANDIDATE_SPECTRA, SELECTIONS
-from .weightgrid import GRIDS
+from .weightgrid import check_grid
 
 # Stages 2 and 3 each make at most this many passes over the calibration set by default: more
 # learns the sample rather than the model (on stories260K a held-back probe stopped improving long
@@ -139,10 +139,8 @@ class Learned(Method):
             raise ConfigError(f"unknown selection '{self.selection}' (choose from {', '.join(SELECTIONS)})")
         if self.candidates is not None and self.candidates not in CANDIDATE_SPECTRA:
             raise ConfigError(f"unknown candidates '{self.candidates}' (choose from {', '.join(CANDIDATE_SPECTRA)})")
-        if self.quantize_aware is not None and self.quantize_aware not in GRIDS:
-            raise ConfigError(f"unknown weight grid '{self.quantize_aware}' for quantization-aware fine-tuning "
-                              f"(choose from {', '.join(GRIDS)})")
         if self.quantize_aware is not None:
+            check_grid(self.quantize_aware)
             if self.form == "pivoted":
                 raise ConfigError("quantization-aware fine-tuning trains plain factors (pivoting afterwards would "
                                   "replace the trained weights): use --form plain")

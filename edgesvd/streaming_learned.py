@@ -443,7 +443,7 @@ def _sweep_compressed(stream: Stream, method: Learned, xs: DenseStream, update: 
             block = stream.materialize(i, device)
             factors = candidates.read(i, device)
             trained: list[nn.Parameter] = []
-            on_grid_layers: list[nn.Module] = []  # what Learned.quantize_aware trains and propagates through
+            on_grid_layers: list[nn.Module] = []  # the trained layers, as modules
             for name in stream.targets_of(i):
                 s, rank = shapes[name], ranks[name]
                 records.append(LayerRecord(name, s.in_features, s.out_features, rank, s.bias,
@@ -467,20 +467,21 @@ def _sweep_compressed(stream: Stream, method: Learned, xs: DenseStream, update: 
                 entries[name] = {"sigma": sigma[name], "kept": kept}
             del factors
             targets = xs[i + 1]
+            # With Learned.quantize_aware the block trains on the grid, and the next block trains
+            # against the inputs the quantized model will give it (the grid is left before spilling).
             with on_grid(on_grid_layers, method.quantize_aware):
                 before, after = _finetune_block(block, trained, stream_in, targets, stream, i, update[i],
                                                 method.finetune_steps, method.finetune_lr, seed, device, group,
                                                 train_precision)
-            local[i] = [round(before, 5), round(after, 5)]
-            del targets
-            if shards is not None:  # no end-to-end stage will train this block again
-                pivot_layers(model, [r for r in records if r.name.startswith(stream.prefix(i))])
-            bar.describe(f"sweep 3/3: fine-tune blocks · block {i} local loss {before:.4f} → {after:.4f}")
-            laps.lap("finetune_s")
-            # The next block trains against the inputs the quantized model will give it.
-            with torch.no_grad(), calibration_matmuls(precision, device), on_grid(on_grid_layers, method.quantize_aware):
-                stream_in = [_output(block(x.to(device), *a, **k)).cpu()
-                             for x, (a, k) in zip(stream_in, stream.arguments[i])]
+                local[i] = [round(before, 5), round(after, 5)]
+                del targets
+                if shards is not None:  # no end-to-end stage will train this block again
+                    pivot_layers(model, [r for r in records if r.name.startswith(stream.prefix(i))])
+                bar.describe(f"sweep 3/3: fine-tune blocks · block {i} local loss {before:.4f} → {after:.4f}")
+                laps.lap("finetune_s")
+                with torch.no_grad(), calibration_matmuls(precision, device):
+                    stream_in = [_output(block(x.to(device), *a, **k)).cpu()
+                                 for x, (a, k) in zip(stream_in, stream.arguments[i])]
             if i + 1 < len(stream.blocks):  # the last one stays: the end-to-end stage's teacher
                 xs.drop(i + 1)  # the dense stream past block i is no longer a target
             if shards is None:

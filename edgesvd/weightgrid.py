@@ -18,7 +18,8 @@ INT4_BLOCK = 32
 GRIDS = ("int4",)
 
 
-def _check(grid: str) -> None:
+def check_grid(grid: str) -> None:
+    """ConfigError unless `grid` is one of GRIDS."""
     if grid not in GRIDS:
         raise ConfigError(f"unknown weight grid '{grid}' (choose from {', '.join(GRIDS)})")
 
@@ -55,7 +56,7 @@ def on_grid(modules: list[nn.Module], grid: str | None):
     if grid is None:
         yield
         return
-    _check(grid)
+    check_grid(grid)
     layers = [m for module in modules for m in module.modules() if isinstance(m, nn.Linear)]
     done: list[nn.Linear] = []
     try:
@@ -72,7 +73,7 @@ def on_grid(modules: list[nn.Module], grid: str | None):
 def round_weights(model: nn.Module, grid: str) -> None:
     """Every Linear's and embedding's weight rounded in place to `grid`: the model as the export's
     quantizer stores it (a tied head and embedding share one weight; rounding twice changes nothing)."""
-    _check(grid)
+    check_grid(grid)
     for m in model.modules():
         if isinstance(m, (nn.Linear, nn.Embedding)):
             m.weight.copy_(round_int4(m.weight))

@@ -103,12 +103,13 @@ def one(model_ref: str, method: str, keep: float, stream: str, calib: str, n_win
         t = time.perf_counter()
         model = load_model(source) if result is None else result.model
         model = model.to("cuda") if device == "cuda" else model
-        row["wikitext2_ppl"] = round(window_ppl(model.eval(), windows(tokenizer, n_windows)), 3)
+        wins = windows(tokenizer, n_windows)
+        row["wikitext2_ppl"] = round(window_ppl(model.eval(), wins), 3)
         if int4:  # PyTorch's view of `--quantize int4`: weights on MatMulNBits' grid, activations in fp32
             from edgesvd.weightgrid import round_weights
 
             round_weights(model, "int4")
-            row["wikitext2_ppl_int4"] = round(window_ppl(model, windows(tokenizer, n_windows)), 3)
+            row["wikitext2_ppl_int4"] = round(window_ppl(model, wins), 3)
         row["eval_wall_s"] = round(time.perf_counter() - t, 1)
     return row
 
