@@ -44,11 +44,12 @@ class Group:
             return
         import torch.distributed as dist
 
-        for group in sorted(stats.gram):
-            dist.all_reduce(stats.gram[group])
+        tensors = stats.tensors()
+        for key in sorted(tensors):
+            dist.all_reduce(tensors[key])
         names = sorted(stats.tokens)
         counts = torch.tensor([stats.tokens[n] for n in names], dtype=torch.float64,
-                              device=next(iter(stats.gram.values())).device if stats.gram else "cpu")
+                              device=next(iter(tensors.values())).device if tensors else "cpu")
         dist.all_reduce(counts)
         stats.tokens.update({n: int(c) for n, c in zip(names, counts.tolist())})
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from .errors import ConfigError
 from .reporting import SILENT, Reporter
-from .statistics import ActivationStats
+from .statistics import ActivationStats, Projected, output_side
 
 SPECTRA = ("plain", "asvd", "whiten")
 
@@ -66,9 +66,13 @@ def plain_spectrum(weight: torch.Tensor) -> Spectrum:
     return Spectrum(u, s, vh)
 
 
-def asvd_spectrum(weight: torch.Tensor, gram: torch.Tensor, tokens: int, alpha: float = 0.5) -> Spectrum:
+def _input_diagonal(gram: torch.Tensor | Projected) -> torch.Tensor:
+    return gram.diagonal if isinstance(gram, Projected) else gram.diagonal()
+
+
+def asvd_spectrum(weight: torch.Tensor, gram: torch.Tensor | Projected, tokens: int, alpha: float = 0.5) -> Spectrum:
     """Activation-aware SVD: scale input channels by (RMS activation)^alpha before the SVD."""
-    rms = (gram.diagonal().clamp_min(0) / max(tokens, 1)).sqrt()
+    rms = (_input_diagonal(gram).clamp_min(0) / max(tokens, 1)).sqrt()
     scale = rms.clamp_min(rms.max() * 1e-6 + 1e-12) ** alpha
     u, s, vh = _svd(weight.double() * scale[None, :])
     return Spectrum(u, s, vh / scale[None, :])
@@ -107,29 +111,36 @@ def _descending_eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return ev.flip(0).clamp_min(0).sqrt(), vec.flip(1)
 
 
-def whiten_spectrum(weight: torch.Tensor, gram: torch.Tensor, tokens: int, damp: float = 1e-2) -> Spectrum:
+def _whitened_product(w: torch.Tensor, gram: torch.Tensor | Projected, tokens: int, damp: float) -> torch.Tensor:
+    """W·(XᵀX/n + λI)·Wᵀ (out×out, float64), λ = damp·mean(diag(XᵀX/n)) as in whitening_factor: from
+    XᵀX, or as summed already (Projected). No damped copy of the in×in matrix is made (0.5 GB for an
+    8192-wide input, most of the streamed path's peak at the 1.3B shape)."""
+    n = max(tokens, 1)
+    lam = damp * (_input_diagonal(gram).mean() / n).clamp_min(1e-12)
+    product = gram.product.clone() if isinstance(gram, Projected) else (w @ gram.double()) @ w.T
+    return product.div_(n).add_(w @ w.T, alpha=float(lam))
+
+
+def whiten_spectrum(weight: torch.Tensor, gram: torch.Tensor | Projected, tokens: int, damp: float = 1e-2) -> Spectrum:
     """Truncation-aware whitening (SVD-LLM): the SVD of W·L (L·Lᵀ = XᵀX/n + λI), right factors mapped
     back by L⁻¹. Truncating it minimises the error of the layer's *output* on the calibration inputs.
 
     Computed through one symmetric eigendecomposition of min(out, in) size instead of an SVD (1.5–3.8×
     faster on SmolLM2's shapes, the same truncated weights to 1e-13): for out ≤ in, (W·L)(W·L)ᵀ = W·Ĝ·Wᵀ
-    gives U and σ² with no Cholesky at all, and the right factors are Σ⁻¹·Uᵀ·W; for out > in, the
-    eigenvectors V of (W·L)ᵀ(W·L) give U = W·L·V/σ and the right factors Vᵀ·L⁻¹ (a triangular solve,
-    L⁻¹ never formed). Squaring the matrix squares its condition number, hence float64 throughout;
-    components lost to that are the smallest ones, which truncation drops anyway.
+    gives U and σ² with no Cholesky at all, and the right factors are Σ⁻¹·Uᵀ·W (a Projected `gram`,
+    W·XᵀX·Wᵀ summed during calibration, gives the same without the out·in² product); for out > in,
+    the eigenvectors V of (W·L)ᵀ(W·L) give U = W·L·V/σ and the right factors Vᵀ·L⁻¹ (a triangular
+    solve, L⁻¹ never formed). Squaring the matrix squares its condition number, hence float64
+    throughout; components lost to that are the smallest ones, which truncation drops anyway.
     """
     w = weight.double()
     out_f, in_f = w.shape
     if out_f <= in_f:
-        # W·(XᵀX/n + λI)·Wᵀ = (W·XᵀX·Wᵀ)/n + λ·W·Wᵀ: no damped copy of the in×in Gram matrix is made
-        # (0.5 GB for an 8192-wide input, most of the streamed path's peak at the 1.3B shape).
-        n = max(tokens, 1)
-        lam = damp * (gram.diagonal().mean() / n).clamp_min(1e-12)
-        product = (w @ gram.double()) @ w.T
-        product.div_(n).add_(w @ w.T, alpha=float(lam))
-        sigma, left = _descending_eigh(product)
+        sigma, left = _descending_eigh(_whitened_product(w, gram, tokens, damp))
         right = (left.T @ w) / sigma.clamp_min(sigma[0] * 1e-12)[:, None]
     else:
+        if isinstance(gram, Projected):
+            raise ValueError(f"a {out_f}×{in_f} weight needs XᵀX, not W·XᵀX·Wᵀ")
         chol = whitening_factor(gram, tokens, damp)
         m = w @ chol
         sigma, v = _descending_eigh(m.T @ m)
@@ -139,7 +150,7 @@ def whiten_spectrum(weight: torch.Tensor, gram: torch.Tensor, tokens: int, damp:
     return Spectrum(left, sigma, right)
 
 
-def curvature_spectrum(weight: torch.Tensor, gram: torch.Tensor, tokens: int, out_gram: torch.Tensor,
+def curvature_spectrum(weight: torch.Tensor, gram: torch.Tensor | Projected, tokens: int, out_gram: torch.Tensor,
                        out_samples: int | None = None, damp: float = 1e-2) -> Spectrum:
     """Kronecker-factored curvature (K-FAC; KFAC-SVD): the SVD of L_Gᵀ·W·L_A, where L_A·L_Aᵀ = XᵀX/n + λI
     as in whitening and L_G·L_Gᵀ the Gram matrix of the loss gradients at the layer's outputs, scaled to
@@ -152,27 +163,36 @@ def curvature_spectrum(weight: torch.Tensor, gram: torch.Tensor, tokens: int, ou
     estimate from few draws of a wide output weighs a few random directions, so it is taken mostly as
     identity (whitening); from many it is taken almost as it is."""
     w = weight.double()
-    la = whitening_factor(gram, tokens, damp)
     out_gram = out_gram.double() / out_gram.diagonal().mean().clamp_min(1e-300)
     if out_samples is not None:
         shrink = out_gram.shape[0] / (out_gram.shape[0] + out_samples)
         eye = torch.eye(out_gram.shape[0], dtype=out_gram.dtype, device=out_gram.device)
         out_gram = (1 - shrink) * out_gram + shrink * eye
     lg = whitening_factor(out_gram, 1, damp)
-    u, sigma, vh = torch.linalg.svd(lg.T @ w @ la, full_matrices=False)
+    if isinstance(gram, Projected):
+        # K·Kᵀ = L_Gᵀ·W·Ĝ·Wᵀ·L_G for K = L_Gᵀ·W·L_A: U and σ² from its eigendecomposition (out ≤ in here),
+        # and the right factors Vᵀ·L_A⁻¹ = Σ⁻¹·Uᵀ·L_Gᵀ·W, so L_A is never needed.
+        sigma, u = _descending_eigh(lg.T @ _whitened_product(w, gram, tokens, damp) @ lg)
+        right = (u.T @ lg.T @ w) / sigma.clamp_min(sigma[0] * 1e-12)[:, None]
+    else:
+        la = whitening_factor(gram, tokens, damp)
+        u, sigma, vh = torch.linalg.svd(lg.T @ w @ la, full_matrices=False)
+        right = torch.linalg.solve_triangular(la, vh, upper=False, left=False)
     left = torch.linalg.solve_triangular(lg.T, u, upper=True)
-    right = torch.linalg.solve_triangular(la, vh, upper=False, left=False)
     left, right = _canonical_signs(left, right)
     return Spectrum(left, sigma, right)
 
 
 def factorization_cost(out_features: int, in_features: int) -> float:
-    """Relative work of one layer's spectrum: the products with the input's XᵀX (out·in²) and the
-    symmetric eigendecomposition (min(out, in)³), to share a block's layers among ranks."""
-    return float(out_features) * in_features**2 + float(min(out_features, in_features)) ** 3
+    """Relative work of one layer's spectrum: the products with the input's XᵀX (out·in², none where
+    the statistics are summed as W·XᵀX·Wᵀ), the ones with W (out·in·min(out, in)) and the symmetric
+    eigendecomposition (min(out, in)³), to share a block's layers among ranks."""
+    narrow = float(min(out_features, in_features))
+    with_gram = 0.0 if output_side(out_features, in_features) else float(out_features) * in_features**2
+    return with_gram + float(out_features) * in_features * narrow + narrow**3
 
 
-def spectrum(method: str, weight: torch.Tensor, gram: torch.Tensor | None, tokens: int) -> Spectrum:
+def spectrum(method: str, weight: torch.Tensor, gram: torch.Tensor | Projected | None, tokens: int) -> Spectrum:
     """The spectrum of `weight` under `method` ('plain', 'asvd' or 'whiten')."""
     if method == "plain":
         return plain_spectrum(weight)

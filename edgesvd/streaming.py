@@ -43,7 +43,7 @@ from .methods import Method
 from .planner import check_rank_multiple, uniform_rank
 from .reporting import SILENT, Reporter
 from .spectra import factorization_cost, spectra_of
-from .statistics import ActivationStats, GramHooks
+from .statistics import ActivationStats, GramHooks, statistics_bytes
 
 # `compress(stream="auto")` streams a decoder whose safetensors weights are larger than this: real
 # LLMs (SmolLM2-135M is 0.54 GB in float32) stream, the embedded MiniLM and the toy decoders do not.
@@ -314,8 +314,8 @@ def memory_estimate(model: nn.Module, blocks: nn.ModuleList, targets: list[str],
     in_block = {id(p) for p in blocks.parameters()}
     parts = {
         "dense_block": 4 * numel(blocks[0].parameters()),
-        "statistics": 8 * sum(model.get_submodule(t).in_features ** 2 for t in targets
-                              if t.startswith(_prefix_of(model, blocks, 0))),
+        "statistics": sum(statistics_bytes(model.get_submodule(t)) for t in targets
+                          if t.startswith(_prefix_of(model, blocks, 0))),
         "activations": 4 * tokens * hidden * 2 + 4 * batch_tokens * widest * 4,
         "factors": int(4 * keep * numel(blocks.parameters() if factors_kept else blocks[0].parameters())),
         "outside_blocks": 4 * numel(p for p in {id(p): p for p in model.parameters()}.values()

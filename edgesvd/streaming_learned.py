@@ -133,11 +133,11 @@ class Candidates:
 
     def write_statistics(self, i: int, stats: ActivationStats) -> ActivationStats:
         """Block i's XᵀX to disk until the reverse sweep needs them; returns the stats without matrices."""
-        self.write(i, stats.gram, kind="stats")
-        return ActivationStats({}, dict(stats.tokens), dict(stats.group_of))
+        self.write(i, stats.tensors(), kind="stats")
+        return stats.with_tensors({})
 
     def read_statistics(self, i: int, stats: ActivationStats, device: torch.device) -> ActivationStats:
-        return ActivationStats(self.read(i, device, kind="stats"), stats.tokens, stats.group_of)
+        return stats.with_tensors(self.read(i, device, kind="stats"))
 
     def close(self) -> None:
         self._dir.cleanup()

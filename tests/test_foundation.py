@@ -22,8 +22,8 @@ from edgesvd.factorize import (
 from edgesvd.families import DECODER
 from edgesvd.loading import load_model, load_tokenizer, resolve_model, select_targets
 from edgesvd.planner import uniform_rank
-from edgesvd.spectra import curvature_spectrum, plain_spectrum, whiten_spectrum
-from edgesvd.statistics import collect_statistics
+from edgesvd.spectra import asvd_spectrum, curvature_spectrum, plain_spectrum, whiten_spectrum
+from edgesvd.statistics import ActivationStats, GramHooks, Projected, collect_statistics
 
 SMALL = CalibrationConfig(num_sequences=8, seq_len=32)
 
@@ -211,6 +211,63 @@ def test_whiten_survives_singular_statistics():
     assert torch.isfinite(a).all() and torch.isfinite(b).all()
 
 
+def test_output_side_statistics_give_the_spectra_of_xtx():
+    """A narrow layer's statistics summed as W·XᵀX·Wᵀ and diag(XᵀX) (Projected) give the same truncated
+    weights as XᵀX itself, under whiten, curvature and asvd; a wider-than-tall weight cannot use them."""
+    torch.manual_seed(0)
+    w = torch.randn(20, 48, dtype=torch.float64)
+    x = torch.randn(3000, 48, dtype=torch.float64) @ (torch.randn(48, 48, dtype=torch.float64)
+                                                       * torch.logspace(0, -3, 48, dtype=torch.float64))
+    g = torch.randn(3000, 20, dtype=torch.float64) * torch.logspace(0, -2, 20, dtype=torch.float64)
+    gram, out_gram, z = x.T @ x, g.T @ g, x @ w.T
+    projected = Projected(z.T @ z, (x * x).sum(0))
+    spectra = {"whiten": lambda stats: whiten_spectrum(w, stats, 3000),
+               "curvature": lambda stats: curvature_spectrum(w, stats, 3000, out_gram),
+               "asvd": lambda stats: asvd_spectrum(w, stats, 3000)}
+    for name, spectrum_of in spectra.items():
+        for k in (4, 12, 20):
+            a, b = spectrum_of(gram).factors(k)
+            pa, pb = spectrum_of(projected).factors(k)
+            assert torch.allclose(pb @ pa, b @ a, atol=1e-9 * float(w.norm())), (name, k)
+    a, b = curvature_spectrum(w, projected, 3000, out_gram).factors(20)
+    assert torch.allclose(b @ a, w, atol=1e-8)  # every component: the weight itself
+    with pytest.raises(ValueError, match="needs XᵀX"):
+        whiten_spectrum(w.T.contiguous(), Projected(z @ z.T, (z * z).sum(0)), 3000)
+
+
+def test_statistics_hooks_keep_a_narrow_layer_at_its_output_side_only_when_it_reads_alone():
+    """`narrow` reads first and would qualify, but `wide` reads the same tensor: the two share XᵀX.
+    `alone` qualifies and reads its input alone: W·XᵀX·Wᵀ and diag(XᵀX), summed over both batches."""
+
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.narrow, self.wide, self.alone = nn.Linear(32, 8), nn.Linear(32, 32), nn.Linear(32, 8)
+
+        def forward(self, x):
+            return self.narrow(x).sum() + self.wide(x).sum() + self.alone(2 * x).sum()
+
+    torch.manual_seed(0)
+    model, xs = Two(), [torch.randn(5, 32), torch.randn(7, 32)]
+    stats = ActivationStats()
+    hooks = GramHooks(stats, dict(model.named_children()))
+    with torch.no_grad():
+        for x in xs:
+            hooks.batch(None)
+            model(x)
+            hooks.batch_done()
+    hooks.remove()
+    x = torch.cat(xs).double()
+    assert stats.group_of == {"narrow": "narrow", "wide": "narrow", "alone": "alone"}
+    assert torch.allclose(stats.gram_for("wide"), x.T @ x, rtol=1e-5, atol=1e-5)
+    kept = stats.gram_for("alone")
+    w = model.alone.weight.detach().double()
+    assert isinstance(kept, Projected) and stats.tokens_for("alone") == 12
+    assert torch.allclose(kept.product, w @ (4 * x.T @ x) @ w.T, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(kept.diagonal, (4 * x * x).sum(0), rtol=1e-5)
+    assert set(stats.with_tensors(stats.tensors()).diagonal) == {"alone"}
+
+
 def test_statistics_exclude_padding_and_share_inputs(tiny_bert_dir):
     source = resolve_model(str(tiny_bert_dir))
     model, tok = load_model(source), load_tokenizer(source.path)
@@ -232,6 +289,15 @@ def test_statistics_exclude_padding_and_share_inputs(tiny_bert_dir):
     rows = captured["x"][enc["attention_mask"].bool()].double()
     assert stats.tokens_for(q) == int(enc["attention_mask"].sum())
     assert torch.allclose(stats.gram_for(q), rows.T @ rows, rtol=1e-4, atol=1e-4)
+    ffn_out = "encoder.layer.0.output.dense"  # 160 → 64, reading its input alone: kept as W·XᵀX·Wᵀ
+    hook = model.get_submodule(ffn_out).register_forward_pre_hook(lambda m, a: captured.setdefault("h", a[0]))
+    with torch.no_grad():
+        model(**enc)
+    hook.remove()
+    rows, w = captured["h"][enc["attention_mask"].bool()].double(), model.get_submodule(ffn_out).weight.double()
+    kept = stats.gram_for(ffn_out)
+    assert isinstance(kept, Projected) and kept.product.shape == (64, 64)
+    assert torch.allclose(kept.product, w @ (rows.T @ rows) @ w.T, rtol=1e-4, atol=1e-3)
 
 
 def test_passes_over_sentences_skip_padding_and_change_no_output(tiny_bert_dir):
