@@ -98,32 +98,40 @@ def _add(into: dict[str, torch.Tensor], key: str, value: torch.Tensor) -> None:
         into[key] = value
 
 
+def _rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1])
+    if mask is not None and rows.shape[0] == mask.numel():
+        rows = rows[mask]
+    return rows.float()
+
+
 def accumulate(stats: ActivationStats, group: str, x: torch.Tensor, mask: torch.Tensor | None,
-               weight: torch.Tensor | None = None) -> None:
+               layer: nn.Linear | None = None, output: torch.Tensor | None = None) -> None:
     """Add XᵀX of one batch's input `x` of `group` (rows where `mask` is 0 left out) to `stats`, or
-    with `weight`, its Projected form: Z = X·Wᵀ, ZᵀZ and diag(XᵀX).
+    with `layer`, its Projected form: ZᵀZ for Z = X·Wᵀ, and diag(XᵀX). Z is the layer's `output`
+    where that is exactly X·Wᵀ in float32 (no bias, not under bf16 autocast), else computed here.
 
     The products are formed in float32 on the input's device and added to float64 accumulators,
     which keeps the later Cholesky/SVD stable without paying for float64 matmuls. The whole-model
     and the block-streamed paths both add through here, so their matrices are the same bits.
     """
-    rows = x.reshape(-1, x.shape[-1])
-    if mask is not None and rows.shape[0] == mask.numel():
-        rows = rows[mask]
-    rows = rows.float()
+    rows = _rows(x, mask)
     # Never a bfloat16 product, even inside the streamed path's autocast passes (device.calibration_matmuls):
     # whitening squares the matrix's conditioning. Its float32 matmul may still round the inputs to bf16.
     with torch.autocast(rows.device.type, enabled=False):
-        if weight is not None:
+        if layer is not None:
             _add(stats.diagonal, group, (rows * rows).sum(0).double())
-            rows = rows @ weight.detach().float().T
+            if output is not None and layer.bias is None and output.dtype == torch.float32:
+                rows = _rows(output, mask)
+            else:
+                rows = rows @ layer.weight.detach().float().T
         g = (rows.T @ rows).double()
     _add(stats.gram, group, g)
     stats.tokens[group] = stats.tokens.get(group, 0) + rows.shape[0]
 
 
 class GramHooks:
-    """Forward pre-hooks on `modules` (name → module) that add XᵀX of each one's input to `stats`;
+    """Forward hooks on `modules` (name → module) that add XᵀX of each one's input to `stats`;
     layers that read the same tensor (found on the first batch) share one matrix, and a layer that
     reads its input alone and passes `output_side` keeps the Projected form instead. Set `mask` per
     batch with `batch()`, call `batch_done()` after it, `remove()` at the end."""
@@ -134,10 +142,12 @@ class GramHooks:
         # that reads first is summed in Projected form here, and a second reader of its input (still in
         # hand then) turns the group back to XᵀX; batch_done keeps those left alone.
         self.projected = ActivationStats()
-        self.handles = [m.register_forward_pre_hook(self._hook(name, output_side(m.out_features, m.in_features))) for name, m in modules.items()]
+        # Forward hooks, not pre-hooks: an output-side layer's own output is its Z = X·Wᵀ (accumulate).
+        self.handles = [m.register_forward_hook(self._hook(name, output_side(m.out_features, m.in_features)))
+                        for name, m in modules.items()]
 
     def _hook(self, name: str, candidate: bool):
-        def fn(module, args):
+        def fn(module, args, output):
             x = args[0]
             if self.first:
                 for tensor, group in self.seen:
@@ -151,11 +161,14 @@ class GramHooks:
                 self.seen.append((x, name))
                 self.stats.group_of[name] = name
                 if candidate:
-                    accumulate(self.projected, name, x, self.mask, module.weight)
+                    accumulate(self.projected, name, x, self.mask, module, output)
                 else:
                     accumulate(self.stats, name, x, self.mask)
             elif self.stats.group_of[name] == name:
-                accumulate(self.stats, name, x, self.mask, module.weight if name in self.stats.diagonal else None)
+                if name in self.stats.diagonal:
+                    accumulate(self.stats, name, x, self.mask, module, output)
+                else:
+                    accumulate(self.stats, name, x, self.mask)
         return fn
 
     def batch(self, mask: torch.Tensor | None) -> None:

@@ -237,15 +237,17 @@ def test_output_side_statistics_give_the_spectra_of_xtx():
 
 def test_statistics_hooks_keep_a_narrow_layer_at_its_output_side_only_when_it_reads_alone():
     """`narrow` reads first and would qualify, but `wide` reads the same tensor: the two share XᵀX.
-    `alone` qualifies and reads its input alone: W·XᵀX·Wᵀ and diag(XᵀX), summed over both batches."""
+    `alone` and `free` qualify and read their inputs alone: W·XᵀX·Wᵀ (without the bias: `alone`'s
+    output cannot serve as X·Wᵀ, `free`'s does) and diag(XᵀX), summed over both batches."""
 
     class Two(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.narrow, self.wide, self.alone = nn.Linear(32, 8), nn.Linear(32, 32), nn.Linear(32, 8)
+            self.free = nn.Linear(32, 8, bias=False)
 
         def forward(self, x):
-            return self.narrow(x).sum() + self.wide(x).sum() + self.alone(2 * x).sum()
+            return self.narrow(x).sum() + self.wide(x).sum() + self.alone(2 * x).sum() + self.free(3 * x).sum()
 
     torch.manual_seed(0)
     model, xs = Two(), [torch.randn(5, 32), torch.randn(7, 32)]
@@ -258,14 +260,14 @@ def test_statistics_hooks_keep_a_narrow_layer_at_its_output_side_only_when_it_re
             hooks.batch_done()
     hooks.remove()
     x = torch.cat(xs).double()
-    assert stats.group_of == {"narrow": "narrow", "wide": "narrow", "alone": "alone"}
+    assert stats.group_of == {"narrow": "narrow", "wide": "narrow", "alone": "alone", "free": "free"}
     assert torch.allclose(stats.gram_for("wide"), x.T @ x, rtol=1e-5, atol=1e-5)
-    kept = stats.gram_for("alone")
-    w = model.alone.weight.detach().double()
-    assert isinstance(kept, Projected) and stats.tokens_for("alone") == 12
-    assert torch.allclose(kept.product, w @ (4 * x.T @ x) @ w.T, rtol=1e-5, atol=1e-5)
-    assert torch.allclose(kept.diagonal, (4 * x * x).sum(0), rtol=1e-5)
-    assert set(stats.with_tensors(stats.tensors()).diagonal) == {"alone"}
+    for name, scale in (("alone", 2), ("free", 3)):
+        kept, w = stats.gram_for(name), model.get_submodule(name).weight.detach().double()
+        assert isinstance(kept, Projected) and stats.tokens_for(name) == 12
+        assert torch.allclose(kept.product, w @ (scale**2 * x.T @ x) @ w.T, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(kept.diagonal, (scale**2 * x * x).sum(0), rtol=1e-5)
+    assert set(stats.with_tensors(stats.tensors()).diagonal) == {"alone", "free"}
 
 
 def test_statistics_exclude_padding_and_share_inputs(tiny_bert_dir):
