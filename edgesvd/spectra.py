@@ -157,7 +157,8 @@ def curvature_spectrum(weight: torch.Tensor, gram: torch.Tensor | Projected, tok
     a unit mean diagonal (+ λI). With the Fisher approximated by G ⊗ A, a change ΔW raises the loss by
     about ½‖L_Gᵀ·ΔW·L_A‖², so truncating this SVD drops the components the *loss* needs least, where
     whitening (G = I) drops those the layer's output needs least. Left factors L_G⁻ᵀ·U, right factors
-    Vᵀ·L_A⁻¹ (triangular solves); the unit-diagonal scaling keeps both factors near whitening's scale
+    Vᵀ·L_A⁻¹ (triangular solves; for out ≤ in U and σ come from the eigendecomposition of K·Kᵀ, K = L_Gᵀ·W·L_A,
+    as in whitening, which is also what a Projected `gram` allows); the unit-diagonal scaling keeps both factors near whitening's scale
     (Adam fine-tunes them with one learning rate). `out_samples`, the gradient terms summed into
     `out_gram` when they are random draws, shrinks it toward I by d/(d + out_samples) (d = out): an
     estimate from few draws of a wide output weighs a few random directions, so it is taken mostly as
@@ -169,12 +170,14 @@ def curvature_spectrum(weight: torch.Tensor, gram: torch.Tensor | Projected, tok
         eye = torch.eye(out_gram.shape[0], dtype=out_gram.dtype, device=out_gram.device)
         out_gram = (1 - shrink) * out_gram + shrink * eye
     lg = whitening_factor(out_gram, 1, damp)
-    if isinstance(gram, Projected):
-        # K·Kᵀ = L_Gᵀ·W·Ĝ·Wᵀ·L_G for K = L_Gᵀ·W·L_A: U and σ² from its eigendecomposition (out ≤ in here),
-        # and the right factors Vᵀ·L_A⁻¹ = Σ⁻¹·Uᵀ·L_Gᵀ·W, so L_A is never needed.
+    if w.shape[0] <= w.shape[1]:
+        # K·Kᵀ = L_Gᵀ·W·Ĝ·Wᵀ·L_G for K = L_Gᵀ·W·L_A: U and σ² from its eigendecomposition, as whitening's
+        # out ≤ in branch, and the right factors Vᵀ·L_A⁻¹ = Σ⁻¹·Uᵀ·L_Gᵀ·W, so L_A is never needed.
         sigma, u = _descending_eigh(lg.T @ _whitened_product(w, gram, tokens, damp) @ lg)
         right = (u.T @ lg.T @ w) / sigma.clamp_min(sigma[0] * 1e-12)[:, None]
     else:
+        if isinstance(gram, Projected):
+            raise ValueError(f"a {w.shape[0]}×{w.shape[1]} weight needs XᵀX, not W·XᵀX·Wᵀ")
         la = whitening_factor(gram, tokens, damp)
         u, sigma, vh = torch.linalg.svd(lg.T @ w @ la, full_matrices=False)
         right = torch.linalg.solve_triangular(la, vh, upper=False, left=False)

@@ -22,7 +22,7 @@ from edgesvd.factorize import (
 from edgesvd.families import DECODER
 from edgesvd.loading import load_model, load_tokenizer, resolve_model, select_targets
 from edgesvd.planner import uniform_rank
-from edgesvd.spectra import asvd_spectrum, curvature_spectrum, plain_spectrum, whiten_spectrum
+from edgesvd.spectra import asvd_spectrum, curvature_spectrum, plain_spectrum, whiten_spectrum, whitening_factor
 from edgesvd.statistics import ActivationStats, GramHooks, Projected, collect_statistics
 
 SMALL = CalibrationConfig(num_sequences=8, seq_len=32)
@@ -231,6 +231,14 @@ def test_output_side_statistics_give_the_spectra_of_xtx():
             assert torch.allclose(pb @ pa, b @ a, atol=1e-9 * float(w.norm())), (name, k)
     a, b = curvature_spectrum(w, projected, 3000, out_gram).factors(20)
     assert torch.allclose(b @ a, w, atol=1e-8)  # every component: the weight itself
+    # Both routes of a wide weight (eigendecomposition) against the SVD of L_Gᵀ·W·L_A itself.
+    la = whitening_factor(gram, 3000)
+    lg = whitening_factor(out_gram / out_gram.diagonal().mean(), 1)
+    u, sigma, vh = torch.linalg.svd(lg.T @ w @ la)
+    for k in (4, 12):
+        truncated = torch.linalg.solve(lg.T, u[:, :k] * sigma[:k]) @ torch.linalg.solve(la.T, vh[:k].T).T
+        a, b = curvature_spectrum(w, projected, 3000, out_gram).factors(k)
+        assert torch.allclose(b @ a, truncated, atol=1e-9 * float(w.norm()))
     with pytest.raises(ValueError, match="needs XᵀX"):
         whiten_spectrum(w.T.contiguous(), Projected(z @ z.T, (z * z).sum(0)), 3000)
 
