@@ -78,12 +78,16 @@ def asvd_spectrum(weight: torch.Tensor, gram: torch.Tensor | Projected, tokens: 
     return Spectrum(u, s, vh / scale[None, :])
 
 
-def whitening_factor(gram: torch.Tensor, tokens: int, damp: float = 1e-2, max_tries: int = 8) -> torch.Tensor:
+def whitening_factor(gram: torch.Tensor | Projected, tokens: int, damp: float = 1e-2,
+                     max_tries: int = 8) -> torch.Tensor:
     """Lower-triangular L with L·Lᵀ = XᵀX/n + λI, λ = damp·mean(diag).
 
     The damping is multiplied by 10 until the Cholesky factorization succeeds, so a singular
-    XᵀX (dead channels, too few tokens) still gives a usable factor.
+    XᵀX (dead channels, too few tokens) still gives a usable factor. Statistics kept as W·XᵀX·Wᵀ
+    (Projected) have no XᵀX: they serve only the out ≤ in routes, which never need L.
     """
+    if isinstance(gram, Projected):
+        raise ValueError("this spectrum needs XᵀX, not W·XᵀX·Wᵀ (which serves layers with out ≤ in only)")
     g = gram.double() / max(tokens, 1)
     mean_diag = g.diagonal().mean().clamp_min(1e-12)
     eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
@@ -139,8 +143,6 @@ def whiten_spectrum(weight: torch.Tensor, gram: torch.Tensor | Projected, tokens
         sigma, left = _descending_eigh(_whitened_product(w, gram, tokens, damp))
         right = (left.T @ w) / sigma.clamp_min(sigma[0] * 1e-12)[:, None]
     else:
-        if isinstance(gram, Projected):
-            raise ValueError(f"a {out_f}×{in_f} weight needs XᵀX, not W·XᵀX·Wᵀ")
         chol = whitening_factor(gram, tokens, damp)
         m = w @ chol
         sigma, v = _descending_eigh(m.T @ m)
@@ -176,8 +178,6 @@ def curvature_spectrum(weight: torch.Tensor, gram: torch.Tensor | Projected, tok
         sigma, u = _descending_eigh(lg.T @ _whitened_product(w, gram, tokens, damp) @ lg)
         right = (u.T @ lg.T @ w) / sigma.clamp_min(sigma[0] * 1e-12)[:, None]
     else:
-        if isinstance(gram, Projected):
-            raise ValueError(f"a {w.shape[0]}×{w.shape[1]} weight needs XᵀX, not W·XᵀX·Wᵀ")
         la = whitening_factor(gram, tokens, damp)
         u, sigma, vh = torch.linalg.svd(lg.T @ w @ la, full_matrices=False)
         right = torch.linalg.solve_triangular(la, vh, upper=False, left=False)
