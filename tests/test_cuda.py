@@ -1,5 +1,6 @@
 """The CUDA paths, where a GPU works: learned compression on the GPU (alone and in a budget run),
-parity and IOBinding latency on onnxruntime's CUDA execution provider, fp16 on the GPU.
+parity and IOBinding latency on onnxruntime's CUDA execution provider, fp16 on the GPU, the pivoted
+form's row choice on the GPU.
 
 Skipped, with the reason, on machines without a usable NVIDIA GPU (this project's CI). On a GPU
 machine: `python -m pytest tests/test_cuda.py -v` (samples/check_cuda.sh runs it with a MiniLM
@@ -137,3 +138,16 @@ def test_streamed_learned_runs_on_the_gpu_and_returns_a_cpu_model(tiny_qwen2_dir
     assert next(gpu.model.parameters()).device.type == "cpu"
     assert gpu.record.keep_actual <= 0.5 + 1e-9
     assert [l.rank for l in gpu.record.layers] == [l.rank for l in cpu.record.layers]
+
+
+def test_pivot_rows_are_chosen_on_the_gpu():
+    """The pivoted form's row choice (LU, then maxvol swaps) runs where the factors are, and reaches
+    the same bound on the combination weights there as on the CPU."""
+    from edgesvd.factorize import MAXVOL_TOLERANCE, pivot_rows
+
+    torch.manual_seed(0)
+    q = torch.linalg.qr(torch.randn(2048, 400, dtype=torch.float64)).Q.cuda()
+    order = pivot_rows(q)
+    assert order.device.type == "cuda" and sorted(order.tolist()) == list(range(2048))
+    c = torch.linalg.solve(q[order[:400]], q, left=False)
+    assert float(c.abs().max()) <= MAXVOL_TOLERANCE + 1e-6
