@@ -139,13 +139,15 @@ def _orthonormal_columns(m: torch.Tensor) -> torch.Tensor:
     """An orthonormal basis of the columns of `m` (float64, full column rank). Factors from a spectrum
     (B = U·√σ) already have orthogonal columns, and normalising them is exact where a QR costs
     4·out·r² (a tenth of a second per SmolLM2 MLP layer); any basis of the same space gives a
-    pivoted layer with the same bound on |C| (`pivot`)."""
+    pivoted layer with the same bound on |C| (`pivot`). Orthogonality is checked on four probe
+    vectors (QᵀQx = x), 4·out·r multiply-adds instead of QᵀQ's out·r² (0.3 s for an 8192 × 1600
+    factor): a basis that passed the probes yet were slightly off would still give the same C,
+    which depends on the column space only."""
     norms = m.norm(dim=0)
     if bool((norms > 0).all()):
         q = m / norms
-        gram = q.T @ q
-        gram.diagonal().sub_(1)
-        if float(gram.abs().max()) < 1e-10:
+        probes = torch.randn(q.shape[1], 4, dtype=q.dtype, generator=torch.Generator().manual_seed(0)).to(q.device)
+        if float((q.T @ (q @ probes) - probes).abs().max()) < 1e-9:
             return q
     return torch.linalg.qr(m).Q
 
