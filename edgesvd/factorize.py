@@ -62,16 +62,18 @@ def pivot(a: torch.Tensor, b: torch.Tensor, output_rms: torch.Tensor | None = No
     """B·A (B out×r, A r×in, r ≤ out) as (A', C, rows): A' = B_S·A holds r pivot rows of the product,
     C = B_R·B_S⁻¹ the rest as combinations of them, and `rows` (out) places each output, so that
     B·A·x = cat(A'x, C·A'x)[rows]. The pivots are r rows of an orthonormal basis Q of B's columns
-    whose r×r block has a locally maximal volume (`pivot_rows`): |C| ≤ 1.05 in that basis, so B_S is
-    well conditioned; C is the same whichever basis Q is, though the rows found may differ. On a
-    real LLM's high-rank layers C's rows still reach norms of 15–200 (SmolLM2 at keep 0.9: hundreds
-    of entries, outputs of very different sizes), which is why 4-bit weights need the plain form
-    (exporters/quantize.py). `output_rms`
-    (out), the expected size of each output on the calibration data, steers the choice away from
-    outlier outputs (a transformer's residual writers have channels 40× the others): the pivot
-    outputs are an activation that int8 quantizes with one scale, so one outlier among them would
-    flatten the rest to a few levels; computed through C instead, an outlier only needs its own
-    column's scale. Computed in float64 on A's device, returned in A's dtype."""
+    (with `output_rms`, each row divided by its output's expected size) whose r×r block has a
+    locally maximal volume (`pivot_rows`): in that basis no entry of C exceeds 1.05 in magnitude, so
+    B_S is well conditioned. C = B_R·B_S⁻¹ is
+    the same whichever basis of B's columns is used, though the rows found may differ. On a real
+    LLM's high-rank layers C's rows still reach norms of 15–200 (SmolLM2 at keep 0.9: hundreds of
+    entries, outputs of very different sizes), which is why 4-bit weights need the plain form
+    (exporters/quantize.py). `output_rms` (out), the expected size of each output on the
+    calibration data, steers the choice away from outlier outputs (a transformer's residual
+    writers have channels 40× the others): the pivot outputs are an activation that int8 quantizes
+    with one scale, so one outlier among them would flatten the rest to a few levels; computed
+    through C instead, an outlier only needs its own column's scale. Computed in float64 on B's
+    device, returned in A's dtype and device."""
     out_features, rank = b.shape
     if rank > out_features:
         raise ValueError(f"rank {rank} exceeds the {out_features} outputs: a pivoted factorization needs r ≤ out")
@@ -99,9 +101,8 @@ def pivot_rows(q: torch.Tensor) -> torch.Tensor:
     then maxvol (Goreinov, Oseledets, Savostyanov, Tyrtyshnikov, Zamarashkin & Zamarashkin 2010) swaps
     in the row holding C = Q·Q_S⁻¹'s largest entry, a rank-1 update each, until no entry exceeds
     MAXVOL_TOLERANCE. This replaced LAPACK's pivoted QR (geqp3: mostly matrix-vector work, host only),
-    which bounded |C| only in practice (up to 2.2 on SmolLM2) and took 5.7 s for an 8192-row factor
-    of rank 1600 where this takes 1.1 s (one thread; README, "Choosing the pivot rows"). The rest of
-    the order is ascending."""
+    which bounded |C| only in practice and took 5.7 s for an 8192-row factor of rank 1600 where this
+    takes 1.1 s (one thread; README, "Choosing the pivot rows"). The rest of the order is ascending."""
     n, r = q.shape
     lu, interchanges = torch.linalg.lu_factor(q)
     perm = list(range(n))
@@ -141,8 +142,8 @@ def _orthonormal_columns(m: torch.Tensor) -> torch.Tensor:
     4·out·r² (a tenth of a second per SmolLM2 MLP layer); any basis of the same space gives a
     pivoted layer with the same bound on |C| (`pivot`). Orthogonality is checked on four probe
     vectors (QᵀQx = x), 4·out·r multiply-adds instead of QᵀQ's out·r² (0.3 s for an 8192 × 1600
-    factor): a basis that passed the probes yet were slightly off would still give the same C,
-    which depends on the column space only."""
+    factor): a basis that passed the probes while slightly off would still give the same C, which
+    depends on the column space only."""
     norms = m.norm(dim=0)
     if bool((norms > 0).all()):
         q = m / norms
