@@ -3,13 +3,18 @@ former choice), for time and for what the chosen rows do to the stored factors.
 
     OMP_NUM_THREADS=1 python samples/bench_pivot_rows.py                      # random tall bases
     OMP_NUM_THREADS=1 python samples/bench_pivot_rows.py --smollm2 --shapes '' # SmolLM2's own factors
+    OMP_NUM_THREADS=1 python samples/bench_pivot_rows.py --shapes '' --score CK_OLD CK_NEW  # end to end
 
 Random bases are orthonormal n×r with each row scaled by 1/U(0.05, 1.05), as output sizes weight
 them in `pivot`. With --smollm2, SmolLM2-135M-Instruct (the PyPI GGUF) is compressed streamed with
 whiten keep 0.9, the pivoted form, calibrated on ../shared's wiki.utf8, and every factor pair `pivot` receives is pivoted both ways:
 the rows' time, the largest |C| entry and row norm, and the relative error of the weight the
 stored layer applies when its A' and C are rounded as the exports round them (int8 per output
-channel; MatMulNBits' 4-bit blocks of 32, `edgesvd.weightgrid.round_int4`).
+channel; MatMulNBits' 4-bit blocks of 32, `edgesvd.weightgrid.round_int4`). With --score, each
+SmolLM2 checkpoint (e.g. `samples/bench_streamed.py --configs whiten:0.9:on --windows 0 --save DIR`,
+run with the code before and after a change of row choice) is scored by bench_streamed's WikiText-2
+protocol in fp32 and with every Linear's and factor's weights rounded to int8 per output channel
+(weights only: what the row choice changes; activations stay fp32).
 """
 
 from __future__ import annotations
@@ -131,17 +136,39 @@ def smollm2(calib: str) -> None:
               f"max {max(row['largest row norm']):.1f}")
 
 
+def score(checkpoints: list[str]) -> None:
+    import sys
+
+    from edgesvd.checkpoint import load_compressed
+    from edgesvd.loading import load_tokenizer, resolve_model
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_streamed import window_ppl, windows
+
+    wins = windows(load_tokenizer(resolve_model("smollm2").path))
+    for folder in checkpoints:
+        model, _ = load_compressed(folder)
+        fp32 = window_ppl(model.eval(), wins)
+        with torch.no_grad():
+            for module in model.modules():  # a factorized layer's A and B are Linears too
+                if isinstance(module, torch.nn.Linear):
+                    module.weight.copy_(round_int8(module.weight))
+        print(f"{folder}: perplexity fp32 {fp32:.3f}, int8 weights {window_ppl(model, wins):.3f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", default="8192x1600,14336x3058", help="random n×r bases ('' for none)")
     ap.add_argument("--smollm2", action="store_true", help="also SmolLM2's factors (compresses it first)")
     ap.add_argument("--calib", default=str(WIKI_CALIB), help="SmolLM2's calibration text ('builtin': the product default)")
+    ap.add_argument("--score", nargs="*", default=[], help="SmolLM2 checkpoints to score in fp32 and int8 weights")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",") if s]
     random_shapes(shapes)
     if args.smollm2:
         smollm2(args.calib)
+    score(args.score)
 
 
 if __name__ == "__main__":
