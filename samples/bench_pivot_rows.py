@@ -1,5 +1,6 @@
-"""The pivoted form's row choice: LU + maxvol (edgesvd's) against LAPACK's pivoted QR (geqp3, the
-former choice), for time and for what the chosen rows do to the stored factors.
+"""Pivot rows for the pivoted form: LU + maxvol (edgesvd's) against pivoted QR (geqp3, the former).
+
+Time, and what the chosen rows do to the stored factors and, with --score, to a model's perplexity.
 
     OMP_NUM_THREADS=1 python samples/bench_pivot_rows.py                      # random tall bases
     OMP_NUM_THREADS=1 python samples/bench_pivot_rows.py --smollm2 --shapes '' # SmolLM2's own factors
