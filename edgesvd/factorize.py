@@ -64,11 +64,10 @@ def pivot(a: torch.Tensor, b: torch.Tensor, output_rms: torch.Tensor | None = No
     B·A·x = cat(A'x, C·A'x)[rows]. The pivots are r rows of an orthonormal basis Q of B's columns
     (with `output_rms`, each row divided by its output's expected size) whose r×r block has a
     locally maximal volume (`pivot_rows`): in that basis no entry of C exceeds 1.05 in magnitude, so
-    B_S is well conditioned. C = B_R·B_S⁻¹ is
-    the same whichever basis of B's columns is used, though the rows found may differ. On a real
-    LLM's high-rank layers C's rows still reach norms of 15–200 (SmolLM2 at keep 0.9: hundreds of
-    entries, outputs of very different sizes), which is why 4-bit weights need the plain form
-    (exporters/quantize.py). `output_rms` (out), the expected size of each output on the
+    B_S is well conditioned. C = B_R·B_S⁻¹ is the same whichever basis of B's columns is used,
+    though the rows found may differ. On a real LLM's high-rank layers C's rows still reach norms of
+    15–200 (SmolLM2 at keep 0.9: hundreds of entries, outputs of very different sizes), which is why
+    4-bit weights need the plain form (exporters/quantize.py). `output_rms` (out), the expected size of each output on the
     calibration data, steers the choice away from outlier outputs (a transformer's residual
     writers have channels 40× the others): the pivot outputs are an activation that int8 quantizes
     with one scale, so one outlier among them would flatten the rest to a few levels; computed
